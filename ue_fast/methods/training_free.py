@@ -205,23 +205,26 @@ class AR(_TrainingFree):
     config_class = ARConfig
 
     def _class_weights(self, gen: torch.Generator) -> torch.Tensor:
-        """[C, 3, 8] weights summing to 1 per channel, each drawn until a probe run stays bounded."""
-        out = torch.empty(self.num_classes, 3, 8)
+        """[C, 3, 8] weights summing to 1 per channel, each redrawn until a probe run stays bounded.
+
+        All C x 3 processes are drawn and probed as one batch; only the rejected ones are redrawn.
+        """
+        shape = (self.num_classes, 3)
+        out = torch.empty(*shape, 8)
+        todo = torch.ones(shape, dtype=torch.bool)
         probe = torch.randn(1, 1, 36, 36, generator=gen)
-        for k in range(self.num_classes):
-            for ch in range(3):
-                for _ in range(self.config.max_tries):
-                    wts = torch.randn(8, generator=gen, dtype=torch.float64)
-                    if abs(float(wts.sum())) < 0.1:
-                        continue
-                    wts = (wts / wts.sum()).float()
-                    run = ar_process(wts.view(1, 1, 8), probe)
-                    if bool(torch.isfinite(run).all()) and float(run.abs().max()) < 50 * float(probe.abs().max()):
-                        break
-                else:
-                    raise RuntimeError(f"no stable AR process found in {self.config.max_tries} draws")
-                out[k, ch] = wts
-        return out
+        for _ in range(self.config.max_tries):
+            wts = torch.randn(*shape, 8, generator=gen, dtype=torch.float64)
+            total = wts.sum(2, keepdim=True)
+            wts = (wts / total).float()
+            run = ar_process(wts, probe.expand(*shape, 36, 36))
+            peak = run.flatten(2).abs().amax(2)  # [C, 3]; NaN for a diverged process
+            ok = todo & (total[..., 0].abs() >= 0.1) & (peak < 50 * float(probe.abs().max()))
+            out[ok] = wts[ok]
+            todo &= ~ok
+            if not todo.any():
+                return out
+        raise RuntimeError(f"no stable AR process found in {self.config.max_tries} draws")
 
     def generate(self, images, labels, gen, device):
         n, c, h, w = images.shape
