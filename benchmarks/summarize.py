@@ -4,7 +4,8 @@
 
 The ratio column is each variant's median over the ue_fast variant's median
 (> 1: ue_fast is faster). Where a benchmark recorded ``floor_s``, the last
-column is ue_fast's median over that floor.
+column is ue_fast's median over that floor. ``ms / image`` is shown where a benchmark
+recorded ``ms_per_image`` (bench_methods.py).
 """
 import json
 import sys
@@ -26,8 +27,8 @@ def main(path: str) -> None:
     for group, benches in groups.items():
         base = next((b for b in benches if variant_of(b) == "ue_fast"), None)
         print(f"### {group}\n")
-        print("| variant | median | peak memory | x ue_fast | over floor |")
-        print("|---|---|---|---|---|")
+        print("| variant | median | ms / image | peak memory | x ue_fast | over floor |")
+        print("|---|---|---|---|---|---|")
         for b in sorted(benches, key=lambda b: b["stats"]["median"]):
             med = b["stats"]["median"]
             ex = b.get("extra_info", {})
@@ -35,7 +36,8 @@ def main(path: str) -> None:
             floor = f"{med / ex['floor_s']:.1f}x" if ex.get("floor_s") else "-"
             mem = ex.get("peak_mem_bytes")
             mem = f"{mem / 2**20:.1f} MiB" if mem is not None else "-"
-            print(f"| {variant_of(b)} | {_fmt(med)} | {mem} | {ratio} | {floor} |")
+            per_image = f"{ex['ms_per_image']:.3g}" if ex.get("ms_per_image") is not None else "-"
+            print(f"| {variant_of(b)} | {_fmt(med)} | {per_image} | {mem} | {ratio} | {floor} |")
         print()
 
 

@@ -1,0 +1,153 @@
+"""Generation time per image at 32x32 for every method: ue_fast's generator vs a plain-PyTorch one.
+
+Each method runs one *round* of its algorithm on the same demo images in both
+variants (ue_fast: ``BiLevelEngine`` with the method's own defaults except where
+SCHEDULES cuts them down; plain: ``plain_methods.py`` / ``plain_miue.py``, the same
+algorithm written the way research code is). For the surrogate methods a round is
+one surrogate stage (an epoch, EM's 10 batches, or none for AP/TAP's frozen model,
+whose clean pre-training is left out) and one PGD pass over every image; for the
+training-free ones it is the whole generation. extra_info records ms per image for
+that round, the schedule used, and ``rounds_default``: how many such rounds (x the
+ratio of default to benchmarked PGD steps) the method's default run takes, so
+``ms_per_image x rounds_default`` projects a full run (EM stops early, so its
+figure is an upper bound).
+
+Run:  pytest benchmarks/bench_methods.py --benchmark-json benchmarks/results/<device>-<date>-methods.json
+"""
+import pytest
+import torch
+
+import plain_methods as plain
+from _common import sync
+from plain_miue import outer_epoch
+from ue_fast.data import demo_dir, read_image_folder
+from ue_fast.engine import BiLevelEngine
+from ue_fast.methods import METHODS
+from ue_fast.methods.training_free import AR, ARConfig, ops_search
+from ue_fast.models import build_model
+
+GPU = torch.cuda.is_available()
+ARCH = "resnet18" if GPU else "cnn-small"
+N = 1000 if GPU else 256
+# Per method: (images, config overrides for the benchmark, default PGD steps / benchmarked, default rounds).
+# The CPU cuts keep each round to seconds; the ratios let a reader project the full run.
+SCHEDULES = {
+    "miue": (N, dict(epochs=1), 1, 100),
+    "em": (N, dict(epochs=1), 1, 100),
+    "em-classwise": (N, dict(epochs=1), 1, 100),
+    "ap": (N, dict(pretrain_epochs=0, pgd_steps=25), 10, 1),
+    "tap": (N, dict(pretrain_epochs=0, pgd_steps=25), 10, 1),
+    "rem": (N // 4, dict(epochs=1, pgd_steps=2), 5, 13),
+    "bayes": (N, dict(epochs=1), 1, 100),
+    "ops": (N, {}, 1, 1),
+    "lsp": (N, {}, 1, 1),
+    "ar": (64, {}, 1, 1),  # the plain AR recurrence runs pixel by pixel in Python
+}
+
+
+def _data(n):
+    """n demo training images, classes interleaved (the folder is sorted by class)."""
+    data = read_image_folder(demo_dir() / "train", progress=False)
+    per_class = len(data) // 10
+    i = torch.arange(n)
+    idx = (i % 10) * per_class + i // 10
+    return data.images[idx], data.labels[idx]
+
+
+def _engine_run(name, cfg, images, labels, device):
+    method = METHODS[name](cfg, 10)
+    res = BiLevelEngine(method, images, labels, 10, device, progress=False).run()
+    sync(device)
+    d = res.delta.float()
+    return d if res.delta.dtype == torch.int8 else d * 255  # in 1/255 units
+
+
+def _plain_run(name, cfg, images, labels, device):
+    """One round of the plain implementation; the perturbation in 1/255 units."""
+    x = images.float() / 255
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if name in ("ops", "lsp", "ar"):
+        if name == "ops":
+            d = plain.ops_plain(images, labels, 10)
+        elif name == "lsp":
+            d = plain.lsp_plain(labels, 10, size=images.shape[-1], gen=gen).clamp(-cfg.eps, cfg.eps)
+        else:  # the class processes are drawn by ue_fast's code in both variants
+            weights = AR(cfg, 10)._class_weights(gen)
+            d = plain.ar_plain(labels, weights, size=images.shape[-1], gen=gen).clamp(-cfg.eps, cfg.eps)
+        return d * 255
+    model = build_model(cfg.arch, 10, image_size=images.shape[-1]).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate(1), momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    common = dict(device=device, eps=cfg.eps, alpha=cfg.step_size(1), steps=cfg.pgd_steps,
+                  poison_batch_size=cfg.poison_batch_size, gen=gen)
+    if name == "miue":
+        poison = outer_epoch(model, opt, x, labels, torch.zeros_like(x), batch_size=cfg.batch_size, **common)
+    elif name in ("em", "em-classwise"):
+        cw = name == "em-classwise"
+        poison, _ = plain.em_round(model, opt, x, labels, torch.zeros(10 if cw else len(x), *x.shape[1:]),
+                                   train_steps=cfg.train_steps, batch_size=cfg.batch_size, classwise=cw, **common)
+        if cw:
+            poison = poison[labels]
+    elif name in ("ap", "tap"):
+        poison = plain.ap_round(model, x, labels, torch.zeros_like(x), targeted=name == "tap",
+                                max_shift=cfg.max_shift, **common)
+    elif name == "rem":
+        poison = plain.rem_round(model, opt, x, labels, torch.zeros_like(x), batch_size=cfg.batch_size,
+                                 adv_eps=cfg.adv_eps, adv_alpha=cfg.adv_alpha, adv_steps=cfg.adv_steps,
+                                 eot_samples=cfg.eot_samples, padding=images.shape[-1] // 8, **common)
+    elif name == "bayes":
+        poison = plain.bayes_round(model, opt, x, labels, torch.zeros_like(x), batch_size=cfg.batch_size,
+                                   sigma=cfg.sigma, **common)
+    else:
+        raise KeyError(name)
+    sync(device)
+    return poison * 255
+
+
+def _check(name, d255, eps):
+    """Within the budget (eps in [0, 1] units) and not all zero."""
+    assert torch.isfinite(d255).all(), name
+    assert float(d255.abs().max()) <= eps * 255 + 1e-3, name
+    assert float(d255.abs().max()) > 0, name
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("variant", ["ue_fast", "plain"])
+def test_method_round(benchmark, device, variant, name):
+    n, overrides, step_ratio, rounds = SCHEDULES[name]
+    images, labels = _data(n)
+    cls = METHODS[name]
+    extra = {} if cls.training_free else dict(arch=ARCH)
+    cfg = cls.config_class(**extra, **overrides)
+    benchmark.group = f"{name} one round 32x32 N={n}" + ("" if cls.training_free else f" {ARCH}")
+    fn = _engine_run if variant == "ue_fast" else _plain_run
+
+    def run():
+        return fn(name, cfg, images, labels, device)
+
+    _check(name, run(), cfg.eps)  # correctness first (also the warm-up)
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    per_image = benchmark.stats.stats.median / n
+    benchmark.extra_info.update(
+        variant=variant, method=name, images=n, image_size=32, arch=None if cls.training_free else ARCH,
+        schedule={} if cls.training_free else {k: v for k, v in cfg.to_dict().items() if k in (
+            "epochs", "pgd_steps", "pretrain_epochs", "train_steps", "eot_samples", "adv_steps")},
+        ms_per_image=per_image * 1e3, rounds_default=rounds * step_ratio,
+        projected_default_run_ms_per_image=per_image * 1e3 * rounds * step_ratio,
+    )
+
+
+def test_plain_training_free_agree_with_ue_fast():
+    """The plain OPS search and AR recurrence give ue_fast's results (shared draws)."""
+    images, labels = _data(200)
+    pos, col = plain.ops_search_plain(images, labels, 10)
+    pos2, col2 = ops_search(images, labels, 10)
+    assert torch.equal(pos, pos2[:, 0]) and torch.equal(col, col2[:, 0])
+    from ue_fast.methods.training_free import ar_process
+
+    gen = torch.Generator().manual_seed(0)
+    weights = AR(ARConfig(), 10)._class_weights(gen)[labels[:6]]
+    start = torch.randn(6, 3, 20, 20, generator=gen)
+    want = ar_process(weights, start)
+    torch.testing.assert_close(plain.ar_process_plain(weights, start), want, rtol=1e-4, atol=1e-4 * want.abs().max())
