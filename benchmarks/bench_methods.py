@@ -128,6 +128,8 @@ def test_method_round(benchmark, device, variant, name):
 
     _check(name, run(), cfg.eps)  # correctness first (also the warm-up)
     benchmark.pedantic(run, rounds=3, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: run once, nothing timed
+        return
     per_image = benchmark.stats.stats.median / n
     benchmark.extra_info.update(
         variant=variant, method=name, images=n, image_size=32, arch=None if cls.training_free else ARCH,

@@ -26,8 +26,10 @@ def _project(delta, data, eps):
     return torch.clamp(data + delta, 0, 1) - data
 
 
-def _train(model, opt, images, labels, poison, *, device, batch_size, gen, max_batches=None, input_fn=None):
-    """Surrogate steps on x + poison (poison [N] per sample, or [C] per class when ``classwise``)."""
+def train_on_poisoned(model, opt, images, labels, poison, *, device, batch_size, gen, max_batches=None,
+                      input_fn=None):
+    """A surrogate epoch (or ``max_batches`` batches) of cross-entropy on x + poison, poison [N, ...]
+    per sample on the host; ``input_fn(model, x, y)`` transforms the batch first (REM)."""
     model.train()
     for b, idx in enumerate(torch.randperm(len(images), generator=gen).split(batch_size)):
         if max_batches is not None and b >= max_batches:
@@ -55,7 +57,7 @@ def em_round(model, opt, images, labels, poison, *, device, eps, alpha, steps, t
     on the host, updated and returned with the surrogate's accuracy on x + poison.
     """
     per_sample = torch.stack([poison[int(y)] for y in labels]) if classwise else poison
-    _train(model, opt, images, labels, per_sample, device=device, batch_size=batch_size, gen=gen,
+    train_on_poisoned(model, opt, images, labels, per_sample, device=device, batch_size=batch_size, gen=gen,
            max_batches=train_steps)
     model.eval()
     model.requires_grad_(False)
@@ -154,7 +156,8 @@ def rem_round(model, opt, images, labels, poison, *, device, eps, alpha, steps, 
         xd = _crop_flip_loop(torch.clamp(x, 0, 1), padding, gen)
         return xd + _adversary(m, xd, y, eps=adv_eps, alpha=adv_alpha, steps=adv_steps, gen=gen)
 
-    _train(model, opt, images, labels, poison, device=device, batch_size=batch_size, gen=gen, input_fn=train_input)
+    train_on_poisoned(model, opt, images, labels, poison, device=device, batch_size=batch_size, gen=gen,
+                      input_fn=train_input)
     model.eval()
     model.requires_grad_(False)
     for idx in torch.randperm(len(images), generator=gen).split(poison_batch_size):
@@ -188,7 +191,7 @@ def bayes_error_plain(features, labels, num_classes, sigma=0.3):
 def bayes_round(model, opt, images, labels, poison, *, device, eps, alpha, steps, batch_size, poison_batch_size,
                 gen, num_classes=10, sigma=0.3):
     """One Bayes round: a surrogate epoch on x + delta, then a PGD pass ascending the batch's Bayes error."""
-    _train(model, opt, images, labels, poison, device=device, batch_size=batch_size, gen=gen)
+    train_on_poisoned(model, opt, images, labels, poison, device=device, batch_size=batch_size, gen=gen)
     model.eval()
     model.requires_grad_(False)
     for idx in torch.randperm(len(images), generator=gen).split(poison_batch_size):

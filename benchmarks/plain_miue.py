@@ -5,6 +5,8 @@ images and perturbations on the host and copied per batch, a host sync every ste
 import torch
 import torch.nn.functional as F
 
+from plain_methods import train_on_poisoned
+
 
 def pairwise_loss(features, labels, t=0.1):
     sim = torch.exp(F.cosine_similarity(features.unsqueeze(1), features.unsqueeze(0), dim=2) / t) + 1e-8
@@ -19,18 +21,7 @@ def outer_epoch(model, optimizer, images, labels, poison, *, device, eps, alpha,
     images [N, 3, H, W] float32 and poison (same shape) on the host; poison is updated.
     """
     n = len(images)
-    model.train()
-    for idx in torch.randperm(n, generator=gen).split(batch_size):
-        if len(idx) < 2:
-            continue
-        x = images[idx].to(device) + poison[idx].to(device)
-        y = labels[idx].to(device)
-        _, logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        loss.item()
+    train_on_poisoned(model, optimizer, images, labels, poison, device=device, batch_size=batch_size, gen=gen)
     model.eval()
     model.requires_grad_(False)
     for idx in torch.randperm(n, generator=gen).split(poison_batch_size):

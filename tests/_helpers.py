@@ -26,3 +26,37 @@ def demo_subset(dst: Path, classes=("airplane", "cat", "ship"), per_class: int =
         for f in sorted((demo_dir() / split / c).iterdir())[:per_class]:
             shutil.copy(f, dst / c / f.name)
     return dst
+
+
+def demo_sets():
+    """The 1,000 shipped demo training images and the 200 demo test images, as ``ImageSet``s."""
+    from ue_fast.data import demo_dir, read_image_folder
+
+    return (read_image_folder(demo_dir() / "train", progress=False),
+            read_image_folder(demo_dir() / "test", progress=False))
+
+
+def victim_accuracy(train, images, test, epochs: int) -> float:
+    """Last-epoch test accuracy of a cnn-small victim (seed 0, crop + flip) trained on ``images``
+    with ``train``'s labels, tested on the ``test`` set."""
+    from ue_fast.evaluate import train_victim
+
+    return train_victim(images, train.labels, test.images, test.labels, len(train.classes), arch="cnn-small",
+                        epochs=epochs, seed=0).last
+
+
+def protected_victim(train, test, out: Path, method: str, epochs: int, **settings):
+    """Protect the demo training set with ``method`` into ``out`` (CPU) and train a victim on it.
+
+    Checks that labels are kept and every pixel is within the budget. Returns the victim's
+    accuracy and the manifest.
+    """
+    import ue_fast
+    from ue_fast.data import demo_dir, read_image_folder
+
+    m = ue_fast.protect(demo_dir() / "train", out, method=method, device="cpu", progress=False, **settings)
+    prot = read_image_folder(out, progress=False)
+    assert prot.labels.tolist() == train.labels.tolist()
+    d = prot.images.int() - train.images.int()
+    assert 0 < int(d.abs().max()) <= round(m["settings"]["eps_255"])
+    return victim_accuracy(train, prot.images, test, epochs), m

@@ -15,9 +15,7 @@ unit-normalised features, the best of the CPU settings tried; ``ue_fast.methods.
 """
 import pytest
 
-import ue_fast
-from ue_fast.data import demo_dir, read_image_folder
-from ue_fast.evaluate import train_victim
+from _helpers import demo_sets, protected_victim, victim_accuracy
 
 EPOCHS = 30
 
@@ -25,25 +23,13 @@ EPOCHS = 30
 @pytest.fixture(scope="module")
 def demo():
     """Demo train and test sets and the clean victim's last-epoch test accuracy."""
-    train = read_image_folder(demo_dir() / "train", progress=False)
-    test = read_image_folder(demo_dir() / "test", progress=False)
-    return train, test, _victim(train, train.images, test)
-
-
-def _victim(train, images, test) -> float:
-    return train_victim(images, train.labels, test.images, test.labels, len(train.classes), arch="cnn-small",
-                        epochs=EPOCHS, seed=0).last
+    train, test = demo_sets()
+    return train, test, victim_accuracy(train, train.images, test, EPOCHS)
 
 
 def _protected_victim(demo, tmp_path, method, **settings) -> tuple[float, float]:
     train, test, acc_clean = demo
-    m = ue_fast.protect(demo_dir() / "train", tmp_path / "p", method=method, device="cpu", progress=False,
-                        **settings)
-    prot = read_image_folder(tmp_path / "p", progress=False)
-    assert prot.labels.tolist() == train.labels.tolist()
-    d = prot.images.int() - train.images.int()
-    assert 0 < int(d.abs().max()) <= round(m["settings"]["eps_255"])
-    acc = _victim(train, prot.images, test)
+    acc, _ = protected_victim(train, test, tmp_path / "p", method, EPOCHS, **settings)
     print(f"victim test accuracy: clean {acc_clean:.3f}, {method} {acc:.3f}")
     assert acc_clean > 0.35, "the clean victim should learn well above chance (10%)"
     return acc_clean, acc

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import ue_fast
+from _helpers import demo_sets, protected_victim, victim_accuracy
 from _helpers import demo_subset as _subset
-from ue_fast.data import demo_dir, read_image_folder
+from ue_fast.data import read_image_folder
 from ue_fast.data.exports import load_delta_npy
 from ue_fast.engine import BiLevelEngine
-from ue_fast.evaluate import train_victim
 from ue_fast.methods import METHODS
 from ue_fast.methods.em import EMClasswiseConfig, EMConfig
 from ue_fast.methods.rem import REM, REMConfig, random_crop_flip
@@ -243,23 +243,13 @@ def test_rem_defaults_schedule_and_validation(src, tmp_path):
 @pytest.fixture(scope="module")
 def demo():
     """The 1,000 demo training images, the 200 demo test images, and a clean cnn-small victim's accuracy."""
-    train = read_image_folder(demo_dir() / "train", progress=False)
-    test = read_image_folder(demo_dir() / "test", progress=False)
-    return train, test, _victim(train, train.images, test)
-
-
-def _victim(train, images, test) -> float:
-    return train_victim(images, train.labels, test.images, test.labels, len(train.classes), arch="cnn-small",
-                        epochs=15, seed=0).last
+    train, test = demo_sets()
+    return train, test, victim_accuracy(train, train.images, test, epochs=15)
 
 
 def _protected_victim(demo, tmp_path, method, **settings) -> tuple[float, float, dict]:
     train, test, acc_clean = demo
-    m = ue_fast.protect(demo_dir() / "train", tmp_path / "p", method=method, arch="cnn-small", device="cpu",
-                        progress=False, **settings)
-    prot = read_image_folder(tmp_path / "p", progress=False)
-    assert prot.labels.tolist() == train.labels.tolist()
-    acc = _victim(train, prot.images, test)
+    acc, m = protected_victim(train, test, tmp_path / "p", method, 15, arch="cnn-small", **settings)
     print(f"victim test accuracy: clean {acc_clean:.3f}, {method} {acc:.3f} after {len(m['history'])} rounds")
     return acc_clean, acc, m
 
