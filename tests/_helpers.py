@@ -45,8 +45,9 @@ def victim_accuracy(train, images, test, epochs: int) -> float:
                         epochs=epochs, seed=0).last
 
 
-def protected_victim(train, test, out: Path, method: str, epochs: int, **settings):
-    """Protect the demo training set with ``method`` into ``out`` (CPU) and train a victim on it.
+def protected_victim(train, test, out: Path, method: str, victim_epochs: int, **settings):
+    """Protect the demo training set with ``method`` into ``out`` (CPU; ``settings`` go to
+    ``protect``) and train a victim on it for ``victim_epochs`` epochs.
 
     Checks that labels are kept and every pixel is within the budget. Returns the victim's
     accuracy and the manifest.
@@ -59,4 +60,4 @@ def protected_victim(train, test, out: Path, method: str, epochs: int, **setting
     assert prot.labels.tolist() == train.labels.tolist()
     d = prot.images.int() - train.images.int()
     assert 0 < int(d.abs().max()) <= round(m["settings"]["eps_255"])
-    return victim_accuracy(train, prot.images, test, epochs), m
+    return victim_accuracy(train, prot.images, test, victim_epochs), m
