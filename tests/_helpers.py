@@ -6,6 +6,10 @@ import torch
 
 from conftest import TOL
 
+# CIFAR-10 as an image-folder tarball, beside the repository (shared/data); tests that need
+# more than the shipped demo subset read it when present.
+SHARED_TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, msg: str = ""):
     """Compare with the tolerance of ``dtype``; ``scale`` widens it (for long sums)."""

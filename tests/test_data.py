@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _helpers import SHARED_TARBALL
 from ue_fast.data import (
     IMAGE_EXTENSIONS,
     ImageSet,
@@ -26,8 +27,7 @@ from ue_fast.data import (
     write_json_atomic,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TARBALL = SHARED_DATA / "cifar10-jpeg.tar.gz"
+TARBALL = SHARED_TARBALL
 needs_tarball = pytest.mark.skipif(not TARBALL.is_file(), reason=f"{TARBALL} not present")
 
 

@@ -6,15 +6,15 @@ tarball is absent). cnn-small surrogate and victim, the short CPU schedule of
 `ue-fast demo`. Measured when the test was written (2 cores, victim seeds 0 and 1):
 clean 42.4% / 41.6%, protected 19.5% / 20.2% after 15 epochs.
 """
-from pathlib import Path
 
 import pytest
 
 import ue_fast
+from _helpers import SHARED_TARBALL
 from ue_fast.cli import DEMO_SETTINGS
 from ue_fast.data import demo_dir, read_image_folder
 
-TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+TARBALL = SHARED_TARBALL
 
 
 @pytest.fixture(scope="module")
