@@ -20,6 +20,13 @@ accuracy gap (clean minus protected, same defence), and the MI gap. Our CIFAR-10
 copy is a JPEG re-encoding: compare gaps with the paper, not absolute accuracies.
 Paper (ResNet-18, standard training): accuracy gap MI-UE 84.50%, EM 70.28%,
 AP 83.24%, REM 71.51%; MI gap MI-UE 0.2153, EM 0.0722, AP 0.1251, REM 0.0832.
+
+--mixed F: partial protection, the Bayes-error UEs paper's test. A fixed, class-balanced
+fraction F of the training images is protected and the rest stays clean; victims
+train on the clean rest alone ("clean part") and on the clean rest plus the
+protected images ("<method> mixed"), under the same defences. A protection with the
+paper's property leaves the mixed victim worse than the clean part alone (Bayes UEs,
+CIFAR-10, F = 0.5: 69.68% vs 91.16%).
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ import torch
 
 import ue_fast
 from ue_fast.cli import DEMO_SETTINGS
-from ue_fast.data import load_cifar_subset, read_image_folder, write_json_atomic
+from ue_fast.data import ImageSet, load_cifar_subset, read_image_folder, write_json_atomic
 from ue_fast.evaluate import DEFENSES
 from ue_fast.methods import METHODS
 
@@ -93,6 +100,28 @@ def _table(rows: list[dict], defenses: list[str], sets: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _mixed_sets(train: ImageSet, protected: dict[str, ImageSet], fraction: float) -> dict[str, ImageSet]:
+    """The clean part alone, and per method the clean part plus the protected rest.
+
+    Per class a fixed random ``fraction`` of the images (seed 0) is protected; the
+    same images for every method.
+    """
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.zeros(len(train), dtype=torch.bool)
+    for c in range(len(train.classes)):
+        idx = torch.nonzero(train.labels == c)[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        clean[idx[: len(idx) - round(fraction * len(idx))]] = True
+    keep = torch.nonzero(clean)[:, 0].tolist()
+    out = {"clean part": ImageSet(train.images[clean], train.labels[clean], train.classes,
+                                  [train.paths[i] for i in keep])}
+    for m, prot in protected.items():
+        images = torch.where(clean[:, None, None, None], train.images, prot.images)
+        out[f"{m} mixed"] = ImageSet(images, train.labels, train.classes, list(train.paths))
+    print(f"== mixed: {int(clean.sum())} clean images kept, {len(train) - int(clean.sum())} protected", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", choices=sorted(SCALES), default="small")
@@ -102,12 +131,17 @@ def main(argv=None) -> int:
     p.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=list(DEFENSES))
     p.add_argument("--victim-epochs", type=int, default=None, help="override the scale's victim epochs")
     p.add_argument("--no-mi", action="store_true", help="skip the MI gap")
+    p.add_argument("--mixed", type=float, default=None, metavar="F",
+                   help="also train on a clean part alone and with a protected fraction F of the set, in (0, 1)")
     p.add_argument("--tarball", type=Path, default=TARBALL)
     p.add_argument("--workdir", type=Path, default=None, help="keep the protected folders here")
     p.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/results/...)")
     args = p.parse_args(argv)
+    command = " ".join(["python benchmarks/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
     if not args.tarball.is_file():
         p.error(f"CIFAR-10 tarball not found: {args.tarball} (pass --tarball)")
+    if args.mixed is not None and not 0 < args.mixed < 1:
+        p.error(f"--mixed must be a fraction in (0, 1), got {args.mixed}")
 
     scale = SCALES[args.scale]
     epochs = args.victim_epochs or scale["victim_epochs"]
@@ -133,6 +167,8 @@ def main(argv=None) -> int:
                               **PROTECT[args.scale].get(m, {}))
         generation[m] = {k: man[k] for k in ("generation_s", "images_per_s", "linf_max_255", "settings")}
         sets[m] = read_image_folder(out, progress=False)
+    if args.mixed is not None:
+        sets.update(_mixed_sets(train, {m: sets[m] for m in args.methods}, args.mixed))
 
     rows = []
     for d in args.defenses:
@@ -161,6 +197,7 @@ def main(argv=None) -> int:
         f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f" ({os.cpu_count()} cores)"),
         versions=dict(ue_fast=ue_fast.__version__, torch=torch.__version__, python=platform.python_version()),
         commit=_commit(), date=day, num_train=len(train), num_test=len(test), generation=generation,
+        mixed_fraction=args.mixed,
         results=rows, mi=mi, paper=dict(accuracy_gap=PAPER_GAP, mi_gap=PAPER_MI_GAP),
         total_s=time.perf_counter() - t_start)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -170,8 +207,10 @@ def main(argv=None) -> int:
     md = [f"# MI-UE reproduction, scale {args.scale}", "",
           f"{len(train)} CIFAR-10 training images (JPEG copy), {len(test)} clean test images; "
           f"victim {scale['victim']} trained {epochs} epochs; device {doc['device']}; commit {doc['commit']}; "
-          f"{doc['total_s'] / 60:.1f} min in all. Command: `python benchmarks/reproduce.py --scale {args.scale}`.",
+          f"{doc['total_s'] / 60:.1f} min in all. Command: `{command}`.",
           "", "Clean test accuracy (%) of the victim, last and best epoch; gap = clean minus protected (last):", "",
+          *([f"With --mixed {args.mixed}: 'clean part' is the {1 - args.mixed:.0%} of the images left clean, "
+             f"'<method> mixed' those plus the other {args.mixed:.0%} protected.", ""] if args.mixed else []),
           _table(rows, args.defenses, names), ""]
     if mi:
         keys = [k for k, v in next(iter(mi.values())).items() if isinstance(v, float)]
