@@ -130,6 +130,8 @@ def main(argv=None) -> int:
                    help="generators to compare with clean data (default miue)")
     p.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=list(DEFENSES))
     p.add_argument("--victim-epochs", type=int, default=None, help="override the scale's victim epochs")
+    p.add_argument("--train-per-class", type=int, default=None, metavar="K",
+                   help="override the scale's training images per class (small: 100, full: all)")
     p.add_argument("--no-mi", action="store_true", help="skip the MI gap")
     p.add_argument("--mixed", type=float, default=None, metavar="F",
                    help="also train on a clean part alone and with a protected fraction F of the set, in (0, 1)")
@@ -143,7 +145,11 @@ def main(argv=None) -> int:
     if args.mixed is not None and not 0 < args.mixed < 1:
         p.error(f"--mixed must be a fraction in (0, 1), got {args.mixed}")
 
-    scale = SCALES[args.scale]
+    scale = dict(SCALES[args.scale])
+    if args.train_per_class is not None:
+        if args.train_per_class < 1:
+            p.error(f"--train-per-class must be >= 1, got {args.train_per_class}")
+        scale["train_per_class"] = args.train_per_class
     epochs = args.victim_epochs or scale["victim_epochs"]
     dev = torch.device(args.device)
     day = datetime.date.today().isoformat()
