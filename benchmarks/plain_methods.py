@@ -58,7 +58,7 @@ def em_round(model, opt, images, labels, poison, *, device, eps, alpha, steps, t
     """
     per_sample = torch.stack([poison[int(y)] for y in labels]) if classwise else poison
     train_on_poisoned(model, opt, images, labels, per_sample, device=device, batch_size=batch_size, gen=gen,
-           max_batches=train_steps)
+                      max_batches=train_steps)
     model.eval()
     model.requires_grad_(False)
     for idx in torch.randperm(len(images), generator=gen).split(poison_batch_size):
