@@ -49,9 +49,10 @@ def victim_accuracy(train, images, test, epochs: int) -> float:
                         epochs=epochs, seed=0).last
 
 
-def protected_victim(train, test, out: Path, method: str, victim_epochs: int, **settings):
-    """Protect the demo training set with ``method`` into ``out`` (CPU; ``settings`` go to
-    ``protect``) and train a victim on it for ``victim_epochs`` epochs.
+def protected_victim(train, test, out: Path, method: str, victim_epochs: int, source=None, **settings):
+    """Protect ``source`` (default: the demo training folder; it must hold ``train``'s images)
+    with ``method`` into ``out`` (CPU; ``settings`` go to ``protect``) and train a victim on it
+    for ``victim_epochs`` epochs.
 
     Checks that labels are kept and every pixel is within the budget. Returns the victim's
     accuracy and the manifest.
@@ -59,9 +60,36 @@ def protected_victim(train, test, out: Path, method: str, victim_epochs: int, **
     import ue_fast
     from ue_fast.data import demo_dir, read_image_folder
 
-    m = ue_fast.protect(demo_dir() / "train", out, method=method, device="cpu", progress=False, **settings)
+    source = demo_dir() / "train" if source is None else source
+    m = ue_fast.protect(source, out, method=method, device="cpu", progress=False, **settings)
     prot = read_image_folder(out, progress=False)
     assert prot.labels.tolist() == train.labels.tolist()
     d = prot.images.int() - train.images.int()
     assert 0 < int(d.abs().max()) <= round(m["settings"]["eps_255"])
     return victim_accuracy(train, prot.images, test, victim_epochs), m
+
+
+def protect_killed_after_checkpoint(monkeypatch, src, out: Path, die_at: int = 1, **settings) -> None:
+    """``ue_fast.protect(src, out, **settings)`` interrupted by a KeyboardInterrupt right after
+    the engine's ``die_at``-th checkpoint (asserted to happen); the engine's save is restored."""
+    import pytest
+
+    import ue_fast
+    import ue_fast.engine as engine
+
+    real = engine.save_checkpoint
+    calls = 0
+
+    def save_then_die(path, state):
+        nonlocal calls
+        real(path, state)
+        calls += 1
+        if calls == die_at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ue_fast.protect(src, out, **settings)
+    finally:
+        monkeypatch.setattr(engine, "save_checkpoint", real)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import ue_fast
 from _helpers import demo_subset as _subset
-import ue_fast.engine as engine_mod
+from _helpers import protect_killed_after_checkpoint
 from ue_fast.data import demo_dir, read_image_folder
 from ue_fast.engine import BiLevelEngine
 from ue_fast.evaluate import train_victim
@@ -217,19 +217,7 @@ def test_protect_within_budget_and_deterministic(name, subset, runs, tmp_path):
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch, name, settings, die_at, resumed_from):
     src = _subset(tmp_path / "in", per_class=8)
     ue_fast.protect(src, tmp_path / "whole", method=name, **settings)
-    real = engine_mod.save_checkpoint
-    calls = {"n": 0}
-
-    def save_then_die(path, state):
-        real(path, state)
-        calls["n"] += 1
-        if calls["n"] == die_at:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        ue_fast.protect(src, tmp_path / "split", method=name, **settings)
-    monkeypatch.setattr(engine_mod, "save_checkpoint", real)
+    protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "split", die_at=die_at, method=name, **settings)
     m = ue_fast.protect(src, tmp_path / "split", method=name, resume=True, **settings)
     assert m["resumed_from_epoch"] == resumed_from
     assert (tmp_path / "split" / "perturbation_int8.npy").read_bytes() == \

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import ue_fast
-from _helpers import demo_sets, protected_victim, victim_accuracy
+from _helpers import demo_sets, protect_killed_after_checkpoint, protected_victim, victim_accuracy
 from _helpers import demo_subset as _subset
 from ue_fast.data import read_image_folder
 from ue_fast.data.exports import load_delta_npy
@@ -73,19 +73,8 @@ def test_same_seed_same_bytes(runs, src, tmp_path, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_resume_after_interruption_equals_uninterrupted(runs, src, tmp_path, monkeypatch, name):
     """Killed right after round 1's checkpoint, then resumed: the bytes of the uninterrupted run."""
-    import ue_fast.engine as engine
-
-    real = engine.save_checkpoint
-
-    def save_then_die(path, state):
-        real(path, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        ue_fast.protect(src, tmp_path / "split", method=name, eps=8, **FAST, **TINY[name])
+    protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "split", method=name, eps=8, **FAST, **TINY[name])
     assert (tmp_path / "split" / ".ue_fast" / "checkpoint.pt").is_file()
-    monkeypatch.setattr(engine, "save_checkpoint", real)
     m = ue_fast.protect(src, tmp_path / "split", method=name, eps=8, resume=True, **FAST, **TINY[name])
     assert m["resumed_from_epoch"] == 1
     whole, _ = runs[name]

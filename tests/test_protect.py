@@ -10,6 +10,7 @@ from PIL import Image
 
 import ue_fast
 from _helpers import demo_subset as _subset
+from _helpers import protect_killed_after_checkpoint
 from ue_fast.cli import main as cli_main
 from ue_fast.data import read_image_folder
 from ue_fast.data.exports import load_delta_npy, load_poison_pt
@@ -88,23 +89,10 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     settings = dict(FAST, epochs=3)
     ue_fast.protect(src, tmp_path / "whole", **settings)
 
-    import ue_fast.engine as engine
-
-    real = engine.save_checkpoint
-    calls = {"n": 0}
-
-    def save_then_die(path, state):
-        real(path, state)
-        calls["n"] += 1
-        if calls["n"] == 2:  # killed right after the second outer epoch's checkpoint
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        ue_fast.protect(src, tmp_path / "split", **settings)
+    # killed right after the second outer epoch's checkpoint
+    protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "split", die_at=2, **settings)
     assert (tmp_path / "split" / ".ue_fast" / "checkpoint.pt").is_file()
     assert not (tmp_path / "split" / "manifest.json").exists()
-    monkeypatch.setattr(engine, "save_checkpoint", real)
     with pytest.raises(ValueError, match="not empty"):
         ue_fast.protect(src, tmp_path / "split", **settings)
     m = ue_fast.protect(src, tmp_path / "split", resume=True, **settings)
@@ -116,18 +104,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
 
 def test_resume_refuses_other_settings(tmp_path, monkeypatch):
     src = _subset(tmp_path / "in", per_class=4)
-    import ue_fast.engine as engine
-
-    real = engine.save_checkpoint
-
-    def die(path, state):
-        real(path, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine, "save_checkpoint", die)
-    with pytest.raises(KeyboardInterrupt):
-        ue_fast.protect(src, tmp_path / "o", **FAST)
-    monkeypatch.setattr(engine, "save_checkpoint", real)
+    protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "o", **FAST)
     with pytest.raises(ValueError, match="settings differ"):
         ue_fast.protect(src, tmp_path / "o", resume=True, **dict(FAST, pgd_steps=3))
 
