@@ -149,11 +149,16 @@ def test_configs_defaults_and_validation():
         with pytest.raises(ValueError, match=match):
             APConfig(**bad)
     b = BayesConfig()
-    assert (b.sigma, b.feature_scale, b.train_surrogate) == (0.3, "max", True)
+    assert (b.sigma, b.feature_scale, b.train_surrogate, b.retrain_epochs, b.whole_set) == (0.3, "max", True, 0, False)
     for bad, match in (({"sigma": 0.0}, "sigma .* got 0.0"), ({"sigma": float("nan")}, "sigma .* got nan"),
                        ({"feature_scale": "std"}, "feature_scale .* got 'std'"),
-                       ({"pretrain_epochs": 1.5}, "pretrain_epochs .* got 1.5")):
+                       ({"pretrain_epochs": 1.5}, "pretrain_epochs .* got 1.5"),
+                       ({"retrain_epochs": -1}, "retrain_epochs .* got -1"),
+                       ({"retrain_epochs": 2, "train_surrogate": False}, "cannot be combined")):
         with pytest.raises(ValueError, match=match):
+            BayesConfig(**bad)
+    for bad in ({"whole_set": 1}, {"train_surrogate": "yes"}):
+        with pytest.raises(TypeError, match=f"{next(iter(bad))} must be True or False"):
             BayesConfig(**bad)
     assert {"ap", "tap", "bayes"} <= set(METHODS)
 
@@ -213,6 +218,7 @@ def test_protect_within_budget_and_deterministic(name, subset, runs, tmp_path):
 @pytest.mark.parametrize("name, settings, die_at, resumed_from", [
     ("ap", dict(FAST, pretrain_epochs=2, pgd_steps=2), 1, 0),  # killed in clean pre-training
     ("bayes", dict(FAST, pretrain_epochs=1, epochs=2, pgd_steps=2), 2, 1),  # after round 1
+    ("bayes", dict(FAST, retrain_epochs=2, whole_set=True, epochs=2, pgd_steps=2), 1, 1),  # authors' schedule
 ])
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch, name, settings, die_at, resumed_from):
     src = _subset(tmp_path / "in", per_class=8)
@@ -222,6 +228,48 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch, n
     assert m["resumed_from_epoch"] == resumed_from
     assert (tmp_path / "split" / "perturbation_int8.npy").read_bytes() == \
         (tmp_path / "whole" / "perturbation_int8.npy").read_bytes()
+
+
+def _bayes_engine(data, **settings):
+    cfg = BayesConfig(**dict(dict(arch="cnn-small", epochs=1, pgd_steps=3, alpha=1 / 255, batch_size=12,
+                                  sigma=None, feature_scale="l2", compact_delta=False), **settings))
+    return BiLevelEngine(METHODS["bayes"](cfg, 3), data.images, data.labels, 3, "cpu", progress=False)
+
+
+def test_bayes_whole_set_pass_equals_one_batch_holding_the_whole_set(subset):
+    """The two-pass whole-set step (features without a graph, then back-propagation batch by
+    batch) takes the steps of an ordinary pass whose single batch is the whole set."""
+    data = read_image_folder(subset, progress=False)
+    one = _bayes_engine(data, poison_batch_size=len(data.labels)).run()
+    split = _bayes_engine(data, poison_batch_size=5, whole_set=True).run()
+    assert one.history[-1]["poison_loss"] == pytest.approx(split.history[-1]["poison_loss"], rel=1e-5)
+    assert split.delta.abs().max() > 0
+    assert (one.delta != split.delta).float().mean() < 1e-3  # a step's sign may flip where |grad| ~ 0
+    # per-batch estimates are another objective: the check above can tell them apart
+    batched = _bayes_engine(data, poison_batch_size=5).run()
+    assert (batched.delta != split.delta).float().mean() > 0.1
+
+
+def test_fresh_surrogate_is_the_same_initialisation_whatever_came_before(subset):
+    data = read_image_folder(subset, progress=False)
+    trained, untouched = _bayes_engine(data, retrain_epochs=1, epochs=2), _bayes_engine(data)
+    trained.run()
+    assert trained.optimizer.state  # momentum from training
+    for eng in (trained, untouched):
+        eng._fresh_surrogate(3)
+    a, b = trained.model.state_dict(), untouched.model.state_dict()
+    assert trained.optimizer.state == {} and all(torch.equal(a[k], b[k]) for k in a)
+    untouched._fresh_surrogate(4)  # another round draws other weights
+    assert not torch.equal(a["classifier.weight"], untouched.model.state_dict()["classifier.weight"])
+
+
+def test_whole_set_loss_refuses_class_wise_methods(subset):
+    class ClassWiseBayes(METHODS["bayes"]):
+        classwise = True
+
+    data = read_image_folder(subset, progress=False)
+    with pytest.raises(ValueError, match="whole-set loss needs per-sample perturbations"):
+        BiLevelEngine(ClassWiseBayes(BayesConfig(arch="cnn-small", whole_set=True), 3), data.images, data.labels, 3)
 
 
 def _attack(cls, subset):

@@ -5,8 +5,10 @@ method's number of batches) with cross-entropy on ``x + delta``; then, with the
 surrogate frozen in eval mode, run K projected gradient steps of the method's
 poison loss on every shuffled batch of the data set. The method supplies the
 loss, the schedules and the hooks (``ue_fast.methods.base``): clean pre-training
-(AP), early stopping (EM), class-wise perturbations, inner adversaries (REM);
-training-free methods bypass the loop. With ``sparse`` set (SALM), only the
+(AP), early stopping (EM), class-wise perturbations, inner adversaries (REM), a
+fresh surrogate trained from scratch every round and one loss over the whole
+set per step (the Bayes-error authors' schedule); training-free methods bypass
+the loop. With ``sparse`` set (SALM), only the
 given percentage of each image's most salient pixels (input-gradient magnitude
 of the surrogate, taken once before the first poison pass) is perturbed.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -120,13 +123,17 @@ class BiLevelEngine:
             self.images, self.delta = self.images.pin_memory(), self.delta.pin_memory()
         self.labels = labels.to(self.device, torch.int64)  # [N]
         self.mask = None  # SALM: bool [N, 1, H, W] of the pixels allowed to move, made before the first poison pass
+        if method.whole_set_loss() and (method.classwise or method.training_free):
+            raise ValueError(f"a whole-set loss needs per-sample perturbations from a surrogate; method "
+                             f"{method.name!r} is {'class-wise' if method.classwise else 'training-free'}")
         if self.cfg.sparse is not None and (method.classwise or method.training_free):
             raise ValueError(f"sparse (SALM) needs per-sample perturbations from a surrogate; method "
                              f"{method.name!r} is {'class-wise' if method.classwise else 'training-free'}")
         self.model = self.forward = self.optimizer = None  # training-free methods need no surrogate
         if not method.training_free:
             torch.manual_seed(self.cfg.seed)  # model initialisation
-            self.model = build_model(self.cfg.arch, num_classes, image_size=max(h, w)).to(self.device)
+            self.image_size = max(h, w)
+            self.model = build_model(self.cfg.arch, num_classes, image_size=self.image_size).to(self.device)
             if self.device.type == "cuda":
                 self.model = self.model.to(memory_format=torch.channels_last)
             # The surrogate as called in the loops: torch.compile'd on request ("reduce-overhead"
@@ -190,7 +197,9 @@ class BiLevelEngine:
                 e = self.epoch + 1
                 with self._maybe_trace():
                     t0 = time.perf_counter()
-                    train = self._train_epoch(e, self.cfg.learning_rate(e), self.method.train_batches(e))
+                    k = self.method.retrain_epochs()
+                    train = self._retrain(e, k) if k else \
+                        self._train_epoch(e, self.cfg.learning_rate(e), self.method.train_batches(e))
                     t1 = time.perf_counter()
                     if self.cfg.sparse is not None and self.mask is None:
                         with self.timer("saliency"):
@@ -244,6 +253,23 @@ class BiLevelEngine:
                 bar.set_postfix(train_acc=f"{train['train_acc']:.3f}")
         finally:
             bar.close()
+
+    def _fresh_surrogate(self, epoch: int) -> None:
+        """Re-initialise the surrogate's weights (seeded by the run's seed and ``epoch``, so a
+        resumed run draws the same ones) and clear the optimizer's momentum."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + 1_000_003 * epoch)
+            fresh = build_model(self.cfg.arch, self.num_classes, image_size=self.image_size)
+        self.model.load_state_dict(fresh.state_dict())  # in place: the compiled handle stays valid
+        self.optimizer.state.clear()
+
+    def _retrain(self, epoch: int, epochs: int) -> dict:
+        """Round ``epoch``'s surrogate: fresh weights, ``epochs`` epochs on x + delta, lr cosine to 0."""
+        self._fresh_surrogate(epoch)
+        for k in range(epochs):
+            train = self._train_epoch(epoch, self.cfg.lr * 0.5 * (1 + math.cos(math.pi * k / epochs)), None,
+                                      stage=f"fresh surrogate {k + 1}/{epochs}")
+        return train
 
     def _run_training_free(self, resumed_from: int) -> RunResult:
         if self.epoch == 0:
@@ -311,7 +337,8 @@ class BiLevelEngine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _train_epoch(self, epoch: int, lr: float, max_batches: int | None, clean: bool = False) -> dict:
+    def _train_epoch(self, epoch: int, lr: float, max_batches: int | None, clean: bool = False,
+                     stage: str = "surrogate") -> dict:
         """Surrogate training on x + delta (``clean``: on x) for one epoch or ``max_batches`` batches."""
         cfg = self.cfg
         if max_batches == 0:
@@ -329,7 +356,7 @@ class BiLevelEngine:
             batches.pop()
         if max_batches is not None:
             batches = batches[:max_batches]
-        bar = self._bar(f"epoch {epoch}: surrogate", total=sum(len(b) for b in batches))
+        bar = self._bar(f"epoch {epoch}: {stage}", total=sum(len(b) for b in batches))
         for idx in batches:
             with self.timer("data"):
                 x = self._batch(idx)
@@ -351,6 +378,8 @@ class BiLevelEngine:
         return dict(train_loss=float(loss_sum) / seen, train_acc=float(correct) / seen)
 
     def _poison_epoch(self, epoch: int) -> dict:
+        if self.method.whole_set_loss():
+            return self._poison_epoch_whole_set(epoch)
         cfg, method = self.cfg, self.method
         alpha = cfg.step_size(epoch)
         self.model.eval()
@@ -396,6 +425,56 @@ class BiLevelEngine:
             bar.close()
             self.model.requires_grad_(True)
         return dict(poison_loss=float(loss_sum) / self.n)
+
+    def _poison_epoch_whole_set(self, epoch: int) -> dict:
+        """``pgd_steps`` steps on one loss of all N samples' features.
+
+        Per step: the features of every batch without a graph ([N, F] on the device), the
+        loss and its gradient w.r.t. them, then per batch the features again with a graph,
+        back-propagated with that gradient to the batch's perturbation, which takes its
+        step. The surrogate is in eval mode, so a sample's features do not depend on its
+        batch and both passes agree. Memory: [N, F] features plus one batch's graph.
+        """
+        cfg, method = self.cfg, self.method
+        alpha = cfg.step_size(epoch)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        batches = [torch.arange(i, min(i + cfg.poison_batch_size, self.n), device=self.device)
+                   for i in range(0, self.n, cfg.poison_batch_size)]
+        bar = self._bar(f"epoch {epoch}: PGD x{cfg.pgd_steps} (whole set)", total=2 * self.n * cfg.pgd_steps)
+        try:
+            for _ in range(cfg.pgd_steps):
+                parts = []
+                for idx in batches:
+                    with self.timer("data"):
+                        x, y = self._batch(idx), self.labels[idx]
+                    with self.timer("forward"), torch.no_grad(), self._autocast():
+                        parts.append(self.forward(method.poison_input(self, x, self._delta(idx), y))[0].float())
+                    bar.update(len(idx))
+                with self.timer("loss"):
+                    features = torch.cat(parts).requires_grad_(True)
+                    del parts
+                    loss = method.poison_loss(features, None, self.labels)
+                    (grad_features,) = torch.autograd.grad(loss, features)
+                    del features
+                for idx in batches:
+                    with self.timer("data"):
+                        x, y = self._batch(idx), self.labels[idx]
+                        leaf = self._delta(idx).requires_grad_(True)
+                        mask = None if self.mask is None else self.mask[idx.to(self.store)].to(self.device)
+                    with self.timer("forward"), self._autocast():
+                        f = self.forward(method.poison_input(self, x, leaf, y))[0]
+                    with self.timer("backward"):
+                        (grad,) = torch.autograd.grad(f.float(), leaf, grad_outputs=grad_features[idx])
+                    with self.timer("step"):
+                        leaf = leaf.detach()
+                        pgd_step_(leaf, grad, x, eps=cfg.eps, step_size=alpha, maximize=method.maximize, mask=mask)
+                        self._store_delta(idx, leaf)
+                    bar.update(len(idx))
+        finally:
+            bar.close()
+            self.model.requires_grad_(True)
+        return dict(poison_loss=float(loss.detach()))
 
     def _saliency_mask(self) -> torch.Tensor:
         """SALM: bool [N, 1, H, W], True at the ``sparse`` % pixels of largest input-gradient magnitude."""

@@ -12,7 +12,10 @@ A generator is a ``Method`` subclass with a ``GeneratorConfig`` subclass. The en
 3. ``finished(engine, stats)`` may end the run early (EM's accuracy criterion).
 
 ``pretrain_epochs()`` clean epochs run once before round 1 (AP trains its surrogate
-on clean data first and then freezes it: ``train_batches`` returns 0). A
+on clean data first and then freezes it: ``train_batches`` returns 0). With
+``retrain_epochs() > 0`` step 1 instead re-initialises the surrogate and trains it that
+many epochs from scratch. With ``whole_set_loss()`` step 2 differentiates one loss of
+the whole set's features per step instead of one loss per batch. A
 ``classwise`` method keeps one perturbation per class, its gradient summed over
 the class's samples. A ``training_free`` method implements ``generate`` instead.
 """
@@ -121,6 +124,19 @@ class Method:
     def train_batches(self, epoch: int) -> int | None:
         """Surrogate batches in round ``epoch``: None for one epoch, 0 for none."""
         return None
+
+    def retrain_epochs(self) -> int:
+        """Epochs of a freshly initialised surrogate at the start of every round (lr cosine
+        from ``lr`` to 0 within the round), replacing ``train_batches``: the config's
+        ``retrain_epochs`` where a method has one, else 0 (keep training one surrogate)."""
+        return getattr(self.config, "retrain_epochs", 0)
+
+    def whole_set_loss(self) -> bool:
+        """True: each PGD step takes ``poison_loss`` of all N samples' features at once
+        (computed batch by batch without a graph, then back-propagated batch by batch), so
+        a loss coupling samples, like the Bayes-error estimate, sees the whole set. Needs a
+        deterministic ``poison_input``: both passes must see the same input."""
+        return getattr(self.config, "whole_set", False)
 
     def train_input(self, engine, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The surrogate's training input for clean x and perturbation delta [B, 3, H, W]."""
