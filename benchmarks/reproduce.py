@@ -27,10 +27,16 @@ train on the clean rest alone ("clean part") and on the clean rest plus the
 protected images ("<method> mixed"), under the same defences. A protection with the
 paper's property leaves the mixed victim worse than the clean part alone (Bayes UEs,
 CIFAR-10, F = 0.5: 69.68% vs 91.16%).
+
+--set METHOD.KEY=VALUE (repeatable) overrides one generation setting of the scale,
+e.g. the Bayes-error authors' schedule (a surrogate retrained from scratch for 30
+epochs before every ascent step on the whole set's estimate):
+    --set bayes.retrain_epochs=30 --set bayes.whole_set=True --set bayes.pgd_steps=1
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import os
 import platform
@@ -122,6 +128,25 @@ def _mixed_sets(train: ImageSet, protected: dict[str, ImageSet], fraction: float
     return out
 
 
+def _overrides(items: list[str], methods: list[str]) -> dict[str, dict]:
+    """``["bayes.whole_set=True", ...]`` -> ``{"bayes": {"whole_set": True}}``; values are
+    Python literals, else strings. ValueError names a malformed item or an unselected method."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not (sep and dot and name):
+            raise ValueError(f"--set takes METHOD.KEY=VALUE, got {item!r}")
+        if method not in methods:
+            raise ValueError(f"--set {item!r}: method {method!r} is not among --methods {methods}")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a plain string, e.g. feature_scale=l2
+        out.setdefault(method, {})[name] = value
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", choices=sorted(SCALES), default="small")
@@ -135,6 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-mi", action="store_true", help="skip the MI gap")
     p.add_argument("--mixed", type=float, default=None, metavar="F",
                    help="also train on a clean part alone and with a protected fraction F of the set, in (0, 1)")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", dest="overrides",
+                   help="override a generation setting, e.g. bayes.whole_set=True (repeatable)")
     p.add_argument("--tarball", type=Path, default=TARBALL)
     p.add_argument("--workdir", type=Path, default=None, help="keep the protected folders here")
     p.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/results/...)")
@@ -144,6 +171,11 @@ def main(argv=None) -> int:
         p.error(f"CIFAR-10 tarball not found: {args.tarball} (pass --tarball)")
     if args.mixed is not None and not 0 < args.mixed < 1:
         p.error(f"--mixed must be a fraction in (0, 1), got {args.mixed}")
+    try:
+        overrides = _overrides(args.overrides, args.methods)
+    except ValueError as e:
+        p.error(str(e))
+    protect = {m: dict(PROTECT[args.scale].get(m, {}), **overrides.get(m, {})) for m in args.methods}
 
     scale = dict(SCALES[args.scale])
     if args.train_per_class is not None:
@@ -169,8 +201,7 @@ def main(argv=None) -> int:
     for m in args.methods:
         out = work / m
         print(f"== protect: {m} ({len(train)} images)", flush=True)
-        man = ue_fast.protect(clean_dir, out, method=m, device=str(dev), overwrite=True,
-                              **PROTECT[args.scale].get(m, {}))
+        man = ue_fast.protect(clean_dir, out, method=m, device=str(dev), overwrite=True, **protect[m])
         generation[m] = {k: man[k] for k in ("generation_s", "images_per_s", "linf_max_255", "settings")}
         sets[m] = read_image_folder(out, progress=False)
     if args.mixed is not None:
@@ -198,7 +229,7 @@ def main(argv=None) -> int:
             mi[m] = mi_report(ref.model, train.images, sets[m].images, train.labels, len(train.classes), device=dev)
             print(f"   {m}: " + ", ".join(f"{k} {v:.4f}" for k, v in mi[m].items() if isinstance(v, float)))
 
-    doc = dict(scale=args.scale, settings=dict(scale, protect={m: PROTECT[args.scale].get(m, {}) for m in args.methods}),
+    doc = dict(scale=args.scale, settings=dict(scale, protect=protect),
                victim_epochs=epochs, device=str(dev) + (
         f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f" ({os.cpu_count()} cores)"),
         versions=dict(ue_fast=ue_fast.__version__, torch=torch.__version__, python=platform.python_version()),
