@@ -74,8 +74,9 @@ alone 0.392. Victims on all-protected data / on the clean half plus the protecte
 a surrogate pre-trained 30 clean epochs, then 20 frozen steps of 1/255 on the whole-set
 estimate, 0.444 / 0.461; the same at eps 16/255 (steps of 2/255) 0.380 / 0.471; the
 authors' schedule (8 rounds of a fresh surrogate trained 30 epochs, then one whole-set
-step of 1/255) 0.44 / 0.47. For comparison TAP against the same 30-epoch surrogate (20
-steps): 0.408 / 0.472, and at eps 16/255 0.216 / 0.418. No method, and no budget up to
+step of 1/255; ``benchmarks/results/reproduce-small-cpu-2026-11-24-bayes-authors-mixed.md``)
+0.439 / 0.470. For comparison TAP against the same 30-epoch surrogate (20 steps): 0.408 /
+0.472, and at eps 16/255 0.216 / 0.418. No method, and no budget up to
 16/255, makes the mixed victim worse than the clean half at this scale: 500 extra images,
 perturbed or not, are worth more to a victim trained on 500 than the perturbation costs.
 The paper's claim (CIFAR-10, ResNet-18, 25,000 + 25,000) needs a GPU to check; the command
