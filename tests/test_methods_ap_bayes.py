@@ -134,6 +134,15 @@ def test_bayes_poison_loss_options(gen, feature_scale, sigma):
     assert float(one.grad.abs().sum()) == 0
 
 
+def test_median_bandwidth_subsamples_large_sets(gen, monkeypatch):
+    f = torch.rand(25, 4, generator=gen)
+    monkeypatch.setattr(bayes_mod, "_MEDIAN_ROWS", 10)  # 25 rows -> every 3rd: rows 0, 3, ..., 24
+    g = f[::3].double()
+    d2 = ((g[:, None] - g[None]) ** 2).sum(-1)
+    med = d2[torch.triu(torch.ones(len(g), len(g), dtype=torch.bool), 1)].median()
+    assert bayes_mod.median_bandwidth(f) == pytest.approx(math.sqrt(med / 2), rel=1e-5)
+
+
 # -- settings and pieces ---------------------------------------------------------------------
 
 def test_configs_defaults_and_validation():
