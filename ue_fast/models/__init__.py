@@ -12,10 +12,9 @@ features being the pooled penultimate representation that feature-space losses
 """
 from __future__ import annotations
 
-import numbers
-
 from torch import nn
 
+from ..ops._checks import check_int
 from ._layers import CIFAR10_MEAN, CIFAR10_STD, Normalize
 from .resnet import ResNet, resnet18, resnet50
 from .small import SmallCNN, cnn_small
@@ -34,13 +33,11 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
-    # bool is an Integral but never a meaningful size or class count.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return int(value)
+    """The ops' ``check_int``, with build_model's contract that every bad argument is a ValueError."""
+    try:
+        return check_int(name, value, lo, hi)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
 
 
 def build_model(arch: str, num_classes: int, *, image_size: int = 32) -> nn.Module:
