@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from tqdm import tqdm
+
+from ..progress import progress as _progress
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -213,7 +214,7 @@ def read_image_folder(root, *, resize: int | tuple[int, int] | None = None, skip
     images = None  # [N, 3, H, W] uint8, allocated once the first image gives H and W
     labels, paths, skipped = [], [], []
     first = None  # (path, (H, W)) of the first image, named in size errors
-    with tqdm(total=n, desc="reading images", unit="img", disable=None if progress else True) as bar:
+    with _progress(n, "reading images", "img", enabled=progress) as bar:
         for label, rels in enumerate(files):
             for rel in rels:
                 bar.update(1)
@@ -383,15 +384,17 @@ def write_image_folder(out_root, images: torch.Tensor, paths: list[str], *, prog
     images = images.cpu()
     for d in sorted({str(PurePosixPath(o).parent) for o in outs}):
         (out_root / d).mkdir(parents=True, exist_ok=True)
-    for i, o in enumerate(tqdm(outs, desc="writing images", unit="img", disable=None if progress else True)):
-        dest = out_root / o
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    with _progress(len(outs), "writing images", "img", enabled=progress) as bar:
+        for i, o in enumerate(outs):
+            bar.update(1)
+            dest = out_root / o
+            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+                os.replace(tmp, dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
     return outs
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..models import build_model
+from ..progress import progress as _progress
 
 
 @dataclass
@@ -98,9 +98,8 @@ def train_victim(train_images: torch.Tensor, train_labels: torch.Tensor, test_im
     n = len(xs)
     result = VictimResult()
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-    bar = tqdm(range(epochs), desc=f"victim {arch} ({defense.name})", unit="epoch", disable=not progress,
-               dynamic_ncols=True)
-    for epoch in bar:
+    bar = _progress(epochs, f"victim {arch} ({defense.name})", "epoch", enabled=progress, interval=0)
+    for epoch in range(epochs):
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         model.train()
@@ -121,6 +120,8 @@ def train_victim(train_images: torch.Tensor, train_labels: torch.Tensor, test_im
         with autocast():
             result.test_acc.append(accuracy(model, xt, yt))
         bar.set_postfix(train_acc=f"{result.train_acc[-1]:.3f}", test_acc=f"{result.test_acc[-1]:.3f}")
+        bar.update(1)
+    bar.close()
     if return_model:
         result.model = model
     return result
