@@ -53,7 +53,7 @@ def test_outer_epoch(benchmark, device, variant, arch, size, n):
             eng = BiLevelEngine(MIUE(cfg, 10), images, labels, 10, device, progress=False)
             res = eng.run()
             sync(device)
-            return res.delta.float()
+            return res.delta * 255  # in 1/255 units
     else:
         def run():
             torch.manual_seed(cfg.seed)

@@ -58,8 +58,7 @@ def _engine_run(name, cfg, images, labels, device):
     method = METHODS[name](cfg, 10)
     res = BiLevelEngine(method, images, labels, 10, device, progress=False).run()
     sync(device)
-    d = res.delta.float()
-    return d if res.delta.dtype == torch.int8 else d * 255  # in 1/255 units
+    return res.delta * 255  # in 1/255 units
 
 
 def _plain_run(name, cfg, images, labels, device):

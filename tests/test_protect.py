@@ -151,11 +151,56 @@ def test_output_inside_input_and_nonempty_output(tmp_path):
         ue_fast.protect(src, src / "out", **FAST)
     with pytest.raises(ValueError, match="inside the output"):
         ue_fast.protect(src, tmp_path, **FAST)
-    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "sub").mkdir(parents=True)
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty"):
         ue_fast.protect(src, tmp_path / "busy", **FAST)
-    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    # --overwrite and --resume replace or continue only an earlier ue_fast output
+    for flag in ("overwrite", "resume"):
+        with pytest.raises(ValueError, match=r"not a ue_fast output.*keep.txt, sub/"):
+            ue_fast.protect(src, tmp_path / "busy", **{flag: True}, **FAST)
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine" and (tmp_path / "busy" / "sub").is_dir()
+    (tmp_path / "busy" / "manifest.json").write_text('{"method": "someone else\'s"}')
+    with pytest.raises(ValueError, match="not a ue_fast output"):
+        ue_fast.protect(src, tmp_path / "busy", overwrite=True, **FAST)
+    # an earlier output is replaced whole
+    ue_fast.protect(src, tmp_path / "ours", **FAST)
+    (tmp_path / "ours" / "stale.txt").write_text("from the last run")
+    ue_fast.protect(src, tmp_path / "ours", overwrite=True, **FAST)
+    assert not (tmp_path / "ours" / "stale.txt").exists() and (tmp_path / "ours" / "manifest.json").is_file()
+
+
+def test_demo_refuses_a_folder_that_is_not_its_output(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert cli_main(["demo", "--output-dir", str(tmp_path), "--no-eval", "--no-progress"]) == 2
+    assert "not a ue_fast output" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_manifest_records_the_absolute_input_for_evaluate(tmp_path, monkeypatch):
+    from ue_fast.evaluate.run import _clean_counterpart
+
+    _subset(tmp_path / "work" / "in", per_class=2)
+    monkeypatch.chdir(tmp_path / "work")
+    m = ue_fast.protect(Path("in"), Path("out"), **FAST)
+    assert m["input"] == "in" and m["input_abs"] == str((tmp_path / "work" / "in").resolve())
+    monkeypatch.chdir(tmp_path)  # `evaluate --mi` run from elsewhere still finds the clean images
+    prot = read_image_folder(tmp_path / "work" / "out", progress=False)
+    clean = _clean_counterpart(tmp_path / "work" / "out", prot, None, None)
+    assert clean.images.shape == prot.images.shape
+
+
+def test_progress_in_a_log_is_plain_lines(tmp_path, capsys):
+    """Not a terminal (pytest captures stderr): one plain line per stage, no carriage returns."""
+    src = _subset(tmp_path / "in", per_class=2)
+    ue_fast.protect(src, tmp_path / "o", **dict(FAST, progress=True))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    for stage in ("reading images: 6/6 img", "epoch 1: surrogate: 6/6 img", "epoch 2: PGD x2: 6/6 img",
+                  "miue outer epochs: 2/2 epoch", "writing images: 6/6 img"):
+        assert any(line.startswith(stage) for line in lines), f"no line for {stage!r} in:\n{err}"
+    assert len(lines) < 20
 
 
 def test_arrays_api(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,7 +11,9 @@ import torch
 from .engine import COMPILE_MODES
 from .evaluate.defenses import DEFENSES
 from .methods import METHODS
+from .methods.base import DELTA_DTYPES
 from .models import ARCHS
+from .protect import ROUNDINGS
 
 # A CPU-sized MI-UE schedule: 20 outer epochs x 5 PGD steps with a constant step of
 # 1/255 (the full schedule's 100 x 10 steps of 0.2-0.4/255 would take hours on a CPU)
@@ -38,8 +41,9 @@ def _resize(text: str):
 
 def _print_summary(m: dict) -> None:
     print(f"protected {m['num_images']} images of {len(m['classes'])} classes with {m['method']} "
-          f"(eps {m['settings']['eps_255']}/255, max |delta| {m['linf_max_255']}/255) in {m['total_s']:.1f} s; "
-          f"{m['images_per_s']:.0f} images/s per outer epoch")
+          f"(eps {m['settings']['eps_255']}/255, max |delta| {m['linf_max_255']}/255, mean "
+          f"{m['mean_abs_delta_255']:.2f}/255, {100 * m['changed_pixels_fraction']:.0f}% of pixels changed) in "
+          f"{m['total_s']:.1f} s; {m['images_per_s']:.0f} images/s per outer epoch")
     print(f"output: {m['output']}  (PNG tree, poison.pt, {m['perturbation_npy']}, manifest.json)")
     if m["skipped"]:
         print(f"skipped {len(m['skipped'])} unreadable files (listed in manifest.json)")
@@ -53,20 +57,45 @@ def _print_profile(m: dict) -> None:
         print(f"  {k:<20} {v:9.2f} s  {100 * v / total:5.1f} %")
 
 
-def _cmd_protect(args) -> int:
-    from .protect import protect
+def _protect_reporting(*args, **kwargs) -> dict:
+    """``protect`` with its unchanged-images warning printed as a plain ``warning:`` line."""
+    from .protect import UnchangedImagesWarning, protect
 
-    m = protect(args.input_dir, args.output_dir, method=args.method, eps=args.eps, epochs=args.epochs,
-                pgd_steps=args.pgd_steps, arch=args.arch, loss=args.loss, batch_size=args.batch_size,
-                poison_batch_size=args.poison_batch_size, seed=args.seed, device=args.device,
-                resize=args.resize, skip_bad=args.skip_bad, resume=args.resume, overwrite=args.overwrite,
-                progress=not args.no_progress, profile=args.profile, keep_checkpoint=args.keep_checkpoint,
-                compile=args.compile or False, sparse=args.sparse)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnchangedImagesWarning)
+        try:
+            return protect(*args, **kwargs)
+        finally:
+            for w in caught:
+                if issubclass(w.category, UnchangedImagesWarning):
+                    print(f"warning: {w.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _unchanged_status(m: dict) -> int:
+    """1 (with an error line) when the run changed no image at all, else 0."""
+    if m["unchanged_images"] == m["num_images"]:
+        print(f"error: no image changed: the outputs in {m['output']} equal the inputs (see the warning above)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_protect(args) -> int:
+    m = _protect_reporting(args.input_dir, args.output_dir, method=args.method, eps=args.eps, epochs=args.epochs,
+                           pgd_steps=args.pgd_steps, arch=args.arch, loss=args.loss, batch_size=args.batch_size,
+                           poison_batch_size=args.poison_batch_size, seed=args.seed, device=args.device,
+                           resize=args.resize, skip_bad=args.skip_bad, resume=args.resume,
+                           overwrite=args.overwrite, progress=not args.no_progress, profile=args.profile,
+                           keep_checkpoint=args.keep_checkpoint, compile=args.compile or False, sparse=args.sparse,
+                           rounding=args.rounding,
+                           **({"delta_dtype": args.delta_dtype} if args.delta_dtype is not None else {}))
     _print_summary(m)
     if args.profile:
         _print_profile(m)
         print(f"torch.profiler trace of the first outer epoch: {Path(m['output']) / 'profile_trace.json'}")
-    return 0
+    return _unchanged_status(m)
 
 
 def _cmd_evaluate(args) -> int:
@@ -107,10 +136,7 @@ def _cmd_export_apbench(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .data import demo_dir
-    from .protect import protect
-
-    from .data import read_image_folder
+    from .data import demo_dir, read_image_folder
     from .evaluate import train_victim
 
     src = demo_dir() / "train"
@@ -118,9 +144,11 @@ def _cmd_demo(args) -> int:
           f"{DEMO_SETTINGS['arch']} surrogate, {DEMO_SETTINGS['epochs']} outer epochs x "
           f"{DEMO_SETTINGS['pgd_steps']} PGD steps of 1/255, eps 8/255 "
           "(the paper's schedule is 100 x 10 on a ResNet-18; see `ue-fast protect --help`)")
-    m = protect(src, args.output_dir, device=args.device, overwrite=True, progress=not args.no_progress,
-                **DEMO_SETTINGS)
+    m = _protect_reporting(src, args.output_dir, device=args.device, overwrite=True,
+                           progress=not args.no_progress, **DEMO_SETTINGS)
     _print_summary(m)
+    if _unchanged_status(m):
+        return 1
     if args.no_eval:
         return 0
     print("checking the protection: a cnn-small victim trained 15 epochs on each set, "
@@ -181,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--resize", type=_resize, default=None, help="resize every image to N or HxW")
     pr.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     pr.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT_DIR")
-    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace OUTPUT_DIR if it holds an earlier ue_fast output (anything else is refused)")
     pr.add_argument("--profile", action="store_true",
                     help="time every stage (synchronising), print the breakdown, and write a torch.profiler "
                     "trace of the first outer epoch to OUTPUT_DIR/profile_trace.json")
@@ -190,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "or max-autotune); the first outer epoch pays the compilation")
     pr.add_argument("--sparse", type=float, default=None, metavar="K",
                     help="SALM: perturb only the K%% most salient pixels of each image (surrogate-based methods)")
+    pr.add_argument("--delta-dtype", default=None, choices=list(DELTA_DTYPES),
+                    help="how perturbations are kept between PGD passes: auto (default: float32, float16 when "
+                    "float32 does not fit the memory budget), float32, float16, or int8 (whole grey levels, "
+                    "rounded stochastically)")
+    pr.add_argument("--rounding", default="stochastic", choices=list(ROUNDINGS),
+                    help="how the 8-bit output rounds x + delta: stochastic (default; keeps sub-grey-level "
+                    "perturbations in expectation) or nearest")
     pr.add_argument("--keep-checkpoint", action="store_true", help="keep OUTPUT_DIR/.ue_fast/checkpoint.pt")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
     pr.set_defaults(func=_cmd_protect)
@@ -233,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_export_apbench)
 
     d = sub.add_parser("demo", help="protect the demo subset shipped with the package (a few minutes on a CPU)")
-    d.add_argument("--output-dir", type=Path, default=Path("ue_fast_demo"), help="where to write (replaced)")
+    d.add_argument("--output-dir", type=Path, default=Path("ue_fast_demo"),
+                   help="where to write (default ue_fast_demo); an earlier ue_fast output there is replaced, "
+                   "any other non-empty folder is refused")
     d.add_argument("--device", default=default_device)
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--no-eval", action="store_true", help="skip training the two victims afterwards")

@@ -12,8 +12,10 @@ the loop. With ``sparse`` set (SALM), only the
 given percentage of each image's most salient pixels (input-gradient magnitude
 of the surrogate, taken once before the first poison pass) is perturbed.
 
-State lives on the device: the images as uint8, the perturbation as int8 in
-units of 1/255 (or float32), the labels. Nothing reads a value back to the host
+State lives on the device: the images as uint8, the perturbation in the store's
+dtype (``delta_dtype``: float32 by default, float16 when float32 does not fit the
+memory budget, int8 in units of 1/255 with stochastic rounding on request), the
+labels. Nothing reads a value back to the host
 inside an epoch; losses and accuracies are summed on the device and read once
 per epoch. A checkpoint is written atomically at the end of every outer epoch;
 a resumed run continues to the same result as an uninterrupted one (bit for bit
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,16 +34,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .methods.base import DELTA_DTYPES
 from .models import build_model
 from .ops import pgd_step_
+from .progress import progress as _progress
 
 
 @dataclass
 class RunResult:
-    delta: torch.Tensor  # [N, 3, H, W] int8 (units of 1/255) or float32, on the CPU (per sample)
+    delta: torch.Tensor  # [N, 3, H, W] float32 in pixel units ([-eps, eps]), on the CPU (per sample)
     history: list[dict]  # per outer epoch: losses, accuracy, times
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, whole run
     resumed_from: int = 0  # outer epochs done before this call
@@ -74,6 +78,36 @@ class _Timer:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+# Fraction of free memory (device, or host RAM for a host store) that images and
+# perturbations may take; the rest is for the surrogate, activations and the OS.
+STORE_MEMORY_FRACTION = 0.5
+
+
+def _host_available_bytes() -> float:
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # not Linux: no budget known
+        return math.inf
+
+
+def choose_store(device: torch.device, image_elems: int, delta_elems: int, delta_dtype: str
+                 ) -> tuple[torch.device, torch.dtype]:
+    """Where the images (uint8) and the perturbations live, and the perturbations' dtype.
+
+    On CUDA they stay on the device when they fit ``STORE_MEMORY_FRACTION`` of its free
+    memory, else in pinned host memory (batches then stream). ``delta_dtype="auto"`` takes
+    float32 where it fits and float16 otherwise (on the device first, then on the host).
+    """
+    sizes = {torch.float32: 4, torch.float16: 2, torch.int8: 1}
+    wanted = DELTA_DTYPES[delta_dtype]
+    dtypes = [wanted] if wanted is not None else [torch.float32, torch.float16]
+    places = [device] + ([torch.device("cpu")] if device.type == "cuda" else [])
+    for place in places:
+        free = torch.cuda.mem_get_info(place)[0] if place.type == "cuda" else _host_available_bytes()
+        for dt in dtypes:
+            if image_elems + delta_elems * sizes[dt] <= STORE_MEMORY_FRACTION * free:
+                return place, dt
+    return places[-1], dtypes[-1]  # over budget everywhere: the smallest; allocation will tell
 
 
 def _compiled(model: torch.nn.Module, mode: bool | str):
@@ -106,21 +140,17 @@ class BiLevelEngine:
         self.fingerprint = fingerprint(images, labels)
         n, c, h, w = images.shape
         self.n = n
-        dtype = torch.int8 if self.cfg.compact_delta else torch.float32
-        # Images (uint8) and perturbations stay on the device when they fit in half of
-        # its free memory; otherwise they stay in pinned host memory and batches stream.
-        store = self.device
-        if self.device.type == "cuda":
-            need = images.numel() * (1 + torch.empty((), dtype=dtype).element_size())
-            if need > 0.5 * torch.cuda.mem_get_info(self.device)[0]:
-                store = torch.device("cpu")
+        rows = num_classes if method.classwise else n
+        store, dtype = choose_store(self.device, images.numel(), rows * c * h * w, self.cfg.delta_dtype)
         self.store = store
         pin = store.type == "cpu" and self.device.type == "cuda"
         self.images = images.to(store)  # [N, 3, H, W] uint8
         # [N, 3, H, W], or [C, 3, H, W] for a class-wise method
-        self.delta = torch.zeros((num_classes if method.classwise else n, c, h, w), dtype=dtype, device=store)
+        self.delta = torch.zeros((rows, c, h, w), dtype=dtype, device=store)
         if pin:
             self.images, self.delta = self.images.pin_memory(), self.delta.pin_memory()
+        # Noise of the int8 store's stochastic rounding, reseeded per round (see _reseed_rounding).
+        self._round_gen = torch.Generator(device=self.device)
         self.labels = labels.to(self.device, torch.int64)  # [N]
         self.mask = None  # SALM: bool [N, 1, H, W] of the pixels allowed to move, made before the first poison pass
         if method.whole_set_loss() and (method.classwise or method.training_free):
@@ -172,6 +202,13 @@ class BiLevelEngine:
         if self.model is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+        if state["delta"].dtype != self.delta.dtype:
+            # Only "auto" can differ (the config matched): keep the checkpoint's store dtype,
+            # so the resumed run continues the same arithmetic.
+            pin = self.delta.is_pinned()
+            self.delta = torch.empty_like(self.delta, dtype=state["delta"].dtype)
+            if pin:
+                self.delta = self.delta.pin_memory()
         self.delta.copy_(state["delta"])
         self.gen.set_state(state["generator"])
         self.history = list(state["history"])
@@ -190,8 +227,8 @@ class BiLevelEngine:
         if self.method.training_free:
             return self._run_training_free(resumed_from)
         self._pretrain()
-        bar = tqdm(total=self.cfg.epochs, initial=self.epoch, desc=f"{self.method.name} outer epochs",
-                   unit="epoch", disable=not self.progress, dynamic_ncols=True)
+        bar = _progress(self.cfg.epochs, f"{self.method.name} outer epochs", "epoch", initial=self.epoch,
+                        enabled=self.progress, interval=0)
         try:
             while self.epoch < self.cfg.epochs and not self.done:
                 e = self.epoch + 1
@@ -215,17 +252,18 @@ class BiLevelEngine:
                 self.history.append(stats)
                 self.epoch = e
                 self._checkpoint()
-                bar.update(1)
                 bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("train_acc", "poison_loss", "images_per_s")
                                  if stats.get(k) is not None})
+                bar.update(1)
         finally:
             bar.close()
         return RunResult(delta=self._result_delta(), history=self.history, timings=dict(self.timer.total),
                          resumed_from=resumed_from)
 
     def _result_delta(self) -> torch.Tensor:
-        """Per-sample perturbations [N, 3, H, W] on the CPU (class-wise ones expanded)."""
+        """Per-sample perturbations [N, 3, H, W], float32 in pixel units, on the CPU (class-wise ones expanded)."""
         d = self.delta.cpu()
+        d = d.float().div_(255) if d.dtype == torch.int8 else d.float()
         return d[self.labels.cpu()] if self.method.classwise else d
 
     def _checkpoint(self) -> None:
@@ -238,8 +276,8 @@ class BiLevelEngine:
         total = self.method.pretrain_epochs()
         if self.pre_epoch >= total:
             return
-        bar = tqdm(total=total, initial=self.pre_epoch, desc=f"{self.method.name} clean surrogate", unit="epoch",
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = _progress(total, f"{self.method.name} clean surrogate", "epoch", initial=self.pre_epoch,
+                        enabled=self.progress, interval=0)
         try:
             while self.pre_epoch < total:
                 e = self.pre_epoch + 1
@@ -249,8 +287,8 @@ class BiLevelEngine:
                                          train_s=time.perf_counter() - t0))
                 self.pre_epoch = e
                 self._checkpoint()
-                bar.update(1)
                 bar.set_postfix(train_acc=f"{train['train_acc']:.3f}")
+                bar.update(1)
         finally:
             bar.close()
 
@@ -277,6 +315,7 @@ class BiLevelEngine:
             with self.timer("generation"):
                 d = self.method.generate(self.images.to(self.device), self.labels, self.gen, self.device)
                 d = d.clamp(-self.cfg.eps, self.cfg.eps)
+            self._reseed_rounding(1)
             self._store_delta(torch.arange(self.n), d)
             self.history.append(dict(epoch=1, train_s=0.0, poison_s=time.perf_counter() - t0,
                                      images_per_s=self.n / max(time.perf_counter() - t0, 1e-9)))
@@ -302,8 +341,8 @@ class BiLevelEngine:
 
     def _bar(self, desc: str, total: int | None = None):
         """A per-stage bar counting images (rate in images/s, with ETA)."""
-        return tqdm(total=self.n if total is None else total, desc=desc, unit="img", unit_scale=True, leave=False,
-                    disable=not self.progress, dynamic_ncols=True)
+        return _progress(self.n if total is None else total, desc, "img", enabled=self.progress, leave=False,
+                         unit_scale=True)
 
     def _batch(self, idx: torch.Tensor):
         """Clean images of a batch as float in [0, 1], flipped per sample with post-augmentation."""
@@ -316,21 +355,35 @@ class BiLevelEngine:
         return x
 
     def _delta(self, idx: torch.Tensor) -> torch.Tensor:
-        """Perturbations of samples ``idx`` [B, 3, H, W] (class-wise: of their classes) as float."""
+        """Perturbations of samples ``idx`` [B, 3, H, W] (class-wise: of their classes) as a new float32 tensor."""
         rows = self.labels[idx] if self.method.classwise else idx
-        d = self.delta[rows.to(self.store)].to(self.device, non_blocking=True)
-        return d.float().div_(255) if d.dtype == torch.int8 else d.clone()
+        d = self.delta[rows.to(self.store)].to(self.device, non_blocking=True)  # indexing copies
+        return d.float().div_(255) if d.dtype == torch.int8 else d.float()
 
     def _class_delta(self) -> torch.Tensor:
-        """Class-wise perturbations [C, 3, H, W] as float on the device."""
+        """Class-wise perturbations [C, 3, H, W] as a new float32 tensor on the device."""
         d = self.delta.to(self.device)
-        return d.float().div(255) if d.dtype == torch.int8 else d.clone()
+        return d.float().div(255) if d.dtype == torch.int8 else d.to(torch.float32, copy=True)
+
+    def _reseed_rounding(self, epoch: int) -> None:
+        """Seed the int8 store's rounding noise from the run's seed and the round, so a run
+        resumed at a round boundary draws the same noise."""
+        self._round_gen.manual_seed((self.cfg.seed * 1_000_003 + epoch) % (2**63))
 
     def _store_delta(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
-        """Write perturbations of rows ``idx`` of the store (samples, or classes when class-wise)."""
+        """Write perturbations of rows ``idx`` of the store (samples, or classes when class-wise).
+
+        float16 rounds to nearest. int8 holds whole grey levels: ``floor(255 delta + u)``, u
+        uniform in [0, 1), rounds up with probability equal to the fraction, so steps far below
+        one grey level still move delta in expectation (round-to-nearest would undo every net
+        move under 0.5/255 after each pass). Bounds hold: an integer bound is never crossed.
+        """
         if self.delta.dtype == torch.int8:
-            delta = torch.round(delta * 255).to(torch.int8)
-        self.delta[idx.to(self.store)] = delta.to(self.store)
+            v = delta.float() * 255
+            u = torch.rand(v.shape, generator=self._round_gen, device=v.device)
+            lim = math.floor(self.cfg.eps * 255 + 1e-6)
+            delta = v.add_(u).floor_().clamp_(-lim, lim)
+        self.delta[idx.to(self.store)] = delta.to(self.store, self.delta.dtype)
 
     def _autocast(self):
         if self.amp:
@@ -378,6 +431,7 @@ class BiLevelEngine:
         return dict(train_loss=float(loss_sum) / seen, train_acc=float(correct) / seen)
 
     def _poison_epoch(self, epoch: int) -> dict:
+        self._reseed_rounding(epoch)
         if self.method.whole_set_loss():
             return self._poison_epoch_whole_set(epoch)
         cfg, method = self.cfg, self.method

@@ -16,14 +16,22 @@ Outputs in OUTPUT_DIR:
 While running, ``OUTPUT_DIR/.ue_fast/checkpoint.pt`` holds the state after the
 last finished outer epoch (``resume=True`` continues from it); it is removed
 when the run completes.
+
+The 8-bit output rounds ``255 (x + delta)`` stochastically by default: up with a
+probability equal to its fraction, so a perturbation below half a grey level
+survives in expectation instead of vanishing (``rounding="nearest"`` rounds to
+nearest). Images the output leaves unchanged are counted in the manifest and
+warned about (:class:`UnchangedImagesWarning`).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +44,11 @@ from .engine import COMPILE_MODES, BiLevelEngine
 from .methods import METHODS
 
 CHECKPOINT_DIR = ".ue_fast"
+ROUNDINGS = ("stochastic", "nearest")
+
+
+class UnchangedImagesWarning(UserWarning):
+    """Some protected images are identical to their inputs: they carry no protection."""
 
 
 def _versions() -> dict:
@@ -63,9 +76,68 @@ def _check_dirs(input_dir: Path | None, output_dir: Path, overwrite: bool, resum
             raise ValueError(f"input folder {input_dir} is inside the output folder {output_dir}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {output_dir} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise ValueError(f"output folder {output_dir} is not empty: pass overwrite=True (--overwrite) to "
-                         "replace it, or resume=True (--resume) to continue an interrupted run")
+    if out.exists() and any(out.iterdir()):
+        if not (overwrite or resume):
+            raise ValueError(f"output folder {output_dir} is not empty: pass overwrite=True (--overwrite) to "
+                             "replace an earlier ue_fast output, or resume=True (--resume) to continue an "
+                             "interrupted run")
+        if not is_ue_fast_output(out):
+            raise ValueError(f"refusing to {'replace' if overwrite else 'resume in'} {output_dir}: it is not a "
+                             f"ue_fast output (no manifest.json of ue_fast, no {CHECKPOINT_DIR}/ folder); "
+                             f"it holds {_describe(out)}. Choose another output folder, or empty this one yourself")
+
+
+def is_ue_fast_output(folder: Path) -> bool:
+    """True if ``folder`` holds an earlier ``protect`` output: its work folder, or a manifest it wrote."""
+    if (folder / CHECKPOINT_DIR).is_dir():
+        return True
+    try:
+        from .data.exports import read_json
+
+        manifest = read_json(folder / "manifest.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "ue_fast_version" in manifest
+
+
+def _describe(folder: Path, limit: int = 5) -> str:
+    """'notes.txt, sub/ and 3 more' for the error messages."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def quantize(clean: torch.Tensor, delta: torch.Tensor, eps_255: float, rounding: str = "stochastic",
+             seed: int = 0, shared: torch.Tensor | None = None) -> torch.Tensor:
+    """The protected 8-bit images: ``255 (clean/255 + delta)`` rounded, clipped to [0, 255]
+    and to ``floor(eps_255)`` grey levels of ``clean``.
+
+    Args:
+        clean: uint8 [N, 3, H, W]. delta: float [N, 3, H, W] in pixel units.
+        rounding: "stochastic" (up with probability equal to the fraction, noise seeded by
+            ``seed``; a value within 0.01 of a whole grey level counts as that level, so float
+            noise on whole-level perturbations never flips them) or "nearest".
+        shared: int64 [N] or None: images with the same value draw the same rounding noise
+            (a class-wise method passes the labels, so one class's images keep one perturbation).
+    Returns:
+        uint8 [N, 3, H, W].
+    """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    v = delta.float() * 255  # [N, 3, H, W], grey levels
+    if rounding == "nearest":
+        q = torch.round(v)
+    else:
+        near = torch.round(v)
+        g = torch.Generator().manual_seed(seed)
+        if shared is None:
+            u = torch.rand(v.shape, generator=g)
+        else:
+            u = torch.rand((int(shared.max()) + 1, *v.shape[1:]), generator=g)[shared]
+        q = torch.where((v - near).abs() <= 0.01, near, torch.floor(v + u))
+    lim = math.floor(eps_255 + 1e-6)
+    c = clean.to(torch.int16)
+    return (c + q.clamp_(-lim, lim).to(torch.int16)).clamp_(0, 255).to(torch.uint8)
 
 
 def protect(source, output_dir, *, method: str = "miue", eps: float | None = None, epochs: int | None = None,
@@ -74,20 +146,24 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             device: str | None = None, resize=None, skip_bad: bool = False, resume: bool = False,
             overwrite: bool = False, progress: bool = True, profile: bool = False,
             keep_checkpoint: bool = False, compile: bool | str = False, sparse: float | None = None,
-            **settings) -> dict:
+            rounding: str = "stochastic", **settings) -> dict:
     """Protect an image folder (or arrays) with ``method``; write the outputs; return the manifest.
 
     Args:
         source: a folder of class sub-folders of images, or a tuple ``(images, labels)``
             or ``(images, labels, classes)`` of arrays (see ``ue_fast.data.images_from_arrays``).
         output_dir: where the protected copy goes; must be empty unless ``overwrite``
-            (which deletes its contents first) or ``resume``.
+            (which deletes it first) or ``resume``, and then must be an earlier ue_fast
+            output (its manifest.json or work folder present): anything else is refused.
         eps: the L-inf budget in units of 1/255, in (0, 255] (8 means 8/255); None: the
             method's default (8 for the optimised methods, 255 for the one-pixel ``ops``).
         epochs, pgd_steps, arch, loss, batch_size, poison_batch_size, seed: the method's
             main settings (None keeps the method's default); further settings of the
             method's config class (for MI-UE ``MIUEConfig``: ``alpha``, ``post_aug``,
-            ``compact_delta``, ...) as keywords.
+            ``delta_dtype``, ...) as keywords. ``delta_dtype`` is how the perturbation is
+            kept between passes: "auto" (float32, float16 when float32 does not fit the
+            memory budget), "float32", "float16" or "int8" (whole grey levels, rounded
+            stochastically after every pass).
         sparse: SALM: perturb only this percentage (0, 100] of each image's most salient
             pixels (surrogate input-gradient magnitude), for any surrogate-based method.
         device: "cpu", "cuda" or "cuda:N"; default CUDA when available.
@@ -102,6 +178,12 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         compile: run the surrogate through ``torch.compile``: True or "default",
             "reduce-overhead" (adds CUDA graphs on CUDA) or "max-autotune". The first
             outer epoch pays the compilation; it does not change the algorithm.
+        rounding: how the 8-bit output rounds ``255 (x + delta)``: "stochastic" (default;
+            unbiased, seeded by ``seed``) or "nearest" (drops any perturbation under half a
+            grey level).
+
+    Warns (:class:`UnchangedImagesWarning`) when some output images equal their inputs; the
+    manifest's ``unchanged_images`` counts them.
     """
     t_start = time.perf_counter()
     if method not in METHODS:
@@ -110,6 +192,11 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         raise ValueError(f"eps must be in (0, 255] (units of 1/255), got {eps!r}")
     if not (compile in (False, True) or compile in COMPILE_MODES):
         raise ValueError(f"compile must be False, True or one of {COMPILE_MODES}, got {compile!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if "compact_delta" in settings:
+        raise ValueError("compact_delta was replaced by delta_dtype: compact_delta=True is delta_dtype='int8', "
+                         "compact_delta=False is delta_dtype='float32'")
     output_dir = Path(output_dir)
     input_dir = None if isinstance(source, (tuple, list)) else Path(source)
     _check_dirs(input_dir, output_dir, overwrite, resume)
@@ -137,7 +224,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     t_read = time.perf_counter() - t0
 
     if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
+        shutil.rmtree(output_dir)  # an earlier ue_fast output: _check_dirs refused anything else
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt = output_dir / CHECKPOINT_DIR / "checkpoint.pt"
     if resume and (output_dir / "manifest.json").exists() and not ckpt.exists():
@@ -151,13 +238,18 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
 
     t0 = time.perf_counter()
     clean = data.images.to(torch.int16)
-    d = result.delta if result.delta.dtype == torch.int8 else torch.round(result.delta * 255)
-    protected = (clean + d.to(torch.int16)).clamp_(0, 255).to(torch.uint8)  # [N, 3, H, W]
+    protected = quantize(data.images, result.delta, eps, rounding, seed=cfg.seed,
+                         shared=data.labels if cls.classwise else None)  # [N, 3, H, W] uint8
     effective = protected.to(torch.int16) - clean  # what the PNGs carry, in 1/255
     linf = effective.abs().amax(dim=(1, 2, 3))  # [N]
+    unchanged = int((linf == 0).sum())
+    mean_abs_255 = float(result.delta.abs().mean()) * 255  # before rounding
+    if unchanged:
+        warnings.warn(_unchanged_message(unchanged, len(data), mean_abs_255, method, cfg, rounding),
+                      UnchangedImagesWarning, stacklevel=2)
     # int8 holds +-127/255; a larger budget (the one-pixel ops) needs int16.
     npy_name = "perturbation_int8.npy" if int(linf.max()) <= 127 else "perturbation_int16.npy"
-    written = write_image_folder(output_dir, protected, data.paths)
+    written = write_image_folder(output_dir, protected, data.paths, progress=progress)
     save_poison_pt(output_dir / "poison.pt", effective.float() / 255)
     save_delta_npy(output_dir / npy_name, effective.to(torch.int8 if npy_name.endswith("int8.npy") else torch.int16))
     t_write = time.perf_counter() - t0
@@ -173,6 +265,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         "versions": _versions(),
         "input": str(input_dir) if input_dir is not None else "arrays",
+        "input_abs": str(input_dir.resolve()) if input_dir is not None else None,
         "output": str(output_dir),
         "num_images": len(data),
         "image_size": list(data.images.shape[2:]),
@@ -180,6 +273,11 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         "counts": torch.bincount(data.labels, minlength=len(data.classes)).tolist(),
         "skipped": data.skipped,
         "linf_max_255": int(linf.max()),
+        "mean_abs_delta_255": mean_abs_255,
+        "changed_pixels_fraction": float((effective != 0).float().mean()),
+        "unchanged_images": unchanged,
+        "rounding": rounding,
+        "delta_store": {"dtype": str(engine.delta.dtype).removeprefix("torch."), "on": str(engine.store)},
         "perturbation_npy": npy_name,
         "files": [{"source": p, "output": w, "label": int(y), "linf_255": int(l)}
                   for p, w, y, l in zip(data.paths, written, data.labels.tolist(), linf.tolist())],
@@ -195,3 +293,17 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     if not keep_checkpoint:
         shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
     return manifest
+
+
+def _unchanged_message(unchanged: int, n: int, mean_abs_255: float, method: str, cfg, rounding: str) -> str:
+    """Why images may have come out unchanged, with the numbers of this run."""
+    head = (f"all {n} protected images are identical to their inputs" if unchanged == n
+            else f"{unchanged} of {n} protected images are identical to their inputs")
+    cause = f"mean |delta| before rounding is {mean_abs_255:.3g}/255"
+    if not (METHODS[method].training_free or METHODS[method].classwise):  # class-wise: a step per batch
+        most = sum(cfg.step_size(e) for e in range(1, cfg.epochs + 1)) * cfg.pgd_steps * 255
+        cause += (f"; {cfg.epochs} rounds x {cfg.pgd_steps} steps move a pixel by at most {most:.3g}/255 in all: "
+                  "the schedule is likely too short for its step size (raise epochs, pgd_steps or the step size)")
+    if rounding == "nearest":
+        cause += "; rounding='nearest' also drops any perturbation under half a grey level"
+    return f"{head} ({cause})"

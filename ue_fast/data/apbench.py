@@ -56,6 +56,12 @@ def export_apbench(protected_dir, root, *, method: str | None = None, dataset: s
     if target.exists() and any(target.iterdir()):
         if not overwrite:
             raise ValueError(f"{target} is not empty: pass overwrite=True (--overwrite) to replace it")
+        # Replace only an earlier export: numbered PNGs and nothing else.
+        foreign = sorted(p.name for p in target.iterdir()
+                         if not (p.is_file() and p.suffix == ".png" and p.stem.isdigit()))
+        if foreign:
+            raise ValueError(f"refusing to replace {target}: it holds more than an earlier export's "
+                             f"<index>.png files ({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''})")
         shutil.rmtree(target)
     target.mkdir(parents=True, exist_ok=True)
     for i, f in enumerate(files):

@@ -45,7 +45,9 @@ def _clean_counterpart(train_dir: Path | None, protected: ImageSet, clean, resiz
         if manifest is None or not manifest.is_file():
             raise ValueError("mi=True needs the clean images: pass clean=DIR (--clean DIR); the training folder "
                              "has no manifest.json from `ue-fast protect` naming its input")
-        src = read_json(manifest).get("input")
+        doc = read_json(manifest)
+        # "input" is the path as typed (maybe relative to where protect ran); "input_abs" is resolved.
+        src = doc.get("input_abs") or doc.get("input")
         if not src or src == "arrays" or not Path(src).is_dir():
             raise ValueError(f"the manifest of {train_dir} names input {src!r}, which is not a folder here: "
                              "pass clean=DIR (--clean DIR)")

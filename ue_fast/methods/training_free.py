@@ -52,7 +52,7 @@ class OPSConfig(GeneratorConfig):
     """One-Pixel Shortcut; ``eps`` bounds the one changed pixel (default: unbounded, 255/255)."""
 
     eps: float = 1.0
-    compact_delta: bool = False  # the changed pixel moves by up to 255/255, beyond int8
+    delta_dtype: str = "float32"  # the changed pixel moves by up to 255/255, beyond int8
     pixels: int = 1  # pixels per class (the paper's sparsity 1)
 
     def validate(self) -> None:
