@@ -112,6 +112,10 @@ def availability(backend: str, device: torch.device) -> tuple[bool, str]:
 _warned: set[tuple[str, str]] = set()
 
 
+# Host-side Python (environment, imports, warnings): torch.compile calls it once while
+# tracing and keeps the answer as a constant instead of breaking the graph. The answer is
+# not guarded: after changing UE_FAST_BACKEND, call torch._dynamo.reset() to retrace.
+@torch.compiler.assume_constant_result
 def resolve(op: str, backend: str, device: torch.device, offered: tuple[str, ...]) -> str:
     """Pick the backend that runs ``op`` for a tensor on ``device``.
 

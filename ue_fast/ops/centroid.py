@@ -43,22 +43,10 @@ def centroid_loss_ref(features: torch.Tensor, labels: torch.Tensor, num_classes:
                       inter_weight: float = 1.0) -> torch.Tensor:
     """Pure-PyTorch :func:`centroid_loss` (the test oracle's twin and the CPU fallback).
 
-    Linear in B: class sums with ``index_add_`` (deterministic on the CPU; on CUDA it uses
+    Linear in B: class sums with ``index_add`` (deterministic on the CPU; on CUDA it uses
     float atomics, so run-to-run bits may differ there; the Triton backend does not).
     """
-    check_features(features)
-    num_classes = check_num_classes(num_classes)
-    check_labels(labels, features, num_classes)
-    inter_weight = check_real("inter_weight", inter_weight)
-    return _centroid_loss_torch(features, labels, num_classes, inter_weight)
-
-
-def _centroid_loss_torch(features, labels, num_classes, inter_weight):
-    acc = _acc_dtype(features.dtype)
-    z = F.normalize(features.to(acc), dim=1, eps=EPS)  # [B, D]
-    S = torch.zeros(num_classes, features.shape[1], dtype=acc, device=features.device)
-    S = S.index_add(0, labels, z)  # [C, D]
-    return _loss_from_sums(S, _class_counts(labels, num_classes), features.shape[0], inter_weight)
+    return centroid_loss(features, labels, num_classes, inter_weight, backend="torch")
 
 
 def _kernels():
@@ -68,30 +56,63 @@ def _kernels():
     return centroid
 
 
-class _ClassSums(torch.autograd.Function):
-    """(features [B, D], labels [B]) -> S [C, D], S_c = sum_{y_i = c} f_i / max(|f_i|, eps); Triton."""
-
-    @staticmethod
-    def forward(ctx, features, labels, order, starts, counts, num_classes, acc_dtype):
-        S, norms = _kernels().class_sums_fwd(features, order, starts, counts, num_classes, acc_dtype)
-        ctx.save_for_backward(features, labels, norms)
-        return S
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_sums):
-        features, labels, norms = ctx.saved_tensors
-        grad = _kernels().class_sums_bwd(features, labels, norms, grad_sums)
-        return grad, None, None, None, None, None, None
-
-
-def _centroid_loss_triton(features, labels, num_classes, inter_weight):
+# The op behind both backends: (S [C, D], norms [B]) in the accumulation dtype, with
+# S_c = sum_{y_i = c} f_i / max(|f_i|, eps) and the unclamped row norms |f_i| (for the
+# backward). C = counts.shape[0]; counts [C] int64 are the class sizes.
+@torch.library.custom_op("ue_fast::centroid_class_sums", mutates_args=())
+def _class_sums_op(features: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     acc = _acc_dtype(features.dtype)
-    order = torch.sort(labels, stable=True).indices  # [B] int64, rows grouped by class
-    counts = _class_counts(labels, num_classes)  # [C]
-    starts = torch.cumsum(counts, 0) - counts  # [C] segment offsets in `order`
-    S = _ClassSums.apply(features, labels, order, starts, counts, num_classes, acc)
-    return _loss_from_sums(S, counts, features.shape[0], inter_weight)
+    num_classes = counts.shape[0]
+    if backend == "triton":
+        order = torch.sort(labels, stable=True).indices  # [B] int64, rows grouped by class
+        starts = torch.cumsum(counts, 0) - counts  # [C] segment offsets in `order`
+        return _kernels().class_sums_fwd(features, order, starts, counts, num_classes, acc)
+    f = features.to(acc)
+    norms = torch.linalg.vector_norm(f, dim=1)  # [B]
+    z = f / norms.clamp_min(EPS)[:, None]  # [B, D], as F.normalize(eps=EPS)
+    S = torch.zeros(num_classes, f.shape[1], dtype=acc, device=f.device).index_add_(0, labels, z)
+    return S, norms
+
+
+@_class_sums_op.register_fake
+def _(features, labels, counts, backend):
+    acc = _acc_dtype(features.dtype)
+    return (features.new_empty((counts.shape[0], features.shape[1]), dtype=acc),
+            features.new_empty((features.shape[0],), dtype=acc))
+
+
+@torch.library.custom_op("ue_fast::centroid_class_sums_backward", mutates_args=())
+def _class_sums_backward_op(grad_sums: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+                            norms: torch.Tensor, backend: str) -> torch.Tensor:
+    """dL/dfeatures [B, D] (features' dtype, contiguous) from ``grad_sums`` = dL/dS [C, D]."""
+    if backend == "triton":
+        return _kernels().class_sums_bwd(features, labels, norms, grad_sums)
+    # In the Triton kernel's rounding order (so the gradient is exactly 0 where D = 1).
+    n = norms.clamp_min(EPS)[:, None]  # [B, 1]
+    z = features.to(norms.dtype) / n  # [B, D]
+    g = grad_sums[labels]  # [B, D]
+    zg = torch.where(norms >= EPS, (z * g).sum(1), 0.0)  # [B]; clamp active: no projection
+    return ((g - z * zg[:, None]) / n).to(features.dtype).contiguous()
+
+
+@_class_sums_backward_op.register_fake
+def _(grad_sums, features, labels, norms, backend):
+    return features.new_empty(features.shape)
+
+
+def _class_sums_setup_context(ctx, inputs, output):
+    features, labels, counts, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(features, labels, output[1])
+
+
+def _class_sums_backward(ctx, grad_sums, grad_norms):
+    features, labels, norms = ctx.saved_tensors
+    return _class_sums_backward_op(grad_sums, features, labels, norms, ctx.backend), None, None, None
+
+
+_class_sums_op.register_autograd(_class_sums_backward, setup_context=_class_sums_setup_context)
 
 
 def centroid_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -111,11 +132,13 @@ def centroid_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     Computation: L depends on the features only through the class sums
     ``S_c = sum_{y_i = c} z_i`` [C, D], because ``sum_{i in c} z_i . m_c = S_c . m_c`` and
     ``sum_{c != c'} m_c . m_c' = |sum_c m_c|^2 - sum_c |m_c|^2`` (absent classes have
-    ``S_c = 0``, so ``m_c = 0``). The Triton backend computes S in one pass over the
-    features (rows sorted by label, no atomics: deterministic) and, backward, maps
-    ``G = dL/dS`` [C, D] to ``dF_i = r_i (g_i - z_i (z_i . g_i))`` with ``g_i = G[y_i]`` and
-    ``r_i = 1/max(|f_i|, 1e-8)`` (only ``r_i g_i`` where ``|f_i| < 1e-8``, as torch's
-    gradient of ``f / clamp_min(|f|, eps)``). The O(C D) rest is torch autograd. Cost:
+    ``S_c = 0``, so ``m_c = 0``). S is the custom op ``ue_fast::centroid_class_sums`` (both
+    backends; ``torch.compile`` sees one node). Its Triton backend computes S in one pass over
+    the features (rows sorted by label, no atomics: deterministic), its torch backend with
+    ``index_add``; backward, both map ``G = dL/dS`` [C, D] to
+    ``dF_i = r_i (g_i - z_i (z_i . g_i))`` with ``g_i = G[y_i]`` and ``r_i = 1/max(|f_i|, 1e-8)``
+    (only ``r_i g_i`` where ``|f_i| < 1e-8``, as torch's gradient of ``f / clamp_min(|f|, eps)``).
+    The O(C D) rest is plain torch, traced and differentiated as usual. Cost:
     O(B D + C D) time and O(C D) extra memory.
 
     Args:
@@ -131,9 +154,14 @@ def centroid_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     """
     check_features(features)
     num_classes = check_num_classes(num_classes)
-    check_labels(labels, features, num_classes)
-    inter_weight = check_real("inter_weight", inter_weight)
-    chosen = resolve("centroid_loss", backend, features.device, ("triton", "torch"))
-    if chosen == "triton":
-        return _centroid_loss_triton(features, labels, num_classes, inter_weight)
-    return _centroid_loss_torch(features, labels, num_classes, inter_weight)
+    # The range check reads labels back to the host; under torch.compile that would break
+    # the graph, so there index_add's own bounds check (RuntimeError) stands in.
+    check_labels(labels, features, None if torch.compiler.is_compiling() else num_classes)
+    if not torch.compiler.is_compiling():
+        # Under torch.compile a float that changed between calls is symbolic, which
+        # check_real cannot trace: a compiled call does not check inter_weight.
+        inter_weight = check_real("inter_weight", inter_weight)
+    which = resolve("centroid_loss", backend, features.device, ("triton", "torch"))
+    counts = _class_counts(labels, num_classes)  # [C]
+    S, _ = _class_sums_op(features, labels, counts, which)  # [C, D]
+    return _loss_from_sums(S, counts, features.shape[0], inter_weight)

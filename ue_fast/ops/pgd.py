@@ -27,6 +27,11 @@ it writes delta in the second pass. That identity loses relative accuracy
 (~1e-7 |delta|^2/eps^2 in float32) only when delta starts far outside the ball,
 which a PGD loop never does. Sums are accumulated in float32: gradients whose
 squares underflow float32 (below ~1e-19 per element) count as zero.
+
+Both backends run inside the torch.library op ``ue_fast::pgd_step_`` (declared to
+mutate delta, the backend a string argument), so ``torch.compile`` traces a step as
+one node with no graph break. Its float arguments are specialised there: each
+distinct (eps, step_size) compiles once.
 """
 from __future__ import annotations
 
@@ -71,9 +76,48 @@ def _check(delta, grad, clean, eps, step_size, norm, mask):
             ok = False
         if not ok:
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to delta's shape {tuple(delta.shape)}")
+    if torch.compiler.is_compiling():
+        # A float that changed between calls is symbolic here, which check_real cannot
+        # trace; the op checks the values it runs with instead.
+        return eps, step_size
     eps = check_real("eps", eps, nonnegative=True)
     step_size = check_real("step_size", step_size, nonnegative=True)
     return eps, step_size
+
+
+# The op behind both backends, on validated input; it returns nothing (an op may not return
+# an alias of its input), the public function returns delta. Registered with the low-level
+# API, not torch.library.custom_op: custom_op's Python kernel that bumps the version of a
+# mutated argument rebuilds the schema's argument list once per argument, which in eager
+# mode costs more host time than a small step itself; here the dispatcher's C++ fallbacks
+# bump delta's version (and refuse an in-place update of a leaf that requires grad
+# outside no_grad, as for any in-place torch op).
+_LIB = torch.library.Library("ue_fast", "FRAGMENT")
+_LIB.define("pgd_step_(Tensor(a!) delta, Tensor grad, Tensor clean, Tensor? mask, float eps, float step_size, "
+            "str norm, bool maximize, str backend) -> ()")
+
+
+def _pgd_step_impl(delta, grad, clean, mask, eps, step_size, norm, maximize, backend):
+    eps = check_real("eps", eps, nonnegative=True)  # real values even under torch.compile
+    step_size = check_real("step_size", step_size, nonnegative=True)
+    if backend == "triton":
+        triton_kernels()  # raises BackendUnavailableError saying how to get Triton
+        from ue_fast.kernels import pgd as _kernels
+
+        _kernels.pgd_step(delta, grad, clean, eps, step_size, norm, maximize, mask)
+    else:
+        _pgd_step_torch(delta, grad, clean, eps, step_size, norm, maximize, mask)
+
+
+_LIB.impl("pgd_step_", _pgd_step_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("ue_fast::pgd_step_", lib=_LIB)
+def _(delta, grad, clean, mask, eps, step_size, norm, maximize, backend):
+    return None
+
+
+_pgd_step_op = torch.ops.ue_fast.pgd_step_.default
 
 
 def pgd_step_(delta, grad, clean, *, eps, step_size, norm="linf", maximize=False, mask=None, backend="auto"):
@@ -103,13 +147,7 @@ def pgd_step_(delta, grad, clean, *, eps, step_size, norm="linf", maximize=False
     eps, step_size = _check(delta, grad, clean, eps, step_size, norm, mask)
     chosen = resolve("pgd_step_", backend, delta.device, ("triton", "torch"))
     with torch.no_grad():
-        if chosen == "triton":
-            triton_kernels()
-            from ue_fast.kernels import pgd as _kernels
-
-            _kernels.pgd_step(delta, grad, clean, eps, step_size, norm, bool(maximize), mask)
-        else:
-            _pgd_step_torch(delta, grad, clean, eps, step_size, norm, bool(maximize), mask)
+        _pgd_step_op(delta, grad, clean, mask, eps, step_size, norm, bool(maximize), chosen)
     return delta
 
 

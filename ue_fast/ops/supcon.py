@@ -25,6 +25,11 @@ and ``s`` symmetric,
 Backends: "triton" (fused tiled kernels with online log-sum-exp, never storing the
 B x B matrix; ``ue_fast.kernels.supcon``) and "torch" (row-chunked normalised GEMMs
 that produce the gradient during the forward pass, memory O(B * chunk + B * D)).
+
+Both run inside the custom op ``ue_fast::supcon_loss`` (the backend is a string
+argument), differentiated by ``ue_fast::supcon_loss_backward``: ``torch.compile``
+traces a call as one opaque node each way, with no graph break, and a backward of
+the backward raises, as ``once_differentiable`` did.
 """
 from __future__ import annotations
 
@@ -57,34 +62,44 @@ def _project(z, r, unclamped, g):
     return r[:, None] * (g - z * zg[:, None])
 
 
+def _supcon_torch(features, labels, temperature: float, chunk: int, need_grad: bool):
+    """(loss [], dL/dfeatures [B, D] for a unit upstream gradient, or None): the row-chunked
+    torch path, producing the gradient during the forward pass when ``need_grad``."""
+    f = features.to(_compute_dtype(features.dtype))
+    B = f.shape[0]
+    z, r, unclamped = _normalize(f)
+    dz = torch.zeros_like(z) if need_grad else None
+    total = f.new_zeros(())
+    for lo in range(0, B, chunk):
+        hi = min(lo + chunk, B)
+        s = (z[lo:hi] @ z.T) / temperature  # [c, B]
+        same = labels[lo:hi, None] == labels[None, :]  # [c, B]
+        lse_all = torch.logsumexp(s, 1)
+        lse_pos = torch.logsumexp(s.masked_fill(~same, float("-inf")), 1)
+        total += (lse_all - lse_pos).sum()
+        if need_grad:
+            # g_ij = p_ij - q_ij for this block of rows; w = g + g^T.
+            g = torch.exp(s - lse_all[:, None])
+            g -= torch.exp(s - lse_pos[:, None]) * same
+            dz[lo:hi] += g @ z
+            dz.addmm_(g.T, z[lo:hi])
+    dfeat = None
+    if need_grad:
+        dz /= B * temperature
+        # Contiguous whatever the features' layout, as the op's fake promises.
+        dfeat = _project(z, r, unclamped, dz).to(features.dtype).contiguous()
+    return total / B, dfeat
+
+
 class _SupConTorch(torch.autograd.Function):
-    """Row-chunked forward that also produces the gradient when one is needed."""
+    """The torch path with an explicit chunk size, without the op registration (tests)."""
 
     @staticmethod
     def forward(ctx, features, labels, temperature, chunk):
-        f = features.to(_compute_dtype(features.dtype))
-        B = f.shape[0]
-        z, r, unclamped = _normalize(f)
-        want_grad = ctx.needs_input_grad[0]
-        dz = torch.zeros_like(z) if want_grad else None
-        total = f.new_zeros(())
-        for lo in range(0, B, chunk):
-            hi = min(lo + chunk, B)
-            s = (z[lo:hi] @ z.T) / temperature  # [c, B]
-            same = labels[lo:hi, None] == labels[None, :]  # [c, B]
-            lse_all = torch.logsumexp(s, 1)
-            lse_pos = torch.logsumexp(s.masked_fill(~same, float("-inf")), 1)
-            total += (lse_all - lse_pos).sum()
-            if want_grad:
-                # g_ij = p_ij - q_ij for this block of rows; w = g + g^T.
-                g = torch.exp(s - lse_all[:, None])
-                g -= torch.exp(s - lse_pos[:, None]) * same
-                dz[lo:hi] += g @ z
-                dz.addmm_(g.T, z[lo:hi])
-        if want_grad:
-            dz /= B * temperature
-            ctx.save_for_backward(_project(z, r, unclamped, dz).to(features.dtype))
-        return total / B
+        loss, dfeat = _supcon_torch(features, labels, temperature, chunk, ctx.needs_input_grad[0])
+        if dfeat is not None:
+            ctx.save_for_backward(dfeat)
+        return loss
 
     @staticmethod
     @once_differentiable
@@ -93,23 +108,73 @@ class _SupConTorch(torch.autograd.Function):
         return dfeat * grad_out.to(dfeat.dtype), None, None, None
 
 
-class _SupConTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features, labels, temperature):
-        kern = triton_kernels().supcon
-        lse_all, lse_pos, rnorm = kern.supcon_fwd(features, labels, temperature)
-        ctx.save_for_backward(features, labels, lse_all, lse_pos, rnorm)
-        ctx.temperature = temperature
-        return (lse_all - lse_pos).mean()
+def _triton_supcon():
+    triton_kernels()  # raises BackendUnavailableError saying how to get Triton
+    from ue_fast.kernels import supcon
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        features, labels, lse_all, lse_pos, rnorm = ctx.saved_tensors
-        kern = triton_kernels().supcon
-        gout = grad_out.to(lse_all.dtype).contiguous()
-        dfeat = kern.supcon_bwd(features, labels, lse_all, lse_pos, rnorm, gout, ctx.temperature)
-        return dfeat, None, None
+    return supcon
+
+
+# The op behind both backends. Its second output is what the backward needs, empty when
+# need_grad is False: for "torch" dL/dfeatures at unit upstream gradient [B, D] (features'
+# dtype, contiguous); for "triton" the row statistics (lse_all, lse_pos, rnorm) as [3, B] in
+# the accumulation dtype. Shapes depend on the arguments only, never on values.
+@torch.library.custom_op("ue_fast::supcon_loss", mutates_args=())
+def _supcon_op(features: torch.Tensor, labels: torch.Tensor, temperature: float, backend: str,
+               need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    temperature = check_real("temperature", temperature, positive=True)  # real value even when compiled
+    if backend == "triton":
+        lse_all, lse_pos, rnorm = _triton_supcon().supcon_fwd(features, labels, temperature)
+        saved = torch.stack((lse_all, lse_pos, rnorm)) if need_grad else features.new_empty((0,))
+        return (lse_all - lse_pos).mean(), saved
+    chunk = max(1, min(features.shape[0], _CHUNK_ELEMS // features.shape[0]))
+    loss, dfeat = _supcon_torch(features, labels, temperature, chunk, need_grad)
+    return loss, features.new_empty((0,)) if dfeat is None else dfeat
+
+
+@_supcon_op.register_fake
+def _(features, labels, temperature, backend, need_grad):
+    acc = _compute_dtype(features.dtype)
+    if not need_grad:
+        saved = features.new_empty((0,))
+    elif backend == "triton":
+        saved = features.new_empty((3, features.shape[0]), dtype=acc)
+    else:
+        saved = features.new_empty(features.shape)
+    return features.new_empty((), dtype=acc), saved
+
+
+@torch.library.custom_op("ue_fast::supcon_loss_backward", mutates_args=())
+def _supcon_backward_op(grad_loss: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+                        saved: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
+    """dL/dfeatures [B, D] (features' dtype) from ``grad_loss`` [] and the forward's ``saved``."""
+    if backend == "triton":
+        lse_all, lse_pos, rnorm = saved.unbind(0)  # rows of a contiguous [3, B]: contiguous
+        gout = grad_loss.to(saved.dtype).contiguous()
+        return _triton_supcon().supcon_bwd(features, labels, lse_all, lse_pos, rnorm, gout, temperature)
+    return saved * grad_loss.to(saved.dtype)
+
+
+@_supcon_backward_op.register_fake
+def _(grad_loss, features, labels, saved, temperature, backend):
+    return features.new_empty(features.shape)
+
+
+def _supcon_setup_context(ctx, inputs, output):
+    features, labels, temperature, backend, need_grad = inputs
+    ctx.temperature, ctx.backend, ctx.need_grad = temperature, backend, need_grad
+    ctx.save_for_backward(features, labels, output[1])
+
+
+def _supcon_backward(ctx, grad_loss, grad_saved):
+    if not ctx.need_grad:
+        raise RuntimeError("ue_fast::supcon_loss was called with need_grad=False; it cannot be differentiated")
+    features, labels, saved = ctx.saved_tensors
+    dfeat = _supcon_backward_op(grad_loss, features, labels, saved, ctx.temperature, ctx.backend)
+    return dfeat, None, None, None, None
+
+
+_supcon_op.register_autograd(_supcon_backward, setup_context=_supcon_setup_context)
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1, *,
@@ -123,14 +188,16 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     """
     check_features(features)
     check_labels(labels, features)
-    temperature = check_real("temperature", temperature, positive=True)
+    if not torch.compiler.is_compiling():
+        # Under torch.compile a float that changed between calls is symbolic, which
+        # check_real cannot trace; the op checks the value it runs with instead.
+        temperature = check_real("temperature", temperature, positive=True)
     which = resolve("supcon_loss", backend, features.device, ("triton", "torch"))
     if which == "triton":
-        import ue_fast.kernels.supcon  # noqa: F401  (registers the submodule)
-
-        return _SupConTriton.apply(features, labels.contiguous(), temperature)
-    chunk = max(1, min(features.shape[0], _CHUNK_ELEMS // features.shape[0]))
-    return _SupConTorch.apply(features, labels, temperature, chunk)
+        labels = labels.contiguous()
+    # The torch path builds the gradient during the forward pass: only when one is wanted.
+    need_grad = torch.is_grad_enabled() and features.requires_grad
+    return _supcon_op(features, labels, temperature, which, need_grad)[0]
 
 
 def supcon_loss_ref(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
