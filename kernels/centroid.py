@@ -184,3 +184,32 @@ def class_sums_bwd(features: torch.Tensor, labels: torch.Tensor, norms: torch.Te
         eps=EPS, BLOCK_B=bb, BLOCK_D=bd,
     )
     return dx
+
+
+def compile_cases() -> list[dict]:
+    """Inputs on which the launchers above pick each configuration they can: every BLOCK_D
+    (float32 features), and for each feature dtype the smallest, an unaligned and the largest.
+
+    ``benchmarks/triton_compile.py`` calls :func:`run_case` on each and compiles what the
+    launchers launch: a new branch in ``_row_blocks`` or ``_class_blocks`` needs a case here.
+    """
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        cases += [dict(dtype=dtype, B=B, D=512, C=C) for B, C in ((128, 10), (1024, 1000))]  # shapes that matter
+        # D = 1 and 100: BLOCK_D 1 and 128 (class sums: 64); D = 300: the caps, 512 (256 in float64).
+        cases += [dict(dtype=dtype, B=100, D=D, C=7) for D in (1, 100, 300)]
+    cases += [dict(dtype=torch.float32, B=100, D=D, C=7) for D in (2, 4, 7, 16, 32, 64, 256)]
+    cases.append(dict(dtype=torch.float32, B=100, D=100, C=7, labels=torch.int32))
+    return cases
+
+
+def run_case(case: dict, device="meta", num_sms: int | None = None) -> None:
+    """Run both launchers once on uninitialised tensors of ``case`` (meta tensors: nothing executes)."""
+    B, D, C = case["B"], case["D"], case["C"]
+    features = torch.empty(B, D, dtype=case["dtype"], device=device)
+    labels = torch.empty(B, dtype=case.get("labels", torch.int64), device=device)
+    order = torch.empty(B, dtype=torch.int64, device=device)
+    starts = torch.empty(C, dtype=torch.int64, device=device)
+    acc = torch.float64 if case["dtype"] == torch.float64 else torch.float32
+    S, norms = class_sums_fwd(features, order, starts, starts, C, acc)
+    class_sums_bwd(features, labels, norms, S)

@@ -252,7 +252,8 @@ def pgd_step(delta, grad, clean, eps: float, step_size: float, norm: str, maximi
     return _pgd_step(delta, grad, clean, eps, step_size, norm, maximize, mask)
 
 
-def _pgd_step(delta, grad, clean, eps, step_size, norm, maximize, mask):
+def _pgd_step(delta, grad, clean, eps, step_size, norm, maximize, mask, num_sms=None):
+    """``num_sms``: the GPU's SM count, which sets the L2 split (None: the current device's)."""
     work = delta if delta.is_contiguous() else delta.contiguous()
     g = grad.contiguous()
     c = clean.contiguous()
@@ -274,10 +275,10 @@ def _pgd_step(delta, grad, clean, eps, step_size, norm, maximize, mask):
                                INT64=int64, BLOCK=block, num_warps=warps)
     else:
         dim = numel // n
-        if work.is_cuda:
-            target = 4 * _num_sms(torch.cuda.current_device())  # enough programs to fill the GPU
-        else:
-            target = 8  # interpreter: exercise the split reduction on small tests
+        if num_sms is None and work.is_cuda:
+            num_sms = _num_sms(torch.cuda.current_device())
+        # Enough programs to fill the GPU; under the interpreter, 8 exercise the split on small tests.
+        target = 4 * num_sms if num_sms else 8
         split = max(1, min(triton.cdiv(dim, block), triton.cdiv(target, n), 64))
         chunk = triton.cdiv(triton.cdiv(dim, split), block) * block
         split = triton.cdiv(dim, chunk)
@@ -292,3 +293,43 @@ def _pgd_step(delta, grad, clean, eps, step_size, norm, maximize, mask):
     if work is not delta:
         delta.copy_(work)
     return delta
+
+
+def compile_cases() -> list[dict]:
+    """Inputs on which the launcher above picks each configuration it can: L-inf and L2, each
+    dtype, masked or not (bool, integer and float masks of 1 to 4 merged dims), the L2 split
+    (SPLIT_P2) over batches of 128..512 images of 32x32 and 224x224, and INT64 offsets.
+
+    ``benchmarks/triton_compile.py`` calls :func:`run_case` on each (once per GPU, whose SM
+    count sets the L2 split) and compiles what the launcher launches: a new branch in
+    ``_config``, ``_mask_layout`` or ``_pgd_step`` needs a case here. Keys: N, channels, H, W,
+    dtype, norm, mask (a shape pattern over N, C, H, W, or None), mask_dtype, maximize.
+    """
+    cases = []
+    for norm in ("linf", "l2"):
+        batches = range(128, 513, 16) if norm == "l2" else (128, 512)  # the split varies with N
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            for N in batches:
+                for side in (32, 224):  # the shapes that matter
+                    for mask in (None, "N1HW"):
+                        cases.append(dict(norm=norm, dtype=dtype, N=N, channels=3, H=side, W=side, mask=mask))
+        base = dict(norm=norm, dtype=torch.float32, N=128, channels=3, H=224, W=224)
+        cases += [dict(base, mask="1CHW"), dict(base, mask="NCHW", mask_dtype=torch.float32),
+                  dict(base, mask="N1H1", mask_dtype=torch.int64), dict(base, mask="N1HW", maximize=True),
+                  dict(base, grad_dtype=torch.bfloat16, clean_dtype=torch.float16),
+                  dict(base, N=7, channels=1, H=5, W=3, mask="N1HW"),  # sizes not multiples of 16
+                  dict(base, N=512, H=2048, W=2048, mask="N1HW")]  # over 2**31 elements: INT64
+    return cases
+
+
+def run_case(case: dict, device="meta", num_sms: int | None = None) -> None:
+    """Run the launcher once on uninitialised tensors of ``case`` (meta tensors: nothing executes)."""
+    N, C, H, W = case["N"], case["channels"], case["H"], case["W"]
+    delta = torch.empty(N, C, H, W, dtype=case["dtype"], device=device)
+    grad = torch.empty_like(delta, dtype=case.get("grad_dtype", case["dtype"]))
+    clean = torch.empty_like(delta, dtype=case.get("clean_dtype", case["dtype"]))
+    mask = None
+    if case.get("mask"):
+        shape = [size if pat == dim else 1 for pat, dim, size in zip(case["mask"], "NCHW", (N, C, H, W))]
+        mask = torch.empty(shape, dtype=case.get("mask_dtype", torch.bool), device=device)
+    _pgd_step(delta, grad, clean, 8 / 255, 1 / 255, case["norm"], case.get("maximize", False), mask, num_sms=num_sms)

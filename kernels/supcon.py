@@ -168,12 +168,22 @@ def _meta(features: torch.Tensor):
     )
 
 
-def _blocks(B: int, D: int) -> dict:
+def _blocks(B: int, D: int) -> tuple[dict, dict]:
+    """(forward, backward) tiles and num_warps.
+
+    On a GPU, 64 x 64 x 16 forward and 32 x 32 x 32 (BLOCK_D <= 128) backward tiles compile
+    without register spills for sm_80 and sm_90 in every dtype, with triton 3.6 and 3.9; the
+    64 x 64 x 64 (BLOCK_D 256) ones spilled hundreds of bytes a thread at D = 512
+    (benchmarks/triton_compile.py).
+    """
+    block_d = min(128, max(16, triton.next_power_of_2(D)))
+    bwd_warps = 8 if block_d >= 128 else 4
     if interpreted():  # the interpreter runs programs one after another: few, large blocks
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(128, max(16, triton.next_power_of_2(D))),
-                    BLOCK_D=min(128, max(16, triton.next_power_of_2(D))))
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if D <= 32 else 64,
-                BLOCK_D=min(256, max(16, triton.next_power_of_2(D))))
+        block_k = min(128, max(16, triton.next_power_of_2(D)))
+        return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=4),
+                dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=bwd_warps))
+    return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8),
+            dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_D=block_d, num_warps=bwd_warps))
 
 
 def supcon_fwd(features: torch.Tensor, labels: torch.Tensor, temperature: float):
@@ -183,13 +193,11 @@ def supcon_fwd(features: torch.Tensor, labels: torch.Tensor, temperature: float)
     lse_all = new_output((B,), dtype=acc, device=features.device)
     lse_pos = new_output((B,), dtype=acc, device=features.device)
     rnorm = new_output((B,), dtype=acc, device=features.device)
-    blk = _blocks(B, D)
+    blk, _ = _blocks(B, D)
     grid = (triton.cdiv(B, blk["BLOCK_M"]),)
     _supcon_fwd_kernel[grid](
         features, labels, rnorm, lse_all, lse_pos, B, D, features.stride(0), features.stride(1),
-        1.0 / temperature, NORM_EPS,
-        BLOCK_M=blk["BLOCK_M"], BLOCK_N=blk["BLOCK_N"], BLOCK_K=blk["BLOCK_K"],
-        num_warps=4, **_meta(features),
+        1.0 / temperature, NORM_EPS, **blk, **_meta(features),
     )
     return lse_all, lse_pos, rnorm
 
@@ -198,12 +206,39 @@ def supcon_bwd(features, labels, lse_all, lse_pos, rnorm, grad_out: torch.Tensor
     """Gradient of the loss w.r.t. features [B, D], for upstream gradient ``grad_out`` (0-d tensor)."""
     B, D = features.shape
     dfeat = new_output((B, D), dtype=features.dtype, device=features.device)
-    blk = _blocks(B, D)
+    _, blk = _blocks(B, D)
     grid = (triton.cdiv(B, blk["BLOCK_M"]), triton.cdiv(D, blk["BLOCK_D"]))
     _supcon_bwd_kernel[grid](
         features, labels, rnorm, lse_all, lse_pos, grad_out.reshape(1), dfeat,
         B, D, features.stride(0), features.stride(1), dfeat.stride(0), dfeat.stride(1),
-        1.0 / temperature, NORM_EPS, 1.0 / (B * temperature),
-        num_warps=8 if blk["BLOCK_D"] >= 128 else 4, **blk, **_meta(features),
+        1.0 / temperature, NORM_EPS, 1.0 / (B * temperature), **blk, **_meta(features),
     )
     return dfeat
+
+
+def compile_cases() -> list[dict]:
+    """Inputs on which the launchers above pick each configuration they can (dtype, the
+    backward's BLOCK_D and num_warps; D aligned to 16 or not; contiguous or transposed features).
+
+    ``benchmarks/triton_compile.py`` calls :func:`run_case` on each and compiles what the
+    launchers launch: a new branch in ``_blocks`` or ``_meta`` needs a case here.
+    """
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        cases += [dict(dtype=dtype, B=B, D=512) for B in (128, 1024)]  # the shapes that matter
+        # BLOCK_D 16, 32 and 64 (4 warps); 128 (8 warps) with D % 16 != 0.
+        cases += [dict(dtype=dtype, B=100, D=D) for D in (16, 32, 64, 100)]
+    cases.append(dict(dtype=torch.float32, B=100, D=100, transposed=True))
+    return cases
+
+
+def run_case(case: dict, device="meta", num_sms: int | None = None) -> None:
+    """Run both launchers once on uninitialised tensors of ``case`` (meta tensors: nothing executes)."""
+    B, D = case["B"], case["D"]
+    if case.get("transposed"):
+        features = torch.empty(D, B, dtype=case["dtype"], device=device).t()
+    else:
+        features = torch.empty(B, D, dtype=case["dtype"], device=device)
+    labels = torch.empty(B, dtype=torch.int64, device=device)
+    lse_all, lse_pos, rnorm = supcon_fwd(features, labels, 0.1)
+    supcon_bwd(features, labels, lse_all, lse_pos, rnorm, torch.empty((), dtype=lse_all.dtype, device=device), 0.1)
