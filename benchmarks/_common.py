@@ -1,7 +1,37 @@
-"""Helpers for the benchmark suites: timing on CUDA, peak memory, recording."""
+"""Helpers for the benchmark suites: timing on CUDA, peak memory, recording, size switches.
+
+Two environment switches, read once at import:
+
+    UE_FAST_BENCH_SIZE=full|toy   full (default): the sizes results are recorded at; toy: a few
+                                  seconds on a CPU, so a script that drives the suites can be
+                                  run through end to end (gpu_check.sh --dry-run); toy numbers
+                                  mean nothing
+    UE_FAST_BENCH_COMPILE=1|0     0: skip the torch.compile variants (each compile costs tens of
+                                  seconds on a small CPU)
+"""
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
+
+
+def _switch(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(name, default).strip().lower()
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+TOY = _switch("UE_FAST_BENCH_SIZE", "full", ("full", "toy")) == "toy"
+COMPILE = _switch("UE_FAST_BENCH_COMPILE", "1", ("1", "0")) == "1"
+
+
+def skip_unless_compile() -> None:
+    """Skip the calling torch.compile variant when UE_FAST_BENCH_COMPILE=0."""
+    if not COMPILE:
+        pytest.skip("torch.compile variants switched off (UE_FAST_BENCH_COMPILE=0)")
 
 
 def sync(device) -> None:
@@ -58,4 +88,6 @@ def record(benchmark, fn, device, **extra) -> None:
 
 
 def _rounds(device) -> int:
+    if TOY:
+        return 2
     return 20 if torch.device(device).type == "cuda" else 5

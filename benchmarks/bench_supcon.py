@@ -2,23 +2,24 @@
 
 Each group (one batch size) is a side-by-side comparison from one run. Every
 variant is first checked against the float64 reference. extra_info records the
-floor: the necessary arithmetic (the Gram matrix and the W @ Z of the backward,
-4 B^2 D flops) at the matmul rate measured in the same run.
+floor (floors.py): the Gram matrix and the W @ Z of the backward, 4 B^2 D FLOPs, at
+the bf16 matmul rate, or the features read and their gradient written at the copy
+bandwidth, whichever is longer, both measured in the same run.
 """
 import functools
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ue_fast
-from _common import record, sync
+from _common import TOY, record, skip_unless_compile
+from floors import floor, supcon_work
 
 D = 512
 C = 10
 TAU = 0.1
-BATCHES = [128, 512, 1024]
+BATCHES = [64] if TOY else [128, 512, 1024]
 
 
 def authors_formulation(f, y, t=TAU):
@@ -49,18 +50,6 @@ VARIANTS = {
 }
 
 
-def matmul_rate(device, n=2048, reps=5) -> float:
-    """Achieved float32 matmul FLOP/s on this device (same run, same settings)."""
-    a = torch.randn(n, n, device=device)
-    a @ a
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ a
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
 @pytest.mark.parametrize("B", BATCHES)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_supcon_fwd_bwd(benchmark, device, variant, B):
@@ -73,6 +62,7 @@ def test_supcon_fwd_bwd(benchmark, device, variant, B):
     y = y.to(device)
     fn = VARIANTS[variant]
     if variant == "gemm_compiled":
+        skip_unless_compile()
         try:
             fn(f.clone().requires_grad_(), y)
         except Exception as exc:  # no working compiler toolchain here
@@ -92,7 +82,4 @@ def test_supcon_fwd_bwd(benchmark, device, variant, B):
         x = f.detach().requires_grad_()
         fn(x, y).backward()
 
-    flops = 4 * B * B * D
-    rate = matmul_rate(device)
-    record(benchmark, step, device, variant=variant, B=B, D=D, C=C,
-           floor_s=flops / rate, matmul_flops_per_s=rate)
+    record(benchmark, step, device, variant=variant, B=B, D=D, C=C, **floor(*supcon_work(B, D), device))

@@ -9,14 +9,18 @@ import subprocess
 import pytest
 import torch
 
+import floors
+from _common import TOY
+
 
 def _commit() -> str:
+    """The checkout's commit; where there is no git checkout (a copy of the tree), UE_FAST_COMMIT if set."""
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__), text=True, stderr=subprocess.DEVNULL
         ).strip()
     except Exception:
-        return "unknown"
+        return os.environ.get("UE_FAST_COMMIT", "unknown")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -30,6 +34,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["triton"] = triton_version
     machine_info["commit"] = _commit()
     machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["ceilings"] = floors.measured()  # what the floors were computed from, by device
+    machine_info["bench_size"] = "toy" if TOY else "full"
     if torch.cuda.is_available():
         machine_info["device"] = torch.cuda.get_device_name()
         machine_info["cuda"] = torch.version.cuda
