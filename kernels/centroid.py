@@ -79,7 +79,9 @@ def _centroid_fwd_kernel(
         k = i0 + tl.arange(0, BLOCK_B)
         kmask = k < count
         rows = tl.load(Order_ptr + start + k, mask=kmask, other=0).to(tl.int64)  # [BLOCK_B]
-        n = tl.maximum(tl.load(N_ptr + rows, mask=kmask, other=1.0), eps)
+        # eps in the accumulation dtype: some Triton versions make a float constexpr fp32, which
+        # would clamp fp64 norms at 1e-8 rounded to fp32 (a 6e-9 relative error where it is active).
+        n = tl.maximum(tl.load(N_ptr + rows, mask=kmask, other=1.0), tl.full([], eps, acc_ty))
         m = kmask[:, None] & cmask[None, :]
         x = tl.load(X_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=m, other=0.0).to(acc_ty)
         acc += tl.sum(_div(x, n[:, None]), axis=0)
@@ -104,7 +106,8 @@ def _centroid_bwd_kernel(
     rows64 = rows.to(tl.int64)
     y = tl.load(Y_ptr + rows64 * stride_y, mask=rmask, other=0).to(tl.int64)
     norm = tl.load(N_ptr + rows, mask=rmask, other=1.0)  # [BLOCK_B] unclamped
-    n = tl.maximum(norm, eps)
+    eps_t = tl.full([], eps, acc_ty)  # not a bare constexpr: see _centroid_fwd_kernel
+    n = tl.maximum(norm, eps_t)
     cols = tl.arange(0, BLOCK_D)
     zg = tl.zeros([BLOCK_B], dtype=acc_ty)
     for d0 in range(0, D, BLOCK_D):
@@ -113,7 +116,7 @@ def _centroid_bwd_kernel(
         x = tl.load(X_ptr + rows64[:, None] * stride_xb + c[None, :] * stride_xd, mask=m, other=0.0).to(acc_ty)
         g = tl.load(G_ptr + y[:, None] * stride_gc + c[None, :] * stride_gd, mask=m, other=0.0)
         zg += tl.sum(_div(x, n[:, None]) * g, axis=1)
-    zg = tl.where(norm >= eps, zg, 0.0)
+    zg = tl.where(norm >= eps_t, zg, 0.0)
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         m = rmask[:, None] & (c < D)[None, :]

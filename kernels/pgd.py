@@ -23,15 +23,13 @@ any narrowing, so a tiny float64 gradient still has a sign.
 from __future__ import annotations
 
 import functools
-import math
-
-import numpy as np
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import interpreted, new_output
+from ._scalars import acc_scalar, split_f32
 
 _MAX_MASK_DIMS = 4
 
@@ -62,20 +60,10 @@ def _pgd_mask_offsets(offs, M0, M1, M2, M3, Z1: tl.constexpr, Z2: tl.constexpr, 
 
 
 @triton.jit
-def _pgd_scalar(hi, lo, ACC: tl.constexpr):
-    """A Python float passed as float32 hi + lo (scalar arguments are float32 both compiled
-    and interpreted): hi alone is the float32 rounding torch uses, hi + lo carries ~48 bits."""
-    if ACC == tl.float64:
-        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    else:
-        return tl.cast(hi, tl.float32)
-
-
-@triton.jit
 def _pgd_linf_kernel(
     D_ptr, G_ptr, C_ptr, M_ptr,  # delta (in/out), grad, clean: contiguous, numel each; mask: strided
     numel,
-    step_hi, step_lo,  # signed step (-step_size descends) as float32 hi + lo, see _pgd_scalar
+    step_hi, step_lo,  # signed step (-step_size descends) as float32 hi + lo, see _scalars.acc_scalar
     eps_hi, eps_lo,
     M0, M1, M2, M3,
     Z1: tl.constexpr, Z2: tl.constexpr, Z3: tl.constexpr, MASK_DIMS: tl.constexpr,
@@ -86,8 +74,8 @@ def _pgd_linf_kernel(
         pid = pid.to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inb = offs < numel
-    a = _pgd_scalar(step_hi, step_lo, ACC)
-    e = _pgd_scalar(eps_hi, eps_lo, ACC)
+    a = acc_scalar(step_hi, step_lo, ACC)
+    e = acc_scalar(eps_hi, eps_lo, ACC)
     g = tl.load(G_ptr + offs, mask=inb, other=0.0)
     # Compare in at least float32: exact for half types, keeps float64's range.
     if G_ptr.dtype.element_ty == tl.float64:
@@ -157,8 +145,8 @@ def _pgd_l2_update_kernel(
     if INT64:
         pid = pid.to(tl.int64)
     n = pid // NBLK
-    a = _pgd_scalar(step_hi, step_lo, ACC)
-    e = _pgd_scalar(eps_hi, eps_lo, ACC)
+    a = acc_scalar(step_hi, step_lo, ACC)
+    e = acc_scalar(eps_hi, eps_lo, ACC)
     # Per-sample scalars, recomputed by each program from SPLIT partials (cheap).
     k = tl.arange(0, SPLIT_P2)
     pk = P_ptr + (n * SPLIT + k) * 3
@@ -232,13 +220,6 @@ def _mask_layout(mask: torch.Tensor, shape: torch.Size):
     return m, strides, sizes, len(dims), max_off
 
 
-def _split(x: float) -> tuple[float, float]:
-    """x as float32 hi (round to nearest even, like torch) and the float32 remainder lo."""
-    with np.errstate(over="ignore"):  # beyond float32's range: inf, as torch would round it
-        hi = float(np.float32(x))
-    return hi, (float(np.float32(x - hi)) if math.isfinite(hi) else 0.0)
-
-
 def pgd_step(delta, grad, clean, eps: float, step_size: float, norm: str, maximize: bool, mask=None):
     """One PGD step on ``delta`` in place (validated input, see ``ue_fast.ops.pgd_step_``).
 
@@ -271,7 +252,7 @@ def _pgd_step(delta, grad, clean, eps, step_size, norm, maximize, mask, num_sms=
     int64 = max(numel, max_off + 1) + 2 * block >= 2**31
     if norm == "linf":
         grid = (triton.cdiv(numel, block),)
-        _pgd_linf_kernel[grid](work, g, c, m, numel, *_split(step), *_split(eps), **mask_args,
+        _pgd_linf_kernel[grid](work, g, c, m, numel, *split_f32(step), *split_f32(eps), **mask_args,
                                INT64=int64, BLOCK=block, num_warps=warps)
     else:
         dim = numel // n
@@ -287,7 +268,7 @@ def _pgd_step(delta, grad, clean, eps, step_size, norm, maximize, mask, num_sms=
         _pgd_l2_reduce_kernel[(n * split,)](work, g, m, partials, dim, chunk, split, **mask_args,
                                             INT64=int64, BLOCK=block, num_warps=warps)
         nblk = triton.cdiv(dim, block)
-        _pgd_l2_update_kernel[(n * nblk,)](work, g, c, m, partials, dim, nblk, split, *_split(step), *_split(eps),
+        _pgd_l2_update_kernel[(n * nblk,)](work, g, c, m, partials, dim, nblk, split, *split_f32(step), *split_f32(eps),
                                            **mask_args, INT64=int64, SPLIT_P2=triton.next_power_of_2(split),
                                            BLOCK=block, num_warps=warps)
     if work is not delta:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreted, new_output
+from ._scalars import acc_scalar, split_f32
 
 NORM_EPS = 1e-8
 
@@ -56,7 +57,7 @@ def _dot_tile(F_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_fb, stride_fd,
 
 
 @triton.jit
-def _inv_norms(F_ptr, offs, mask, D, stride_fb, stride_fd, norm_eps,
+def _inv_norms(F_ptr, offs, mask, D, stride_fb, stride_fd, NORM_EPS: tl.constexpr,
                BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """r = 1 / max(|f|, eps) of the rows ``offs`` [ROWS], over K blocks."""
     sq = tl.zeros([BLOCK_ROWS], dtype=ACC)
@@ -65,20 +66,22 @@ def _inv_norms(F_ptr, offs, mask, D, stride_fb, stride_fd, norm_eps,
         x = tl.load(F_ptr + offs[:, None] * stride_fb + offs_k[None, :] * stride_fd,
                     mask=mask[:, None] & (offs_k[None, :] < D), other=0.0).to(ACC)
         sq += tl.sum(x * x, 1)
-    return 1.0 / tl.maximum(tl.sqrt(sq), norm_eps)
+    # eps built in ACC: a bare float (argument or constexpr) may be float32, 6e-9 off 1e-8 in float64
+    return 1.0 / tl.maximum(tl.sqrt(sq), tl.full([], NORM_EPS, ACC))
 
 
 @triton.jit
 def _supcon_fwd_kernel(F_ptr, Y_ptr, RN_ptr, LSE_ALL_ptr, LSE_POS_ptr,
-                       B, D, stride_fb, stride_fd, inv_tau, norm_eps,
+                       B, D, stride_fb, stride_fd, inv_tau_hi, inv_tau_lo, NORM_EPS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        ACC: tl.constexpr, PREC: tl.constexpr, CAST: tl.constexpr):
     pid = tl.program_id(0)
+    inv_tau = acc_scalar(inv_tau_hi, inv_tau_lo, ACC)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < B
     y_m = tl.load(Y_ptr + offs_m, mask=mask_m, other=0)
 
-    r_m = _inv_norms(F_ptr, offs_m, mask_m, D, stride_fb, stride_fd, norm_eps, BLOCK_M, BLOCK_K, ACC)
+    r_m = _inv_norms(F_ptr, offs_m, mask_m, D, stride_fb, stride_fd, NORM_EPS, BLOCK_M, BLOCK_K, ACC)
 
     m_all = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_all = tl.zeros([BLOCK_M], dtype=ACC)
@@ -88,7 +91,7 @@ def _supcon_fwd_kernel(F_ptr, Y_ptr, RN_ptr, LSE_ALL_ptr, LSE_POS_ptr,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < B
         y_n = tl.load(Y_ptr + offs_n, mask=mask_n, other=0)
-        r_n = _inv_norms(F_ptr, offs_n, mask_n, D, stride_fb, stride_fd, norm_eps, BLOCK_N, BLOCK_K, ACC)
+        r_n = _inv_norms(F_ptr, offs_n, mask_n, D, stride_fb, stride_fd, NORM_EPS, BLOCK_N, BLOCK_K, ACC)
         gram = _dot_tile(F_ptr, offs_m, offs_n, mask_m, mask_n, D, stride_fb, stride_fd,
                          BLOCK_M, BLOCK_N, BLOCK_K, ACC, PREC, CAST)
         s = gram * r_m[:, None] * r_n[None, :] * inv_tau  # [M, N]
@@ -105,9 +108,11 @@ def _supcon_fwd_kernel(F_ptr, Y_ptr, RN_ptr, LSE_ALL_ptr, LSE_POS_ptr,
 
 @triton.jit
 def _supcon_bwd_kernel(F_ptr, Y_ptr, RN_ptr, LSE_ALL_ptr, LSE_POS_ptr, GOUT_ptr, DF_ptr,
-                       B, D, stride_fb, stride_fd, stride_db, stride_dd, inv_tau, norm_eps, grad_scale,
+                       B, D, stride_fb, stride_fd, stride_db, stride_dd, inv_tau_hi, inv_tau_lo,
+                       grad_scale_hi, grad_scale_lo, NORM_EPS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, CAST: tl.constexpr):
+    inv_tau = acc_scalar(inv_tau_hi, inv_tau_lo, ACC)
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -141,13 +146,13 @@ def _supcon_bwd_kernel(F_ptr, Y_ptr, RN_ptr, LSE_ALL_ptr, LSE_POS_ptr, GOUT_ptr,
                       mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC) * r_n[:, None]
         acc = tl.dot(w, z_n, acc, input_precision=PREC, out_dtype=ACC)
 
-    scale = tl.load(GOUT_ptr).to(ACC) * grad_scale
+    scale = tl.load(GOUT_ptr).to(ACC) * acc_scalar(grad_scale_hi, grad_scale_lo, ACC)
     g = acc * scale
     zg = c * scale  # z_i . g_i
     z_m = tl.load(F_ptr + offs_m[:, None] * stride_fb + offs_d[None, :] * stride_fd,
                   mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(ACC) * r_m[:, None]
     # |f_i| <= eps: z = f/eps is linear in f, so no tangent projection (as torch's clamp_min).
-    zg = tl.where(r_m < 1.0 / norm_eps, zg, 0.0)
+    zg = tl.where(r_m < 1.0 / tl.full([], NORM_EPS, ACC), zg, 0.0)
     df = r_m[:, None] * (g - zg[:, None] * z_m)
     tl.store(DF_ptr + offs_m[:, None] * stride_db + offs_d[None, :] * stride_dd,
              df.to(DF_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
@@ -197,7 +202,7 @@ def supcon_fwd(features: torch.Tensor, labels: torch.Tensor, temperature: float)
     grid = (triton.cdiv(B, blk["BLOCK_M"]),)
     _supcon_fwd_kernel[grid](
         features, labels, rnorm, lse_all, lse_pos, B, D, features.stride(0), features.stride(1),
-        1.0 / temperature, NORM_EPS, **blk, **_meta(features),
+        *split_f32(1.0 / temperature), NORM_EPS=NORM_EPS, **blk, **_meta(features),
     )
     return lse_all, lse_pos, rnorm
 
@@ -211,7 +216,8 @@ def supcon_bwd(features, labels, lse_all, lse_pos, rnorm, grad_out: torch.Tensor
     _supcon_bwd_kernel[grid](
         features, labels, rnorm, lse_all, lse_pos, grad_out.reshape(1), dfeat,
         B, D, features.stride(0), features.stride(1), dfeat.stride(0), dfeat.stride(1),
-        1.0 / temperature, NORM_EPS, 1.0 / (B * temperature), **blk, **_meta(features),
+        *split_f32(1.0 / temperature), *split_f32(1.0 / (B * temperature)), NORM_EPS=NORM_EPS, **blk,
+        **_meta(features),
     )
     return dfeat
 

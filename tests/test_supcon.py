@@ -118,8 +118,10 @@ def test_temperatures(gen, triton_device, backend, tau):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_float64(gen, triton_device, backend):
-    f, y = make(gen, 129, 40, 7, dtype=torch.float64)
+@pytest.mark.parametrize("kind", ["random", "zeros"])
+def test_float64(gen, triton_device, backend, kind):
+    # "zeros": the norm clamp is active; the clamp must be 1e-8 in float64, not rounded to float32
+    f, y = make(gen, 129, 40, 7, kind, dtype=torch.float64)
     check(f, y, 0.1, backend, _device(backend, triton_device), rtol=1e-10)
 
 
