@@ -91,3 +91,15 @@ def _rounds(device) -> int:
     if TOY:
         return 2
     return 20 if torch.device(device).type == "cuda" else 5
+
+
+def demo_images(n: int, size: int = 32):
+    """n demo training images (uint8 [n, 3, size, size]) and labels, classes interleaved: the
+    folder is sorted by class, so a prefix would be one class. Past 1,000 they repeat."""
+    from ue_fast.data import demo_dir, read_image_folder
+
+    data = read_image_folder(demo_dir() / "train", resize=None if size == 32 else size, progress=False)
+    per_class = len(data) // 10
+    i = torch.arange(n) % len(data)
+    idx = (i % 10) * per_class + i // 10
+    return data.images[idx], data.labels[idx]

@@ -10,9 +10,8 @@ is only indicative; the GPU targets are for the full sizes.
 import pytest
 import torch
 
-from _common import sync
+from _common import demo_images, sync
 from plain_miue import outer_epoch
-from ue_fast.data import demo_dir, read_image_folder
 from ue_fast.engine import BiLevelEngine
 from ue_fast.methods import MIUE, MIUEConfig
 from ue_fast.models import build_model
@@ -23,15 +22,6 @@ SIZES = [("cnn-small", 32, 1000 if GPU else 256), ("resnet18", 32, 1000 if GPU e
          ("resnet18", 224, 256 if GPU else 2)]
 K = 10
 FULL = 100 * 50_000  # image-epochs of the authors' CIFAR-10 schedule
-
-
-def _data(size, n):
-    """n demo images, classes interleaved (the folder is sorted by class: a prefix would be one class)."""
-    data = read_image_folder(demo_dir() / "train", resize=None if size == 32 else size, progress=False)
-    per_class = len(data) // 10
-    i = torch.arange(n) % len(data)
-    idx = (i % 10) * per_class + i // 10
-    return data.images[idx], data.labels[idx]
 
 
 def _check(delta_255):
@@ -46,7 +36,7 @@ def _check(delta_255):
 @pytest.mark.parametrize("variant", ["ue_fast", "plain"])
 def test_outer_epoch(benchmark, device, variant, arch, size, n):
     benchmark.group = f"MI-UE outer epoch {arch} {size}x{size} N={n} K={K}"
-    images, labels = _data(size, n)
+    images, labels = demo_images(n, size)
     cfg = MIUEConfig(arch=arch, epochs=1, pgd_steps=K, poison_batch_size=min(512, n), batch_size=min(128, n))
     if variant == "ue_fast":
         def run():

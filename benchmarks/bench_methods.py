@@ -18,9 +18,8 @@ import pytest
 import torch
 
 import plain_methods as plain
-from _common import sync
+from _common import demo_images, sync
 from plain_miue import outer_epoch
-from ue_fast.data import demo_dir, read_image_folder
 from ue_fast.engine import BiLevelEngine
 from ue_fast.methods import METHODS
 from ue_fast.methods.training_free import AR, ARConfig, ops_search
@@ -43,15 +42,6 @@ SCHEDULES = {
     "lsp": (N, {}, 1, 1),
     "ar": (64, {}, 1, 1),  # the plain AR recurrence runs pixel by pixel in Python
 }
-
-
-def _data(n):
-    """n demo training images, classes interleaved (the folder is sorted by class)."""
-    data = read_image_folder(demo_dir() / "train", progress=False)
-    per_class = len(data) // 10
-    i = torch.arange(n)
-    idx = (i % 10) * per_class + i // 10
-    return data.images[idx], data.labels[idx]
 
 
 def _engine_run(name, cfg, images, labels, device):
@@ -115,7 +105,7 @@ def _check(name, d255, eps):
 @pytest.mark.parametrize("variant", ["ue_fast", "plain"])
 def test_method_round(benchmark, device, variant, name):
     n, overrides, step_ratio, rounds = SCHEDULES[name]
-    images, labels = _data(n)
+    images, labels = demo_images(n)
     cls = METHODS[name]
     extra = {} if cls.training_free else dict(arch=ARCH)
     cfg = cls.config_class(**extra, **overrides)
@@ -141,7 +131,7 @@ def test_method_round(benchmark, device, variant, name):
 
 def test_plain_training_free_agree_with_ue_fast():
     """The plain OPS search and AR recurrence give ue_fast's results (shared draws)."""
-    images, labels = _data(200)
+    images, labels = demo_images(200)
     pos, col = plain.ops_search_plain(images, labels, 10)
     pos2, col2 = ops_search(images, labels, 10)
     assert torch.equal(pos, pos2[:, 0]) and torch.equal(col, col2[:, 0])

@@ -12,31 +12,20 @@ store. extra_info records the store's bytes here and projected to CIFAR-10 (50,0
 import pytest
 import torch
 
-from _common import TOY, sync
-from ue_fast.data import demo_dir, read_image_folder
+from _common import TOY, demo_images, sync
 from ue_fast.engine import BiLevelEngine
 from ue_fast.methods import MIUE, MIUEConfig
 
 GPU = torch.cuda.is_available()
 N = 64 if TOY else (2048 if GPU else 512)
 ARCH = "resnet18" if GPU else "cnn-small"
-SIZES = {"float32": 4, "float16": 2, "int8": 1}
 PIXELS = {"cifar10": 50_000 * 3 * 32 * 32, "imagenet1k": 1_281_167 * 3 * 224 * 224}
-
-
-def _data(n):
-    """n demo images, classes interleaved."""
-    data = read_image_folder(demo_dir() / "train", progress=False)
-    per_class = len(data) // 10
-    i = torch.arange(n) % len(data)
-    idx = (i % 10) * per_class + i // 10
-    return data.images[idx], data.labels[idx]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_outer_epoch_per_store(benchmark, device, dtype):
     benchmark.group = f"MI-UE outer epoch by perturbation store, {ARCH} 32x32 N={N} K=10"
-    images, labels = _data(N)
+    images, labels = demo_images(N)
     cfg = MIUEConfig(arch=ARCH, epochs=1, delta_dtype=dtype, batch_size=min(128, N), poison_batch_size=min(512, N))
 
     def run():
@@ -46,10 +35,11 @@ def test_outer_epoch_per_store(benchmark, device, dtype):
         assert eng.delta.dtype == getattr(torch, dtype)
         return res.delta * 255
 
+    size = getattr(torch, dtype).itemsize  # bytes a pixel
     d = run()  # correctness first (also the warm-up): within budget, and it moved
     assert float(d.abs().max()) <= 8 + 1e-3 and float(d.abs().max()) > 0
     benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info.update(
         variant="ue_fast" if dtype == "float32" else f"{dtype} store", delta_dtype=dtype, images=N, arch=ARCH,
-        ms_per_image=benchmark.stats.stats.median / N * 1e3, store_bytes=N * 3 * 32 * 32 * SIZES[dtype],
-        **{f"store_gb_{k}": v * SIZES[dtype] / 1e9 for k, v in PIXELS.items()})
+        ms_per_image=benchmark.stats.stats.median / N * 1e3, store_bytes=N * 3 * 32 * 32 * size,
+        **{f"store_gb_{k}": v * size / 1e9 for k, v in PIXELS.items()})

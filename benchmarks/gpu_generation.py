@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from _common import sync
+
 FULL_SCHEDULE = 100 * 50_000  # image-epochs of the authors' CIFAR-10 schedule
 STAGE_KEYS = ("data", "surrogate training", "forward", "loss", "backward", "step")
 
@@ -54,11 +56,6 @@ def load_images(tarball: str | None, per_class: int):
     if len(idx) != per_class * len(data.classes):
         raise ValueError(f"the demo subset has fewer than {per_class} images in some class")
     return data.images[idx], data.labels[idx], data.classes, f"demo subset (train, {per_class} per class)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -126,7 +123,7 @@ def run_plain(images, labels, num_classes: int, arch: str, epochs: int, schedule
         poison = outer_epoch(model, opt, x, labels, poison, device=device, eps=cfg.eps, alpha=cfg.step_size(e),
                              steps=cfg.pgd_steps, batch_size=cfg.batch_size,
                              poison_batch_size=cfg.poison_batch_size, gen=gen)
-        _sync(device)
+        sync(device)
         s = time.perf_counter() - t0
         rows.append(dict(epoch=e, s=s, ms_per_image=1e3 * s / len(x), images_per_s=len(x) / s))
     linf = float((poison * 255).abs().max())

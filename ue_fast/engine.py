@@ -98,14 +98,13 @@ def choose_store(device: torch.device, image_elems: int, delta_elems: int, delta
     memory, else in pinned host memory (batches then stream). ``delta_dtype="auto"`` takes
     float32 where it fits and float16 otherwise (on the device first, then on the host).
     """
-    sizes = {torch.float32: 4, torch.float16: 2, torch.int8: 1}
     wanted = DELTA_DTYPES[delta_dtype]
     dtypes = [wanted] if wanted is not None else [torch.float32, torch.float16]
     places = [device] + ([torch.device("cpu")] if device.type == "cuda" else [])
     for place in places:
         free = torch.cuda.mem_get_info(place)[0] if place.type == "cuda" else _host_available_bytes()
         for dt in dtypes:
-            if image_elems + delta_elems * sizes[dt] <= STORE_MEMORY_FRACTION * free:
+            if image_elems + delta_elems * dt.itemsize <= STORE_MEMORY_FRACTION * free:
                 return place, dt
     return places[-1], dtypes[-1]  # over budget everywhere: the smallest; allocation will tell
 

@@ -39,7 +39,7 @@ import torch
 
 from . import __version__
 from .data import ImageSet, images_from_arrays, read_image_folder, write_image_folder
-from .data.exports import save_delta_npy, save_poison_pt, write_json_atomic
+from .data.exports import read_json, save_delta_npy, save_poison_pt, write_json_atomic
 from .engine import COMPILE_MODES, BiLevelEngine
 from .methods import METHODS
 
@@ -92,8 +92,6 @@ def is_ue_fast_output(folder: Path) -> bool:
     if (folder / CHECKPOINT_DIR).is_dir():
         return True
     try:
-        from .data.exports import read_json
-
         manifest = read_json(folder / "manifest.json")
     except (OSError, ValueError):
         return False
@@ -194,9 +192,6 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         raise ValueError(f"compile must be False, True or one of {COMPILE_MODES}, got {compile!r}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    if "compact_delta" in settings:
-        raise ValueError("compact_delta was replaced by delta_dtype: compact_delta=True is delta_dtype='int8', "
-                         "compact_delta=False is delta_dtype='float32'")
     output_dir = Path(output_dir)
     input_dir = None if isinstance(source, (tuple, list)) else Path(source)
     _check_dirs(input_dir, output_dir, overwrite, resume)

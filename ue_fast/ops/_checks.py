@@ -24,7 +24,9 @@ def check_features(features, name: str = "features") -> None:
 def check_labels(labels, features: torch.Tensor, num_classes: int | None = None, name: str = "labels") -> None:
     """``labels`` is an integer tensor [B] on the features' device, in [0, num_classes) if given.
 
-    The range check reads two numbers back from the device (one host sync).
+    The range check reads two numbers back from the device (one host sync); under
+    ``torch.compile`` that would break the graph, so there it is skipped (the ops'
+    own bounds checks, a RuntimeError, stand in).
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
@@ -38,7 +40,7 @@ def check_labels(labels, features: torch.Tensor, num_classes: int | None = None,
         )
     if labels.device != features.device:
         raise ValueError(f"{name} is on {labels.device} but features is on {features.device}")
-    if num_classes is not None:
+    if num_classes is not None and not torch.compiler.is_compiling():
         lo, hi = torch.aminmax(labels)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= num_classes:
@@ -65,7 +67,13 @@ def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
 
 
 def check_real(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
-    """``value`` is a finite real number (a Python number or a 0-d tensor)."""
+    """``value`` is a finite real number (a Python number or a 0-d tensor).
+
+    Under ``torch.compile`` a float that changed between calls is symbolic, which this
+    cannot trace: there ``value`` passes unchecked, and the ops check the value they run with.
+    """
+    if torch.compiler.is_compiling():
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")

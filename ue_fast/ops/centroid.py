@@ -154,13 +154,8 @@ def centroid_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     """
     check_features(features)
     num_classes = check_num_classes(num_classes)
-    # The range check reads labels back to the host; under torch.compile that would break
-    # the graph, so there index_add's own bounds check (RuntimeError) stands in.
-    check_labels(labels, features, None if torch.compiler.is_compiling() else num_classes)
-    if not torch.compiler.is_compiling():
-        # Under torch.compile a float that changed between calls is symbolic, which
-        # check_real cannot trace: a compiled call does not check inter_weight.
-        inter_weight = check_real("inter_weight", inter_weight)
+    check_labels(labels, features, num_classes)
+    inter_weight = check_real("inter_weight", inter_weight)  # unchecked when compiled (see check_real)
     which = resolve("centroid_loss", backend, features.device, ("triton", "torch"))
     counts = _class_counts(labels, num_classes)  # [C]
     S, _ = _class_sums_op(features, labels, counts, which)  # [C, D]

@@ -67,13 +67,6 @@ def _(features, labels, num_classes):
     )
 
 
-@torch.compiler.assume_constant_result
-def _resolve(backend: str, device: torch.device) -> str:
-    # Backend choice is host-side Python (imports, environment): torch.compile runs
-    # it once while tracing and keeps the answer, instead of breaking the graph.
-    return resolve("class_covariance", backend, device, _OFFERED)
-
-
 def class_covariance(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,10 +89,8 @@ def class_covariance(
     """
     num_classes = check_num_classes(num_classes)
     check_features(features)
-    # The range check reads labels back to the host; under torch.compile that would
-    # break the graph, so there the kernels' own checks (RuntimeError) stand in.
-    check_labels(labels, features, None if torch.compiler.is_compiling() else num_classes)
-    which = _resolve(backend, features.device)
+    check_labels(labels, features, num_classes)
+    which = resolve("class_covariance", backend, features.device, _OFFERED)
     features, labels = features.detach(), labels.detach()
     if which == "torch":
         return class_covariance_ref(features, labels, num_classes)

@@ -76,10 +76,6 @@ def _check(delta, grad, clean, eps, step_size, norm, mask):
             ok = False
         if not ok:
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to delta's shape {tuple(delta.shape)}")
-    if torch.compiler.is_compiling():
-        # A float that changed between calls is symbolic here, which check_real cannot
-        # trace; the op checks the values it runs with instead.
-        return eps, step_size
     eps = check_real("eps", eps, nonnegative=True)
     step_size = check_real("step_size", step_size, nonnegative=True)
     return eps, step_size

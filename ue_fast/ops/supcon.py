@@ -34,7 +34,6 @@ the backward raises, as ``once_differentiable`` did.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._checks import check_features, check_labels, check_real
 from ._dispatch import resolve, triton_kernels
@@ -89,23 +88,6 @@ def _supcon_torch(features, labels, temperature: float, chunk: int, need_grad: b
         # Contiguous whatever the features' layout, as the op's fake promises.
         dfeat = _project(z, r, unclamped, dz).to(features.dtype).contiguous()
     return total / B, dfeat
-
-
-class _SupConTorch(torch.autograd.Function):
-    """The torch path with an explicit chunk size, without the op registration (tests)."""
-
-    @staticmethod
-    def forward(ctx, features, labels, temperature, chunk):
-        loss, dfeat = _supcon_torch(features, labels, temperature, chunk, ctx.needs_input_grad[0])
-        if dfeat is not None:
-            ctx.save_for_backward(dfeat)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        (dfeat,) = ctx.saved_tensors
-        return dfeat * grad_out.to(dfeat.dtype), None, None, None
 
 
 def _triton_supcon():
@@ -188,10 +170,7 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     """
     check_features(features)
     check_labels(labels, features)
-    if not torch.compiler.is_compiling():
-        # Under torch.compile a float that changed between calls is symbolic, which
-        # check_real cannot trace; the op checks the value it runs with instead.
-        temperature = check_real("temperature", temperature, positive=True)
+    temperature = check_real("temperature", temperature, positive=True)
     which = resolve("supcon_loss", backend, features.device, ("triton", "torch"))
     if which == "triton":
         labels = labels.contiguous()
