@@ -1,7 +1,7 @@
 """Generation time per image at 32x32 for every method: ue_fast's generator vs a plain-PyTorch one.
 
 Each method runs one *round* of its algorithm on the same demo images in both
-variants (ue_fast: ``BiLevelEngine`` with the method's own defaults except where
+variants (ue_fast: the method on ``ue_fast.generation.Runner`` with the method's own defaults except where
 SCHEDULES cuts them down; plain: ``plain_methods.py`` / ``plain_miue.py``, the same
 algorithm written the way research code is). For the surrogate methods a round is
 one surrogate stage (an epoch, EM's 10 batches, or none for AP/TAP's frozen model,
@@ -20,8 +20,8 @@ import torch
 import plain_methods as plain
 from _common import demo_images, sync
 from plain_miue import outer_epoch
-from ue_fast.engine import BiLevelEngine
-from ue_fast.methods import METHODS
+from ue_fast.generation import Runner
+from ue_fast.methods import METHODS, TrainingFreeMethod
 from ue_fast.methods.training_free import AR, ARConfig, ops_search
 from ue_fast.models import build_model
 
@@ -34,8 +34,8 @@ SCHEDULES = {
     "miue": (N, dict(epochs=1), 1, 100),
     "em": (N, dict(epochs=1), 1, 100),
     "em-classwise": (N, dict(epochs=1), 1, 100),
-    "ap": (N, dict(pretrain_epochs=0, pgd_steps=25), 10, 1),
-    "tap": (N, dict(pretrain_epochs=0, pgd_steps=25), 10, 1),
+    "ap": (N, dict(pretrain_epochs=0, pgd_steps=25, restarts=1), 10, 1),
+    "tap": (N, dict(pretrain_epochs=0, pgd_steps=25, restarts=1), 10, 1),
     "rem": (N // 4, dict(epochs=1, pgd_steps=2), 5, 13),
     "bayes": (N, dict(epochs=1), 1, 100),
     "ops": (N, {}, 1, 1),
@@ -45,8 +45,7 @@ SCHEDULES = {
 
 
 def _engine_run(name, cfg, images, labels, device):
-    method = METHODS[name](cfg, 10)
-    res = BiLevelEngine(method, images, labels, 10, device, progress=False).run()
+    res = Runner(METHODS[name](cfg), images, labels, 10, device, progress=False).run()
     sync(device)
     return res.delta * 255  # in 1/255 units
 
@@ -107,9 +106,10 @@ def test_method_round(benchmark, device, variant, name):
     n, overrides, step_ratio, rounds = SCHEDULES[name]
     images, labels = demo_images(n)
     cls = METHODS[name]
-    extra = {} if cls.training_free else dict(arch=ARCH)
+    free = issubclass(cls, TrainingFreeMethod)
+    extra = {} if free else dict(arch=ARCH)
     cfg = cls.config_class(**extra, **overrides)
-    benchmark.group = f"{name} one round 32x32 N={n}" + ("" if cls.training_free else f" {ARCH}")
+    benchmark.group = f"{name} one round 32x32 N={n}" + ("" if free else f" {ARCH}")
     fn = _engine_run if variant == "ue_fast" else _plain_run
 
     def run():
@@ -121,8 +121,8 @@ def test_method_round(benchmark, device, variant, name):
         return
     per_image = benchmark.stats.stats.median / n
     benchmark.extra_info.update(
-        variant=variant, method=name, images=n, image_size=32, arch=None if cls.training_free else ARCH,
-        schedule={} if cls.training_free else {k: v for k, v in cfg.to_dict().items() if k in (
+        variant=variant, method=name, images=n, image_size=32, arch=None if free else ARCH,
+        schedule={} if free else {k: v for k, v in cfg.to_dict().items() if k in (
             "epochs", "pgd_steps", "pretrain_epochs", "train_steps", "eot_samples", "adv_steps")},
         ms_per_image=per_image * 1e3, rounds_default=rounds * step_ratio,
         projected_default_run_ms_per_image=per_image * 1e3 * rounds * step_ratio,

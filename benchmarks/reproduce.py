@@ -4,14 +4,14 @@
     python benchmarks/reproduce.py --scale full --device cuda   # the paper's setting, on a GPU
 
 small: a class-balanced subset of CIFAR-10 (100 training and 100 test images per
-class), cnn-small surrogates and victims (15 epochs), CPU-sized generation
-schedules (PROTECT below; MI-UE: the demo's 20 outer epochs x 5 PGD steps of
+class), cnn-small surrogates and victims (15 epochs), each method's ``cpu-small``
+preset (``ue_fast.methods``; MI-UE: the demo's 20 outer epochs x 5 PGD steps of
 1/255). Clean vs MI-UE under all eight defences took 19 minutes on a (busy)
 2-core CPU, the most of it in adversarial training (11 forward-backward passes
 per batch); each further method adds about as much as MI-UE: pick --methods /
 --defenses to fit the time you have. full: all
-50,000 training and 10,000 test images, ResNet-18 surrogate and victims, the
-authors' schedule (100 outer epochs x 10 PGD steps), victims trained 40 epochs.
+50,000 training and 10,000 test images, each method's ``paper`` preset (its authors'
+settings; MI-UE: ResNet-18, 100 outer epochs x 10 PGD steps), victims trained 40 epochs.
 
 Reads ../shared/data/cifar10-jpeg.tar.gz (or --tarball). Writes
 benchmarks/results/reproduce-<scale>-<device>-<date>.json and .md: test accuracy
@@ -49,7 +49,6 @@ from pathlib import Path
 import torch
 
 import ue_fast
-from ue_fast.cli import DEMO_SETTINGS
 from ue_fast.data import ImageSet, load_cifar_subset, read_image_folder, write_json_atomic
 from ue_fast.evaluate import DEFENSES
 from ue_fast.methods import METHODS
@@ -63,19 +62,9 @@ SCALES = {
     "small": dict(train_per_class=100, test_per_class=100, victim="cnn-small", victim_epochs=15),
     "full": dict(train_per_class=None, test_per_class=None, victim="resnet18", victim_epochs=40),
 }
-# Generation settings per scale and method; unlisted methods run their paper defaults.
-# small: cnn-small surrogates on schedules that fit a CPU (MI-UE: the demo's).
-PROTECT = {
-    "small": {"miue": dict(DEMO_SETTINGS),
-              "em": dict(arch="cnn-small", batch_size=64, poison_batch_size=256, epochs=20),
-              "em-classwise": dict(arch="cnn-small", batch_size=64, poison_batch_size=256, epochs=20),
-              "ap": dict(arch="cnn-small", pretrain_epochs=10, pgd_steps=20, batch_size=64),
-              "tap": dict(arch="cnn-small", pretrain_epochs=10, pgd_steps=20, batch_size=64),
-              "rem": dict(arch="cnn-small", epochs=5, pgd_steps=3, adv_steps=3, eot_samples=2, batch_size=64),
-              "bayes": dict(arch="cnn-small", epochs=10, pgd_steps=5, batch_size=64),
-              "ops": {}, "lsp": {}, "ar": {}},
-    "full": {},
-}
+# The methods' presets per scale: small runs each method's "cpu-small" preset (cnn-small
+# surrogates on schedules that fit a CPU), full its "paper" preset (its defaults).
+PRESET = {"small": "cpu-small", "full": "paper"}
 
 
 def _commit() -> str:
@@ -175,7 +164,7 @@ def main(argv=None) -> int:
         overrides = _overrides(args.overrides, args.methods)
     except ValueError as e:
         p.error(str(e))
-    protect = {m: dict(PROTECT[args.scale].get(m, {}), **overrides.get(m, {})) for m in args.methods}
+    protect = {m: dict(METHODS[m].preset(PRESET[args.scale]), **overrides.get(m, {})) for m in args.methods}
 
     scale = dict(SCALES[args.scale])
     if args.train_per_class is not None:

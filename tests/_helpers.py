@@ -71,13 +71,13 @@ def protected_victim(train, test, out: Path, method: str, victim_epochs: int, so
 
 def protect_killed_after_checkpoint(monkeypatch, src, out: Path, die_at: int = 1, **settings) -> None:
     """``ue_fast.protect(src, out, **settings)`` interrupted by a KeyboardInterrupt right after
-    the engine's ``die_at``-th checkpoint (asserted to happen); the engine's save is restored."""
+    the runner's ``die_at``-th checkpoint (asserted to happen); the runner's save is restored."""
     import pytest
 
     import ue_fast
-    import ue_fast.engine as engine
+    import ue_fast.generation.runner as runner
 
-    real = engine.save_checkpoint
+    real = runner.save_checkpoint
     calls = 0
 
     def save_then_die(path, state):
@@ -87,9 +87,9 @@ def protect_killed_after_checkpoint(monkeypatch, src, out: Path, die_at: int = 1
         if calls == die_at:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
     try:
         with pytest.raises(KeyboardInterrupt):
             ue_fast.protect(src, out, **settings)
     finally:
-        monkeypatch.setattr(engine, "save_checkpoint", real)
+        monkeypatch.setattr(runner, "save_checkpoint", real)

@@ -2,8 +2,8 @@
 
 Real data: the 1,000 CIFAR-10 training images of the shipped demo subset, tested
 on 1,000 CIFAR-10 test images from the shared tarball (or the demo's 200 when the
-tarball is absent). cnn-small surrogate and victim, the short CPU schedule of
-`ue-fast demo`. Measured when the test was written (2 cores, victim seeds 0 and 1):
+tarball is absent). cnn-small surrogate and victim, MI-UE's ``cpu-small`` preset (the
+schedule of `ue-fast demo`). Measured when the test was written (2 cores, victim seeds 0 and 1):
 clean 42.4% / 41.6%, protected 19.5% / 20.2% after 15 epochs.
 """
 
@@ -11,7 +11,6 @@ import pytest
 
 import ue_fast
 from _helpers import SHARED_TARBALL
-from ue_fast.cli import DEMO_SETTINGS
 from ue_fast.data import demo_dir, read_image_folder
 
 TARBALL = SHARED_TARBALL
@@ -28,7 +27,7 @@ def test_set():
 
 def test_protected_set_is_much_less_learnable(tmp_path, test_set):
     clean = read_image_folder(demo_dir() / "train", progress=False)
-    ue_fast.protect(demo_dir() / "train", tmp_path / "p", device="cpu", progress=False, **DEMO_SETTINGS)
+    ue_fast.protect(demo_dir() / "train", tmp_path / "p", device="cpu", progress=False, preset="cpu-small")
     protected = read_image_folder(tmp_path / "p", progress=False)
     assert protected.classes == clean.classes and protected.labels.tolist() == clean.labels.tolist()
 

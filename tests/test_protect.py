@@ -14,6 +14,7 @@ from _helpers import protect_killed_after_checkpoint
 from ue_fast.cli import main as cli_main
 from ue_fast.data import read_image_folder
 from ue_fast.data.exports import load_delta_npy, load_poison_pt
+from ue_fast.protect import UnchangedImagesWarning, quantize
 
 FAST = dict(arch="cnn-small", epochs=2, pgd_steps=2, batch_size=16, poison_batch_size=32, progress=False,
             device="cpu")
@@ -252,7 +253,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
-    epoch_at_kill = int(torch.load(ckpt, weights_only=True)["epoch"])
+    epoch_at_kill = sum("epoch" in h for h in torch.load(ckpt, weights_only=True)["history"])
     assert 0 < epoch_at_kill < 300
     assert cli_main(["protect", str(src), str(out), *flags, "--resume"]) == 0
     assert cli_main(["protect", str(src), str(tmp_path / "whole"), *flags]) == 0
@@ -278,16 +279,78 @@ def test_compile_option_runs_the_same_algorithm(tmp_path):
     assert not (tmp_path / "bad").exists(), "a bad setting must be refused before anything is written"
 
 
-def test_sparse_perturbs_only_the_most_salient_pixels(tmp_path):
-    """SALM (--sparse K): at most K% of each image's pixels differ from the input, and they do move."""
-    src = _subset(tmp_path / "in", per_class=6)
-    m = ue_fast.protect(src, tmp_path / "o", sparse=10, **FAST)
-    assert m["settings"]["sparse"] == 10
-    d = load_delta_npy(tmp_path / "o" / "perturbation_int8.npy")  # [N, 3, H, W]
-    moved = (d != 0).any(dim=1).flatten(1).float().mean(1)  # fraction of pixels moved, per image
-    assert float(moved.max()) <= 0.10 + 1e-6
-    assert float(moved.mean()) > 0.02, "the salient pixels should be perturbed"
-    with pytest.raises(ValueError, match="sparse"):
-        ue_fast.protect(src, tmp_path / "bad", sparse=0, **FAST)
-    with pytest.raises(ValueError, match="no setting"):
-        ue_fast.protect(src, tmp_path / "bad2", temprature=0.5, **FAST)
+# -- the 8-bit output rounding (quantize) ------------------------------------------------------
+
+SHORT = dict(arch="cnn-small", epochs=1, pgd_steps=2, batch_size=16, poison_batch_size=64)  # 2 steps of 0.2/255
+
+def test_quantize_stochastic_is_unbiased_and_bounded(gen):
+    clean = torch.randint(0, 256, (64, 3, 16, 16), generator=gen, dtype=torch.uint8)
+    frac = torch.rand(clean.shape, generator=gen) * 2 - 1  # within one grey level
+    delta = frac / 255
+    out = quantize(clean, delta, 8, "stochastic", seed=1).to(torch.int16) - clean.to(torch.int16)
+    inside = (clean > 0) & (clean < 255)  # away from the pixel-range clip
+    assert (out[inside] - frac[inside]).abs().max() < 1  # floor or ceil of the value
+    err = (out[inside].float() - frac[inside]).mean()  # unbiased: mean error ~ 0 (sd ~ 0.5/sqrt(n))
+    assert abs(float(err)) < 0.01
+    nearest = quantize(clean, delta, 8, "nearest").to(torch.int16) - clean.to(torch.int16)
+    assert torch.equal(nearest[inside], frac[inside].round().to(torch.int16))
+    # same seed, same output; another seed, another draw
+    assert torch.equal(quantize(clean, delta, 8, seed=1), quantize(clean, delta, 8, seed=1))
+    assert not torch.equal(quantize(clean, delta, 8, seed=1), quantize(clean, delta, 8, seed=2))
+
+
+def test_quantize_keeps_whole_levels_and_the_budget():
+    clean = torch.full((1, 3, 4, 4), 100, dtype=torch.uint8)
+    # whole grey levels carried with float noise (as float16 stores them) stay exact
+    delta = torch.tensor([8.0, -8.0, 3.0, 0.0]).repeat_interleave(12).view(1, 3, 4, 4) / 255
+    noisy = (delta.half().float() + 1e-4 / 255)
+    for _ in range(3):
+        out = quantize(clean, noisy, 8, "stochastic", seed=_).to(torch.int16) - 100
+        assert torch.equal(out, (delta * 255).round().to(torch.int16))
+    # a budget that is not a whole number of grey levels: never exceeded
+    out = quantize(clean, torch.full_like(delta, 8.5 / 255), 8.5, "nearest").to(torch.int16) - 100
+    assert int(out.max()) == 8
+    # the pixel range
+    edge = torch.tensor([0, 255], dtype=torch.uint8).repeat(24).view(1, 3, 4, 4)
+    out = quantize(edge, torch.full_like(delta, 0.9 / 255) * torch.where(edge == 0, -1, 1), 8, seed=0)
+    assert torch.equal(out, edge)
+    with pytest.raises(ValueError, match="rounding"):
+        quantize(clean, delta, 8, "floor")
+
+
+def test_quantize_shares_the_rounding_of_a_class(gen):
+    """A class-wise perturbation stays one perturbation per class after rounding."""
+    labels = torch.arange(12) % 3
+    delta = (torch.rand(3, 3, 8, 8, generator=gen) * 6 - 3)[labels] / 255  # fractional, shared per class
+    clean = torch.full((12, 3, 8, 8), 128, dtype=torch.uint8)
+    d = quantize(clean, delta, 8, seed=0, shared=labels).to(torch.int16) - 128
+    for c in range(3):
+        assert all(torch.equal(d[i], d[c]) for i in range(c, 12, 3))
+    assert not torch.equal(d, delta.mul(255).round().to(torch.int16))  # it did round stochastically
+    per_image = quantize(clean, delta, 8, seed=0).to(torch.int16) - 128
+    assert not all(torch.equal(per_image[i], per_image[0]) for i in range(0, 12, 3))
+
+
+def test_short_run_changes_pixels_and_nearest_rounding_is_flagged(tmp_path):
+    """The issue's case: one outer epoch of two 0.2/255 steps on real images."""
+    src = _subset(tmp_path / "in", per_class=8)
+    m = ue_fast.protect(src, tmp_path / "sto", progress=False, device="cpu", **SHORT)
+    assert m["unchanged_images"] == 0 and m["linf_max_255"] == 1
+    assert 0.1 < m["changed_pixels_fraction"] < 0.45  # ~ mean |delta| in grey levels (<= 0.4)
+    assert m["changed_pixels_fraction"] == pytest.approx(m["mean_abs_delta_255"], abs=0.03)
+    with pytest.warns(UnchangedImagesWarning, match=r"all 24 protected images .* at most 0.4/255"):
+        m = ue_fast.protect(src, tmp_path / "near", progress=False, device="cpu", rounding="nearest", **SHORT)
+    assert m["unchanged_images"] == 24 and m["linf_max_255"] == 0
+
+
+def test_cli_exits_non_zero_when_no_image_changed(tmp_path, capsys):
+    from ue_fast.cli import main
+
+    src = _subset(tmp_path / "in", per_class=4)
+    args = ["protect", str(src), str(tmp_path / "o"), "--arch", "cnn-small", "--epochs", "1", "--pgd-steps", "2",
+            "--device", "cpu", "--no-progress", "--rounding", "nearest"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "warning: all 12 protected images are identical" in err and "error: no image changed" in err
+    assert (tmp_path / "o" / "manifest.json").is_file()  # the outputs are still written
+    assert main(args[:-2] + ["--overwrite"]) == 0  # stochastic rounding: pixels change

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-FORMAT = 1
+# 2: the runner's stages (ue_fast.generation); 1 was the single bi-level loop's.
+FORMAT = 2
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -36,6 +37,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` (no pickle of arbitrary objects)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a ue_fast checkpoint of format {FORMAT}")
+    if not isinstance(state, dict) or "format" not in state:
+        raise ValueError(f"{path} is not a ue_fast checkpoint")
+    if state["format"] != FORMAT:
+        raise ValueError(f"{path} is a checkpoint of format {state['format']} (an earlier ue_fast); this version "
+                         f"resumes format {FORMAT} only: start the run anew (--overwrite)")
     return state

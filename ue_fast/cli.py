@@ -8,17 +8,14 @@ from pathlib import Path
 
 import torch
 
-from .engine import COMPILE_MODES
 from .evaluate.defenses import DEFENSES
+from .generation import COMPILE_MODES, DELTA_DTYPES
 from .methods import METHODS
-from .methods.base import DELTA_DTYPES
+from .methods.settings import parse_sets
 from .models import ARCHS
 from .protect import ROUNDINGS
 
-# A CPU-sized MI-UE schedule: 20 outer epochs x 5 PGD steps with a constant step of
-# 1/255 (the full schedule's 100 x 10 steps of 0.2-0.4/255 would take hours on a CPU)
-# and a surrogate batch of 32 so the small surrogate trains enough in 20 epochs.
-DEMO_SETTINGS = dict(arch="cnn-small", epochs=20, pgd_steps=5, alpha=1 / 255, alpha_end=1 / 255, batch_size=32)
+PRESETS = sorted({name for cls in METHODS.values() for name in cls.presets})
 
 
 def _positive_int(text: str) -> int:
@@ -82,15 +79,29 @@ def _unchanged_status(m: dict) -> int:
     return 0
 
 
+def _settings(args) -> dict:
+    """The method's settings from its flags and ``--set KEY=VALUE`` (a key given both ways is refused)."""
+    flags = dict(epochs=args.epochs, pgd_steps=args.pgd_steps, arch=args.arch, loss=args.loss,
+                 batch_size=args.batch_size, poison_batch_size=args.poison_batch_size, seed=args.seed)
+    names = METHODS[args.method].config_class.names()
+    for key, value in parse_sets(args.set).items():
+        if key == "eps":
+            raise ValueError("set the budget with --eps (in units of 1/255), not --set eps")
+        if key not in names:
+            raise ValueError(f"method {args.method!r} has no setting {key!r}; its settings: {sorted(names)}")
+        if flags.get(key) is not None:
+            raise ValueError(f"{key} is given both as --{key.replace('_', '-')} and by --set")
+        flags[key] = value
+    return flags
+
+
 def _cmd_protect(args) -> int:
-    m = _protect_reporting(args.input_dir, args.output_dir, method=args.method, eps=args.eps, epochs=args.epochs,
-                           pgd_steps=args.pgd_steps, arch=args.arch, loss=args.loss, batch_size=args.batch_size,
-                           poison_batch_size=args.poison_batch_size, seed=args.seed, device=args.device,
+    m = _protect_reporting(args.input_dir, args.output_dir, method=args.method, eps=args.eps, device=args.device,
                            resize=args.resize, skip_bad=args.skip_bad, resume=args.resume,
                            overwrite=args.overwrite, progress=not args.no_progress, profile=args.profile,
                            keep_checkpoint=args.keep_checkpoint, compile=args.compile or False, sparse=args.sparse,
-                           rounding=args.rounding,
-                           **({"delta_dtype": args.delta_dtype} if args.delta_dtype is not None else {}))
+                           rounding=args.rounding, preset=args.preset, delta_dtype=args.delta_dtype,
+                           **_settings(args))
     _print_summary(m)
     if args.profile:
         _print_profile(m)
@@ -140,12 +151,13 @@ def _cmd_demo(args) -> int:
     from .evaluate import train_victim
 
     src = demo_dir() / "train"
-    print(f"ue-fast demo: protecting the shipped CIFAR-10 demo subset ({src}, 1,000 images) with MI-UE: "
-          f"{DEMO_SETTINGS['arch']} surrogate, {DEMO_SETTINGS['epochs']} outer epochs x "
-          f"{DEMO_SETTINGS['pgd_steps']} PGD steps of 1/255, eps 8/255 "
-          "(the paper's schedule is 100 x 10 on a ResNet-18; see `ue-fast protect --help`)")
+    s = METHODS["miue"].preset("cpu-small")
+    print(f"ue-fast demo: protecting the shipped CIFAR-10 demo subset ({src}, 1,000 images) with MI-UE's "
+          f"cpu-small preset: {s['arch']} surrogate, {s['epochs']} outer epochs x {s['pgd_steps']} PGD steps of "
+          f"{s['alpha'] * 255:g}/255, eps 8/255 (the paper's schedule is 100 x 10 on a ResNet-18; see "
+          "`ue-fast protect --help`)")
     m = _protect_reporting(src, args.output_dir, device=args.device, overwrite=True,
-                           progress=not args.no_progress, **DEMO_SETTINGS)
+                           progress=not args.no_progress, preset="cpu-small")
     _print_summary(m)
     if _unchanged_status(m):
         return 1
@@ -219,7 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "or max-autotune); the first outer epoch pays the compilation")
     pr.add_argument("--sparse", type=float, default=None, metavar="K",
                     help="SALM: perturb only the K%% most salient pixels of each image (surrogate-based methods)")
-    pr.add_argument("--delta-dtype", default=None, choices=list(DELTA_DTYPES),
+    pr.add_argument("--preset", default=None, choices=PRESETS,
+                    help="a named set of the method's settings: paper (its authors' published settings, the "
+                    "default) or cpu-small (a schedule that protects measurably on a CPU in minutes); the "
+                    "other flags and --set override it")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any setting of the method's config (repeatable), e.g. --set alpha=0.8/255 --set "
+                    "post_aug=False; values are Python literals or N/D fractions. An unknown key or a bad value "
+                    "is refused before anything is read or written")
+    pr.add_argument("--delta-dtype", default="auto", choices=list(DELTA_DTYPES),
                     help="how perturbations are kept between PGD passes: auto (default: float32, float16 when "
                     "float32 does not fit the memory budget), float32, float16, or int8 (whole grey levels, "
                     "rounded stochastically)")

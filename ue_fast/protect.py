@@ -40,8 +40,9 @@ import torch
 from . import __version__
 from .data import ImageSet, images_from_arrays, read_image_folder, write_image_folder
 from .data.exports import read_json, save_delta_npy, save_poison_pt, write_json_atomic
-from .engine import COMPILE_MODES, BiLevelEngine
-from .methods import METHODS
+from .generation import COMPILE_MODES, Runner
+from .generation.store import check_delta_dtype
+from .methods import METHODS, Sparse, SurrogateMethod
 
 CHECKPOINT_DIR = ".ue_fast"
 ROUNDINGS = ("stochastic", "nearest")
@@ -144,7 +145,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             device: str | None = None, resize=None, skip_bad: bool = False, resume: bool = False,
             overwrite: bool = False, progress: bool = True, profile: bool = False,
             keep_checkpoint: bool = False, compile: bool | str = False, sparse: float | None = None,
-            rounding: str = "stochastic", **settings) -> dict:
+            rounding: str = "stochastic", preset: str | None = None, delta_dtype: str = "auto",
+            **settings) -> dict:
     """Protect an image folder (or arrays) with ``method``; write the outputs; return the manifest.
 
     Args:
@@ -157,11 +159,14 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             method's default (8 for the optimised methods, 255 for the one-pixel ``ops``).
         epochs, pgd_steps, arch, loss, batch_size, poison_batch_size, seed: the method's
             main settings (None keeps the method's default); further settings of the
-            method's config class (for MI-UE ``MIUEConfig``: ``alpha``, ``post_aug``,
-            ``delta_dtype``, ...) as keywords. ``delta_dtype`` is how the perturbation is
-            kept between passes: "auto" (float32, float16 when float32 does not fit the
-            memory budget), "float32", "float16" or "int8" (whole grey levels, rounded
-            stochastically after every pass).
+            method's config class (for MI-UE ``MIUEConfig``: ``alpha``, ``post_aug``, ...)
+            as keywords.
+        preset: a named set of the method's settings applied before the ones given here:
+            "paper" (the defaults) or "cpu-small" (a CPU-sized schedule); see
+            ``METHODS[method].presets``.
+        delta_dtype: how the perturbation is kept between passes: "auto" (float32, float16
+            when float32 does not fit the memory budget), "float32", "float16" or "int8"
+            (whole grey levels, rounded stochastically after every pass).
         sparse: SALM: perturb only this percentage (0, 100] of each image's most salient
             pixels (surrogate input-gradient magnitude), for any surrogate-based method.
         device: "cpu", "cuda" or "cuda:N"; default CUDA when available.
@@ -201,14 +206,20 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
 
     cls = METHODS[method]
     overrides = dict(epochs=epochs, pgd_steps=pgd_steps, arch=arch, loss=loss, batch_size=batch_size,
-                     poison_batch_size=poison_batch_size, seed=seed, sparse=sparse)
+                     poison_batch_size=poison_batch_size, seed=seed)
     names = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(k for k, v in {**overrides, **settings}.items() if k not in names and v is not None)
     if unknown:
         raise ValueError(f"method {method!r} has no setting(s) {unknown}; its settings: {sorted(names)}")
     if eps is not None:
         overrides["eps"] = eps / 255
-    cfg = cls.config_class(**{k: v for k, v in overrides.items() if v is not None}, **settings)
+    chosen = {**(cls.preset(preset) if preset is not None else {}),
+              **{k: v for k, v in overrides.items() if v is not None}, **settings}
+    cfg = cls.config_class(**chosen)
+    check_delta_dtype(delta_dtype, cfg.eps)
+    gen = cls(cfg)
+    if sparse is not None:
+        gen = Sparse(gen, sparse)
     eps = round(cfg.eps * 255, 6)
 
     t0 = time.perf_counter()
@@ -225,11 +236,10 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     if resume and (output_dir / "manifest.json").exists() and not ckpt.exists():
         raise ValueError(f"{output_dir} already holds a complete run (manifest.json); nothing to resume")
 
-    engine = BiLevelEngine(cls(cfg, len(data.classes)), data.images, data.labels, len(data.classes), dev,
-                           checkpoint_path=ckpt, progress=progress, profile=profile,
-                           trace_path=output_dir / "profile_trace.json" if profile else None,
-                           compile=compile)
-    result = engine.run(resume=resume)
+    runner = Runner(gen, data.images, data.labels, len(data.classes), dev, checkpoint_path=ckpt, progress=progress,
+                    profile=profile, trace_path=output_dir / "profile_trace.json" if profile else None,
+                    compile=compile, delta_dtype=delta_dtype)
+    result = runner.run(resume=resume)
 
     t0 = time.perf_counter()
     clean = data.images.to(torch.int16)
@@ -255,7 +265,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     manifest = {
         "ue_fast_version": __version__,
         "method": method,
-        "settings": {**cfg.to_dict(), "eps_255": eps, "compile": compile},
+        "settings": {**cfg.to_dict(), "eps_255": eps, "compile": compile, "sparse": sparse,
+                     "delta_dtype": delta_dtype, "preset": preset},
         "seed": cfg.seed,
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         "versions": _versions(),
@@ -272,7 +283,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         "changed_pixels_fraction": float((effective != 0).float().mean()),
         "unchanged_images": unchanged,
         "rounding": rounding,
-        "delta_store": {"dtype": str(engine.delta.dtype).removeprefix("torch."), "on": str(engine.store)},
+        "delta_store": {"dtype": str(gen.store.dtype).removeprefix("torch."), "on": str(gen.store.place)},
         "perturbation_npy": npy_name,
         "files": [{"source": p, "output": w, "label": int(y), "linf_255": int(l)}
                   for p, w, y, l in zip(data.paths, written, data.labels.tolist(), linf.tolist())],
@@ -295,7 +306,7 @@ def _unchanged_message(unchanged: int, n: int, mean_abs_255: float, method: str,
     head = (f"all {n} protected images are identical to their inputs" if unchanged == n
             else f"{unchanged} of {n} protected images are identical to their inputs")
     cause = f"mean |delta| before rounding is {mean_abs_255:.3g}/255"
-    if not (METHODS[method].training_free or METHODS[method].classwise):  # class-wise: a step per batch
+    if issubclass(METHODS[method], SurrogateMethod) and not METHODS[method].classwise:  # class-wise: a step per batch
         most = sum(cfg.step_size(e) for e in range(1, cfg.epochs + 1)) * cfg.pgd_steps * 255
         cause += (f"; {cfg.epochs} rounds x {cfg.pgd_steps} steps move a pixel by at most {most:.3g}/255 in all: "
                   "the schedule is likely too short for its step size (raise epochs, pgd_steps or the step size)")

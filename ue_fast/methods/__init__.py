@@ -1,14 +1,21 @@
-"""Poison generators, one per file, each an objective for ``ue_fast.engine``."""
+"""Poison generators, one per file, over the blocks of ``ue_fast.generation``.
+
+``METHODS`` maps each ``--method`` name to its class; adding a generator is a new file
+and a line here.
+"""
 from .ap import AP, TAP, APConfig
-from .base import GeneratorConfig, Method
+from .base import Method, SurrogateMethod, TrainingFreeMethod
 from .bayes import Bayes, BayesConfig
 from .em import EM, EMClasswise, EMClasswiseConfig, EMConfig
 from .miue import MIUE, MIUEConfig
 from .rem import REM, REMConfig
+from .salm import Sparse
+from .settings import Config, SurrogateConfig
 from .training_free import AR, LSP, OPS
 
 METHODS = {"miue": MIUE, "em": EM, "em-classwise": EMClasswise, "ap": AP, "tap": TAP, "rem": REM, "bayes": Bayes,
            "ops": OPS, "lsp": LSP, "ar": AR}
 
-__all__ = ["AP", "APConfig", "AR", "Bayes", "BayesConfig", "EM", "EMClasswise", "EMClasswiseConfig", "EMConfig",
-           "GeneratorConfig", "LSP", "METHODS", "MIUE", "MIUEConfig", "Method", "OPS", "REM", "REMConfig", "TAP"]
+__all__ = ["AP", "APConfig", "AR", "Bayes", "BayesConfig", "Config", "EM", "EMClasswise", "EMClasswiseConfig",
+           "EMConfig", "LSP", "METHODS", "MIUE", "MIUEConfig", "Method", "OPS", "REM", "REMConfig", "Sparse",
+           "SurrogateConfig", "SurrogateMethod", "TAP", "TrainingFreeMethod"]

@@ -1,168 +1,156 @@
-"""What a poison generator is to the shared engine: its settings and its hooks.
+"""The two kinds of generator, over the blocks of ``ue_fast.generation``.
 
-A generator is a ``Method`` subclass with a ``GeneratorConfig`` subclass. The engine
-(``ue_fast.engine.BiLevelEngine``) runs, for round r = 1..``epochs``:
+A generator is a class with a ``name``, a ``config_class`` (its algorithm settings,
+``ue_fast.methods.settings``), ``presets`` and ``stages()``: the steps the runner
+runs, checkpoints and resumes. It never reaches into the runner; the runner never
+names it.
 
-1. surrogate training: ``train_batches(r)`` batches (None: one epoch) of
-   cross-entropy on ``train_input(...)`` (default ``x + delta``), lr ``learning_rate(r)``;
-2. the poison pass: the surrogate frozen in eval mode, over the whole set in shuffled
-   batches, ``pgd_steps`` steps of ``delta <- proj(delta -+ step_size(r) * sign(grad))``
-   on ``poison_loss(features, logits, y)`` of the surrogate at ``poison_input(...)``
-   (default ``x + delta``), descending unless ``maximize``;
-3. ``finished(engine, stats)`` may end the run early (EM's accuracy criterion).
+- :class:`SurrogateMethod`: optimised against a surrogate network. ``setup`` builds
+  the blocks every such method uses: ``self.data`` (the images, labels and the seeded
+  generator), ``self.store`` (the perturbations: one per sample, or one per class with
+  ``classwise``), ``self.surrogate`` (network, SGD, ``fit``) and ``self.pgd`` (the
+  passes). A method's ``stages()`` and round functions then read like its paper's
+  algorithm box.
+- :class:`TrainingFreeMethod`: draws or searches its perturbations directly
+  (``generate``); no surrogate settings.
 
-``pretrain_epochs()`` clean epochs run once before round 1 (AP trains its surrogate
-on clean data first and then freezes it: ``train_batches`` returns 0). With
-``retrain_epochs() > 0`` step 1 instead re-initialises the surrogate and trains it that
-many epochs from scratch. With ``whole_set_loss()`` step 2 differentiates one loss of
-the whole set's features per step instead of one loss per batch. A
-``classwise`` method keeps one perturbation per class, its gradient summed over
-the class's samples. A ``training_free`` method implements ``generate`` instead.
+Adding a method: a file with its config, its class and its ``stages()``, and a line
+in ``ue_fast.methods.METHODS``.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
+import time
 
 import torch
 
-
-def int_setting(name: str, value, lo: int = 1) -> None:
-    """A config field that must be an int >= ``lo`` (bool refused); ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-
-
-def real_setting(name: str, value, lo: float = 0.0, hi: float = math.inf, *, closed: bool = False) -> None:
-    """A config field that must be a finite number in (lo, hi] ([lo, hi] with ``closed``); ValueError otherwise."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
-        and (lo <= value if closed else lo < value) and value <= hi
-    if not ok:
-        raise ValueError(f"{name} must be a finite number in {'[' if closed else '('}{lo:g}, {hi:g}], got {value!r}")
-
-
-# The perturbation store's dtypes. float32 accumulates MI-UE's 0.2/255 steps as the authors'
-# code does; float16 (the authors' choice for ImageNet-100) has a spacing of at most
-# 0.008/255 within 8/255, so it keeps such steps too at half the memory; int8 holds whole
-# grey levels only and rounds stochastically (unbiased) after every pass.
-DELTA_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
-
-
-@dataclass
-class GeneratorConfig:
-    """Settings shared by the generators (each method's subclass sets its paper's defaults)."""
-
-    arch: str = "resnet18"
-    epochs: int = 100  # rounds of (surrogate training, poison pass); an upper bound for early-stopping methods
-    pgd_steps: int = 10  # PGD steps per batch per round
-    eps: float = 8 / 255  # L-inf budget, in [0, 1] pixel units
-    alpha: float = 0.8 / 255  # PGD step size
-    batch_size: int = 128  # surrogate training
-    poison_batch_size: int = 512  # PGD
-    lr: float = 0.1
-    lr_min: float = 1e-6
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    post_aug: bool = False  # flip the clean image before adding delta (noise that survives flips)
-    seed: int = 7
-    # How the perturbation is kept between PGD passes (see DELTA_DTYPES). "auto": float32, or
-    # float16 when float32 would not fit the memory budget.
-    delta_dtype: str = "auto"
-    sparse: float | None = None  # SALM: perturb only this percentage of the most salient pixels
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        for name in ("epochs", "pgd_steps", "batch_size", "poison_batch_size"):
-            int_setting(name, getattr(self, name))
-        if not (isinstance(self.eps, (int, float)) and 0 < self.eps <= 1):
-            raise ValueError(f"eps must be in (0, 255]/255, got {self.eps * 255:g}/255")
-        for name in ("alpha", "lr"):
-            real_setting(name, getattr(self, name))
-        if self.delta_dtype not in DELTA_DTYPES:
-            raise ValueError(f"delta_dtype must be one of {tuple(DELTA_DTYPES)}, got {self.delta_dtype!r}")
-        if self.delta_dtype == "int8" and self.eps * 255 > 127 + 1e-6:
-            raise ValueError(f"delta_dtype='int8' holds at most 127/255, got eps {self.eps * 255:g}/255")
-        if self.sparse is not None and not (isinstance(self.sparse, (int, float)) and 0 < self.sparse <= 100):
-            raise ValueError(f"sparse must be a percentage in (0, 100], got {self.sparse!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown settings for {cls.__name__}: {sorted(unknown)}")
-        return cls(**d)
-
-    def step_size(self, epoch: int) -> float:
-        """PGD step size of round ``epoch`` (1-based); constant unless a method schedules it."""
-        return self.alpha
-
-    def learning_rate(self, epoch: int) -> float:
-        """Cosine annealing per round, from lr at round 1 towards lr_min."""
-        t = (epoch - 1) / self.epochs
-        return self.lr_min + (self.lr - self.lr_min) * 0.5 * (1 + math.cos(math.pi * t))
+from ..generation import PGD, Batches, PerturbationStore, RunContext, Stage, Surrogate
+from ..generation.store import check_delta_dtype, choose_store
+from .settings import Config, SurrogateConfig
 
 
 class Method:
-    """Base of the generators: the hooks of the engine's loop, with the defaults MI-UE uses."""
+    """What every generator shares: its settings, presets and checkpointed state."""
 
     name = "base"
-    config_class = GeneratorConfig
-    maximize = False  # PGD ascends the poison loss
-    classwise = False  # one perturbation per class
-    training_free = False  # ``generate`` makes the perturbation; no surrogate, no engine loop
+    config_class = Config
+    classwise = False  # one perturbation per class (the output's rounding is then shared per class)
+    # Named settings over the defaults: "paper" is the defaults; "cpu-small" a CPU-sized schedule.
+    presets: dict[str, dict] = {"paper": {}, "cpu-small": {}}
 
-    def __init__(self, config: GeneratorConfig, num_classes: int):
-        self.config = config
+    def __init__(self, config: Config | None = None, num_classes: int | None = None):
+        self.config = config if config is not None else self.config_class()
         self.num_classes = num_classes
 
-    def pretrain_epochs(self) -> int:
-        """Clean surrogate epochs before round 1 (their lr follows ``pretrain_lr``): the
-        config's ``pretrain_epochs`` where a method has one, else none."""
-        return getattr(self.config, "pretrain_epochs", 0)
+    @classmethod
+    def preset(cls, name: str) -> dict:
+        if name not in cls.presets:
+            raise ValueError(f"method {cls.name!r} has no preset {name!r}; its presets: {sorted(cls.presets)}")
+        return dict(cls.presets[name])
 
-    def pretrain_lr(self, epoch: int) -> float:
-        n = max(self.pretrain_epochs(), 1)
-        return self.config.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / n))
+    def settings(self) -> dict:
+        """Everything that decides the result (checked on resume, written to the manifest)."""
+        return self.config.to_dict()
 
-    def train_batches(self, epoch: int) -> int | None:
-        """Surrogate batches in round ``epoch``: None for one epoch, 0 for none."""
-        return None
-
-    def retrain_epochs(self) -> int:
-        """Epochs of a freshly initialised surrogate at the start of every round (lr cosine
-        from ``lr`` to 0 within the round), replacing ``train_batches``: the config's
-        ``retrain_epochs`` where a method has one, else 0 (keep training one surrogate)."""
-        return getattr(self.config, "retrain_epochs", 0)
-
-    def whole_set_loss(self) -> bool:
-        """True: each PGD step takes ``poison_loss`` of all N samples' features at once
-        (computed batch by batch without a graph, then back-propagated batch by batch), so
-        a loss coupling samples, like the Bayes-error estimate, sees the whole set. Needs a
-        deterministic ``poison_input``: both passes must see the same input."""
-        return getattr(self.config, "whole_set", False)
-
-    def train_input(self, engine, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The surrogate's training input for clean x and perturbation delta [B, 3, H, W]."""
-        return x + delta
-
-    def poison_input(self, engine, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The input whose poison loss is differentiated w.r.t. delta (differentiable in delta)."""
-        return x + delta
-
-    def poison_loss(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def setup(self, ctx: RunContext, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
         raise NotImplementedError
 
-    def finished(self, engine, stats: dict) -> bool:
-        """End the run after this round (``stats`` is the round's history entry)."""
-        return False
+    def stages(self) -> list[Stage]:
+        raise NotImplementedError
+
+    def blocks(self) -> dict:
+        """The blocks whose ``state_dict`` a checkpoint holds."""
+        return {"data": self.data, "store": self.store}
+
+    def extra_state(self) -> dict:
+        """The method's own state beyond its blocks' (tensors, numbers, lists)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {**{k: b.state_dict() for k, b in self.blocks().items()}, "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, b in self.blocks().items():
+            b.load_state_dict(state[k])
+        self.load_extra_state(state["extra"])
+
+    def perturbations(self) -> torch.Tensor:
+        """float32 [N, 3, H, W] in pixel units on the CPU."""
+        return self.store.per_sample_cpu()
+
+    def _data_and_store(self, ctx, images, labels, num_classes):
+        cfg = self.config
+        check_delta_dtype(ctx.delta_dtype, cfg.eps)
+        self.ctx, self.num_classes = ctx, num_classes
+        n, c, h, w = images.shape
+        rows = num_classes if self.classwise else n
+        place, dtype = choose_store(ctx.device, images.numel(), rows * c * h * w, ctx.delta_dtype)
+        self.data = Batches(images, labels, ctx.device, place, cfg.seed)
+        self.store = PerturbationStore(rows, (c, h, w), device=ctx.device, place=place, dtype=dtype, eps=cfg.eps,
+                                       seed=cfg.seed, row_of=self.data.labels if self.classwise else None)
+
+
+class SurrogateMethod(Method):
+    """A generator optimised against a surrogate (see the module docstring)."""
+
+    config_class = SurrogateConfig
+
+    def setup(self, ctx, images, labels, num_classes):
+        cfg = self.config
+        self._data_and_store(ctx, images, labels, num_classes)
+        self.surrogate = Surrogate(ctx, cfg.arch, num_classes, max(images.shape[2:]), seed=cfg.seed, lr=cfg.lr,
+                                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        self.pgd = PGD(ctx, self.surrogate, self.data, self.store, cfg.eps)
+
+    def blocks(self) -> dict:
+        return {**super().blocks(), "surrogate": self.surrogate, "pgd": self.pgd}
+
+    # -- inputs of surrogate training, per index batch -------------------------------------
+    def clean_inputs(self, transform=None):
+        """idx -> (x, y) (``transform(x, y)`` applied when given)."""
+        def inputs(idx):
+            x, y = self.data.clean(idx), self.data.labels[idx]
+            return (x if transform is None else transform(x, y)), y
+        return inputs
+
+    def perturbed_inputs(self, flip: bool = False, transform=None):
+        """idx -> (x + delta, y), x flipped at random with ``flip`` (post-augmentation), then
+        ``transform(x + delta, y)`` when given."""
+        def inputs(idx):
+            x, y = self.data.clean(idx, flip), self.data.labels[idx]
+            xd = x + self.store.samples(idx)
+            return (xd if transform is None else transform(xd, y)), y
+        return inputs
+
+    def poisoned_accuracy(self) -> float:
+        """The surrogate's accuracy on clip(x + delta, 0, 1) over the whole set (eval mode, no augmentation)."""
+        def inputs(idx):
+            x = self.data.clean(idx)
+            return (x + self.store.samples(idx)).clamp_(0, 1), self.data.labels[idx]
+        return self.surrogate.accuracy(self.data.ordered(self.config.poison_batch_size), inputs)
+
+
+class TrainingFreeMethod(Method):
+    """A generator with no surrogate: ``generate`` makes every perturbation at once."""
+
+    def setup(self, ctx, images, labels, num_classes):
+        self._data_and_store(ctx, images, labels, num_classes)
+
+    def stages(self):
+        return [Stage("generation", 1, self._generation)]
+
+    def _generation(self, i: int) -> dict:
+        t0 = time.perf_counter()
+        with self.ctx.timer("generation"):
+            d = self.generate(self.data.images.to(self.ctx.device), self.data.labels, self.data.gen, self.ctx.device)
+            d = d.clamp(-self.config.eps, self.config.eps)
+        self.store.begin_pass()
+        self.store.put(torch.arange(self.data.n), d)
+        return dict(train_s=0.0, poison_s=time.perf_counter() - t0)
 
     def generate(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
                  device: torch.device) -> torch.Tensor:
-        """Training-free methods: float perturbations [N, 3, H, W] within eps (on ``device``)."""
+        """float perturbations [N, 3, H, W] (clipped to eps afterwards) for uint8 images on ``device``."""
         raise NotImplementedError

@@ -1,38 +1,13 @@
 r"""Bayes-error unlearnable examples (Zhang, Sun, Lim, Zhang, AAAI 2026, arXiv:2511.08191).
 
 "Towards Provably Unlearnable Examples via Bayes Error Optimisation": perturb the images
-so that a kernel estimate of the Bayes error of their features is as large as possible.
-
-The estimator (leave-one-out Gaussian-kernel class posterior). For features ``f`` [B, D]
-with labels ``y`` [B] and bandwidth ``sigma``:
-
-    l_ij   = -|f_i - f_j|^2 / (2 sigma^2)                (j != i; l_ii = -inf)
-    w_ij   = exp(l_ij) / sum_{k != i} exp(l_ik)           (leave-one-out kernel weights)
-    p_ic   = sum_{j: y_j = c} w_ij                        (class posterior of sample i)
-    E      = (1/B) sum_i (1 - max_c p_ic)                 (Bayes error estimate)
-
-Gradient, with ``c_i = argmax_c p_ic`` held fixed (the subgradient of the max; ties go to
-the first class) and ``G_ij = -(1/B) w_ij ([y_j = c_i] - p_{i c_i})`` (0 on the diagonal):
-
-    dE/dl_ij = G_ij,    dE/df_k = -(1/sigma^2) [ f_k (sum_j S_kj) - sum_j S_kj f_j ],
-    S = G + G^T.
-
-Computation: ``|f_i - f_j|^2 = |f_i|^2 + |f_j|^2 - 2 f_i.f_j`` from a matmul on features
-centred by their batch mean (distances are translation invariant; centring shrinks the
-cancellation error), clamped at 0; row blocks of ``[chunk, B]`` with the row maximum
-subtracted before ``exp`` (so a sample whose neighbours are all far away still has a
-finite, nearest-neighbour-like posterior instead of 0/0); the gradient is accumulated
-during the forward pass. Memory O(chunk * B + B * D); no [B, B, D] tensor.
-
-The authors' estimator (github.com/cat-claws/bayes-error-local-averaging, used by
-github.com/cat-claws/unlearnable) is this one with ``sigma = 0.3`` on penultimate features
-divided by their largest absolute entry (``feature_scale="max"``), and ``+1e-8`` in the
-denominator (dropped here: it turns far-apart samples into posterior 0 and gradient 0).
+so that a kernel estimate of the Bayes error of their features (``ue_fast.ops.bayes``:
+leave-one-out Gaussian-kernel class posteriors, bandwidth ``sigma``) is as large as possible.
 
 The generator. The authors alternate retraining a ResNet-18 from scratch on the current
 perturbed set (30 epochs, SGD lr 0.1 cosine, no augmentation) with one ascent step (AdamW,
-lr 1e-3) on the whole set's Bayes error, projected to eps 8/255. Here it runs on the shared
-bi-level engine like MI-UE: per round the surrogate trains one epoch on ``x + delta``, then
+lr 1e-3) on the whole set's Bayes error, projected to eps 8/255. Here, by default, it runs the
+bi-level loop like MI-UE: per round the surrogate trains one epoch on ``x + delta``, then
 ``pgd_steps`` sign-ascent steps (``maximize``) per shuffled batch of ``poison_batch_size``
 on the batch's estimate E. Defaults: eps 8/255, sigma 0.3, max scaling (authors'); 100
 rounds x 10 steps of 0.5/255, batch 512 (this project's bi-level schedule; a round moves a
@@ -88,120 +63,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ..ops._checks import check_features, check_labels, check_num_classes, check_real
-from .base import GeneratorConfig, Method, int_setting, real_setting
+from ..generation import Stage
+from ..ops.bayes import bayes_error, median_bandwidth
+from .base import SurrogateMethod
+from .settings import SurrogateConfig, bool_setting, choice_setting, int_setting, real_setting
 
-# Rows per block: a [chunk, B] block stays around 16 M elements (64 MB in float32).
-_CHUNK_ELEMS = 1 << 24
 FEATURE_SCALES = ("max", "l2", "none")
 
 
-def _check(features, labels, num_classes, sigma):
-    check_features(features)
-    num_classes = check_num_classes(num_classes)
-    check_labels(labels, features, num_classes)
-    sigma = check_real("sigma", sigma, positive=True)
-    if features.shape[0] < 2:
-        raise ValueError(f"a leave-one-out estimate needs a batch of at least 2, got {features.shape[0]}")
-    return num_classes, sigma
-
-
-def _blocks(features, labels, num_classes, sigma):
-    """Yield (lo, hi, f [B, D] centred, w [c, B], p [c, C]) per row block of rows lo:hi.
-
-    Float32 (float64 for float64 input).
-    """
-    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    f = features.to(dtype)
-    f = f - f.mean(0, keepdim=True).detach()
-    sq = (f * f).sum(1)  # [B]
-    onehot = torch.nn.functional.one_hot(labels.long(), num_classes).to(dtype)  # [B, C]
-    b = f.shape[0]
-    chunk = max(1, min(b, _CHUNK_ELEMS // b))
-    for lo in range(0, b, chunk):
-        hi = min(lo + chunk, b)
-        d = (sq[lo:hi, None] + sq[None, :] - 2 * (f[lo:hi] @ f.T)).clamp_min(0)  # [c, B]
-        rows = torch.arange(hi - lo, device=f.device)
-        logit = (-0.5 / sigma ** 2) * d
-        logit = logit.index_put((rows, rows + lo), torch.tensor(-math.inf, dtype=dtype, device=f.device))
-        w = torch.softmax(logit, dim=1)  # max-subtracted; the diagonal is exactly 0
-        yield lo, hi, f, w, w @ onehot
-
-
-def loo_kernel_posterior(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                         sigma: float) -> torch.Tensor:
-    """Leave-one-out Gaussian-kernel class posteriors p [B, C] of ``features`` [B, D] (B >= 2).
-
-    ``p_ic`` as in this module's docstring; differentiable by autograd (which keeps the
-    [B, B] weights). Float64 for float64 features, float32 otherwise.
-    """
-    num_classes, sigma = _check(features, labels, num_classes, sigma)
-    return torch.cat([p for *_, p in _blocks(features, labels, num_classes, sigma)])
-
-
-class _BayesError(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features, labels, num_classes, sigma):
-        want_grad = ctx.needs_input_grad[0]
-        total = None
-        for lo, hi, f, w, p in _blocks(features.detach(), labels, num_classes, sigma):
-            if total is None:
-                b = f.shape[0]
-                total = f.new_zeros(())
-                if want_grad:
-                    s_sum = f.new_zeros(b)  # sum_j S_kj
-                    sf = torch.zeros_like(f)  # sum_j S_kj f_j
-            c = p.argmax(1)  # first maximum on ties
-            pmax = p.gather(1, c[:, None])[:, 0]
-            total += (1 - pmax).sum()
-            if want_grad:
-                hit = (labels[None, :] == c[:, None]).to(f.dtype)  # [c, B]: y_j = c_i
-                g = w * (hit - pmax[:, None]) * (-1.0 / b)  # G block [c, B]
-                s_sum[lo:hi] += g.sum(1)
-                s_sum += g.sum(0)
-                sf[lo:hi] += g @ f
-                sf.addmm_(g.T, f[lo:hi])
-        if want_grad:
-            grad = (-1.0 / sigma ** 2) * (f * s_sum[:, None] - sf)
-            ctx.save_for_backward(grad.to(features.dtype))
-        return total / b
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None
-
-
-def bayes_error(features: torch.Tensor, labels: torch.Tensor, num_classes: int, sigma: float) -> torch.Tensor:
-    """Kernel Bayes-error estimate E (0-d) of ``features`` [B, D] (B >= 2) with integer ``labels`` [B].
-
-    Differentiable in ``features``; the formula and its gradient are in this module's
-    docstring. Float64 for float64 features, float32 otherwise.
-    """
-    num_classes, sigma = _check(features, labels, num_classes, sigma)
-    return _BayesError.apply(features, labels, num_classes, sigma)
-
-
-_MEDIAN_ROWS = 4096
-
-
-def median_bandwidth(features: torch.Tensor) -> float:
-    """The median heuristic: sigma = sqrt(median_{i<j} |f_i - f_j|^2 / 2) (a [B, B] matrix, no grad).
-
-    Over at most 4,096 evenly strided rows, so a whole-set estimate stays O(4096^2) here.
-    """
-    f = features.detach().float()
-    f = f[::math.ceil(len(f) / _MEDIAN_ROWS)]
-    d = torch.cdist(f, f).pow(2)
-    iu = torch.triu_indices(len(f), len(f), 1, device=f.device)
-    return max(math.sqrt(float(d[iu[0], iu[1]].median()) / 2), 1e-12)
-
-
 @dataclass
-class BayesConfig(GeneratorConfig):
+class BayesConfig(SurrogateConfig):
     """Settings of a Bayes-error run (see the module docstring for the defaults' sources)."""
 
     alpha: float = 0.5 / 255
@@ -216,27 +88,57 @@ class BayesConfig(GeneratorConfig):
         super().validate()
         if self.sigma is not None:  # None: the median heuristic
             real_setting("sigma", self.sigma)
-        if self.feature_scale not in FEATURE_SCALES:
-            raise ValueError(f"feature_scale must be one of {FEATURE_SCALES}, got {self.feature_scale!r}")
+        choice_setting("feature_scale", self.feature_scale, FEATURE_SCALES)
         int_setting("pretrain_epochs", self.pretrain_epochs, 0)
         for name in ("train_surrogate", "whole_set"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            bool_setting(name, getattr(self, name))
         int_setting("retrain_epochs", self.retrain_epochs, 0)
         if self.retrain_epochs and not self.train_surrogate:
             raise ValueError("retrain_epochs trains a fresh surrogate every round; it cannot be combined "
                              "with train_surrogate=False")
 
 
-class Bayes(Method):
-    """Maximise the batch's kernel Bayes-error estimate of the surrogate's features."""
+class Bayes(SurrogateMethod):
+    """Maximise the kernel Bayes-error estimate of the surrogate's features."""
 
     name = "bayes"
     config_class = BayesConfig
-    maximize = True
+    presets = {"paper": {}, "cpu-small": dict(arch="cnn-small", epochs=10, pgd_steps=5, batch_size=64)}
 
-    def train_batches(self, epoch: int) -> int | None:
-        return None if self.config.train_surrogate else 0
+    def stages(self):
+        cfg = self.config
+        return [Stage("clean surrogate", cfg.pretrain_epochs, self.pretrain_epoch, key="pretrain_epoch"),
+                Stage("rounds", cfg.epochs, self.round)]
+
+    def pretrain_epoch(self, e: int) -> dict:
+        cfg = self.config
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * (e - 1) / cfg.pretrain_epochs))
+        train = self.surrogate.fit(self.data.shuffled(cfg.batch_size, merge_single=True), self.clean_inputs(),
+                                   lr=lr, desc=f"clean epoch {e}")
+        return dict(lr=lr, **train)
+
+    def round(self, r: int) -> dict:
+        cfg, data = self.config, self.data
+        train = dict(train_loss=None, train_acc=None, train_s=0.0)
+        if cfg.retrain_epochs:  # a fresh surrogate, K epochs, lr cosine from lr to 0
+            self.surrogate.reinit(cfg.seed + 1_000_003 * r)
+            t = 0.0
+            for k in range(cfg.retrain_epochs):
+                lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * k / cfg.retrain_epochs))
+                train = self.surrogate.fit(data.shuffled(cfg.batch_size, merge_single=True), self.perturbed_inputs(),
+                                           lr=lr, desc=f"round {r}: fresh surrogate {k + 1}/{cfg.retrain_epochs}")
+                t += train["train_s"]
+            train["train_s"] = t
+        elif cfg.train_surrogate:
+            train = self.surrogate.fit(data.shuffled(cfg.batch_size, merge_single=True), self.perturbed_inputs(),
+                                       lr=cfg.learning_rate(r), desc=f"round {r}: surrogate")
+        if cfg.whole_set:
+            poison = self.pgd.whole_set(self.loss, steps=cfg.pgd_steps, step_size=cfg.alpha, maximize=True,
+                                        batch_size=cfg.poison_batch_size, desc=f"round {r}: PGD x{cfg.pgd_steps} (whole set)")
+        else:
+            poison = self.pgd.per_batch(data.shuffled(cfg.poison_batch_size), self.loss, steps=cfg.pgd_steps,
+                                        step_size=cfg.alpha, maximize=True, desc=f"round {r}: PGD x{cfg.pgd_steps}")
+        return dict(lr=cfg.learning_rate(r), step_size=cfg.alpha, **train, **poison)
 
     def scaled(self, features: torch.Tensor) -> torch.Tensor:
         f = features.float()  # bf16 under autocast
@@ -246,11 +148,11 @@ class Bayes(Method):
             return f / torch.linalg.vector_norm(f, dim=1, keepdim=True).clamp_min(1e-12)
         return f
 
-    def poison_loss(self, features, logits, labels):
+    def loss(self, features, logits, labels):
         """E of the scaled features [B, F]; a batch of one sample has no estimate (0)."""
         if len(labels) < 2:
-            return features.sum() * 0  # the engine's last batch can hold one sample
+            return features.sum() * 0  # a last batch can hold one sample
         f = self.scaled(features)
         sigma = self.config.sigma if self.config.sigma is not None else median_bandwidth(f)
-        # The engine's labels are validated once; bayes_error's range check would sync per step.
-        return _BayesError.apply(f, labels, self.num_classes, float(sigma))
+        # The labels were validated when the data was read; the range check would sync per step.
+        return bayes_error(f, labels, self.num_classes, float(sigma), validate=False)

@@ -6,10 +6,10 @@ the training augmentations T::
 
     min_theta E_(x,y) [ min_{|delta| <= eps} E_T max_{|rho| <= adv_eps} CE(f_theta(T(x + delta) + rho), y) ]
 
-Round r = 1..E (``ue_fast.engine`` runs the loop):
+Round r = 1..E:
 
 1. train f one epoch, adversarially: cross-entropy on ``T(x + delta) + rho`` with
-   T a random flip and zero-padded random crop and rho from ``adversary``;
+   T a random flip and zero-padded random crop and rho from the adversary;
 2. f frozen in eval mode, over the whole set: K steps of
    ``delta <- proj(delta - alpha * sign(grad_delta L))`` with
    ``L = mean_k CE(f(T_k(x + delta) + rho_k), y)`` over ``eot_samples`` draws T_k.
@@ -17,19 +17,20 @@ Round r = 1..E (``ue_fast.engine`` runs the loop):
    ``grad_delta L`` is the gradient at the adversarial point passed back through
    T_k (Danskin's theorem; the authors' code does the same).
 
-``adversary``: ``adv_steps`` PGD steps of ``adv_alpha`` ascending CE from a uniform
+The adversary: ``adv_steps`` PGD steps of ``adv_alpha`` ascending CE from a uniform
 random start in the ``adv_eps`` ball, ``x + rho`` kept in [0, 1], f in eval mode.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..ops import pgd_step_
-from .base import GeneratorConfig, Method, int_setting, real_setting
+from ..generation import Stage
+from ..generation.transforms import Adversary, random_crop_flip
+from .base import SurrogateMethod
+from .settings import SurrogateConfig, int_setting, real_setting
 
 # REM decays the learning rate x lr_decay_rate at steps 2,000 and 4,000 of 5,000:
 # at these fractions of the run.
@@ -37,7 +38,7 @@ LR_MILESTONES = (0.4, 0.8)
 
 
 @dataclass
-class REMConfig(GeneratorConfig):
+class REMConfig(SurrogateConfig):
     """Settings of a REM run; defaults are the authors' CIFAR-10 settings.
 
     From github.com/fshp971/robust-unlearnable-examples (``scripts/cifar10/gen_rem.sh``,
@@ -45,13 +46,8 @@ class REMConfig(GeneratorConfig):
     momentum 0.9, weight decay 5e-4, 5,000 training steps with the lr x0.1 at steps
     2,000 and 4,000; delta: eps 8/255, 10 PGD steps of 1.6/255, 5 samples of the
     training augmentation (flip, 4-pixel zero-padded random crop at 32x32) per step;
-    rho: radius 4/255, 10 PGD steps of 0.8/255, random start. They perturb each
-    training batch before the step on it (so 5,000 x 128 images, ~13 passes over
-    CIFAR-10's 50,000); here a round is one training epoch and one poison pass, so
-    ``epochs`` = 13 rounds is the same amount of work on CIFAR-10, and the lr decays
-    at 40% and 80% of the rounds. Their delta restarts from uniform noise for each
-    batch and is regenerated once more with the final surrogate; here, as in EM,
-    delta starts at zero and every round continues from the last round's delta.
+    rho: radius 4/255, 10 PGD steps of 0.8/255, random start. 5,000 x 128 images are
+    ~13 passes over CIFAR-10's 50,000, hence ``epochs`` = 13.
     """
 
     epochs: int = 13
@@ -84,88 +80,48 @@ class REMConfig(GeneratorConfig):
         return self.lr * self.lr_decay_rate ** sum(done >= m for m in LR_MILESTONES)
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Per sample: a horizontal flip with probability 1/2, then a random H x W crop of x
-    zero-padded by ``padding`` (torchvision's RandomHorizontalFlip + RandomCrop(size, padding)).
-
-    x [B, C, H, W] -> [B, C, H, W]; a gather, so differentiable in x. Offsets and flips
-    are drawn from the CPU generator ``gen``.
-    """
-    b, _, h, w = x.shape
-    i = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
-    j = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
-    flip = torch.rand(b, generator=gen) < 0.5
-    rows = i[:, None] + torch.arange(h)  # [B, H]
-    cols = torch.arange(w).expand(b, w)
-    # Flipping the padded image and cropping at offset j reads the same pixels as
-    # reading a crop at offset 2p - j backwards; both offsets are uniform.
-    cols = torch.where(flip[:, None], cols.flip(1), cols) + j[:, None]  # [B, W]
-    xp = F.pad(x, (padding,) * 4)  # zeros: black borders, as RandomCrop's default fill
-    dev = x.device
-    out = xp[torch.arange(b, device=dev)[:, None, None], :, rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]
-    return out.permute(0, 3, 1, 2)  # advanced indices first: [B, H, W, C] -> [B, C, H, W]
-
-
-class REM(Method):
+class REM(SurrogateMethod):
     """Robust error-minimising noise: EM against an adversarially trained surrogate, over augmentations."""
 
     name = "rem"
     config_class = REMConfig
+    presets = {"paper": {}, "cpu-small": dict(arch="cnn-small", epochs=5, pgd_steps=3, adv_steps=3, eot_samples=2,
+                                              batch_size=64)}
 
-    def _padding(self, x: torch.Tensor) -> int:
-        p = self.config.crop_padding
-        return max(x.shape[-2:]) // 8 if p is None else p
-
-    def adversary(self, engine, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """rho [B, C, H, W] (detached) approximately maximising ``CE(f(x + rho), y)`` over
-        ``|rho|_inf <= adv_eps``, ``x + rho`` in [0, 1], for inputs x [B, C, H, W] in [0, 1].
-
-        The surrogate runs in eval mode with frozen weights (the authors' PGD attacker
-        does the same); its mode and ``requires_grad`` flags are restored afterwards.
-        """
+    def setup(self, ctx, images, labels, num_classes):
+        super().setup(ctx, images, labels, num_classes)
         cfg = self.config
-        x = x.detach().float()
-        if cfg.adv_steps == 0 or cfg.adv_eps == 0:
-            return torch.zeros_like(x)
-        model = engine.model
-        was_training = model.training
-        flags = [p.requires_grad for p in model.parameters()]
-        model.eval()
-        model.requires_grad_(False)
-        autocast = (torch.autocast(engine.device.type, dtype=torch.bfloat16) if engine.amp
-                    else contextlib.nullcontext())
-        try:
-            # engine.gen is checkpointed, so the random start is reproduced on resume.
-            rho = (torch.rand(x.shape, generator=engine.gen).to(x.device) * 2 - 1) * cfg.adv_eps
-            rho = (x + rho).clamp_(0, 1) - x
-            for _ in range(cfg.adv_steps):
-                rho.requires_grad_(True)
-                with autocast:
-                    _, logits = engine.forward(x + rho)
-                loss = F.cross_entropy(logits.float(), y)
-                (grad,) = torch.autograd.grad(loss, rho)
-                rho = rho.detach()
-                pgd_step_(rho, grad, x, eps=cfg.adv_eps, step_size=cfg.adv_alpha, maximize=True)
-            return rho
-        finally:
-            model.train(was_training)
-            for p, flag in zip(model.parameters(), flags):
-                p.requires_grad_(flag)
+        self.adversary = Adversary(self.surrogate, self.data.gen, eps=cfg.adv_eps, steps=cfg.adv_steps,
+                                   step_size=cfg.adv_alpha)
+        self.padding = max(images.shape[2:]) // 8 if cfg.crop_padding is None else cfg.crop_padding
 
-    def train_input(self, engine, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Adversarial training input ``T(x + delta) + rho`` [B, C, H, W]."""
-        xd = random_crop_flip((x + delta).clamp(0, 1), self._padding(x), engine.gen)
-        return xd + self.adversary(engine, xd, y)
+    def stages(self):
+        return [Stage("rounds", self.config.epochs, self.round)]
 
-    def poison_input(self, engine, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def round(self, r: int) -> dict:
+        cfg, data = self.config, self.data
+        train = self.surrogate.fit(data.shuffled(cfg.batch_size, merge_single=True),
+                                   self.perturbed_inputs(transform=self.adversarial_view), lr=cfg.learning_rate(r),
+                                   desc=f"round {r}: adversarial training")
+        poison = self.pgd.per_batch(data.shuffled(cfg.poison_batch_size), self.loss, steps=cfg.pgd_steps,
+                                    step_size=cfg.alpha, inputs=self.eot_views, desc=f"round {r}: PGD x{cfg.pgd_steps}")
+        return dict(lr=cfg.learning_rate(r), step_size=cfg.alpha, **train, **poison)
+
+    def adversarial_view(self, xd: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training input ``T(x + delta) + rho`` [B, C, H, W] for xd = x + delta."""
+        v = random_crop_flip(xd.clamp(0, 1), self.padding, self.data.gen)
+        return v + self.adversary(v, y)
+
+    def eot_views(self, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``T_k(x + delta) + rho_k`` for k = 1..eot_samples, stacked: [eot_samples * B, C, H, W],
         the k-th block holding the k-th draw of every sample; differentiable in delta through T_k."""
         k = self.config.eot_samples
         xd = (x + delta).clamp(0, 1)
-        views = torch.cat([random_crop_flip(xd, self._padding(x), engine.gen) for _ in range(k)])
-        return views + self.adversary(engine, views, y.repeat(k))
+        views = torch.cat([random_crop_flip(xd, self.padding, self.data.gen) for _ in range(k)])
+        return views + self.adversary(views, y.repeat(k))
 
-    def poison_loss(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def loss(features, logits, labels):
         """``mean_k mean_i CE(logits[k B + i], labels[i])`` for logits [K B, C] of K views of labels [B]."""
         k, rest = divmod(logits.shape[0], labels.shape[0])
         if rest or k < 1:

@@ -1,27 +1,50 @@
-"""SALM-style sparse perturbations: only the most salient pixels of each image may move.
+"""SALM-style sparse perturbations: any per-sample surrogate method, on salient pixels only.
 
-Saliency of pixel (h, w) of image i is ``sum_c |d CE(f(x_i), y_i) / d x_i[c, h, w]|``
-for the surrogate f; the mask keeps the ``percent`` % pixels of largest saliency per
-image (all three channels of a kept pixel move). The engine multiplies every PGD
-step by the mask (``pgd_step_(..., mask=...)``), so the other pixels stay clean.
+``Sparse(method, percent)`` runs ``method`` unchanged except that its PGD passes move
+only the ``percent`` % most salient pixels of each image (``ue_fast.generation.saliency``:
+input-gradient magnitude of the surrogate), taken once at the start of the first pass,
+when the surrogate has trained (or pre-trained) as the method prescribes.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from .base import SurrogateMethod
 
 
-def saliency_mask(forward, x: torch.Tensor, labels: torch.Tensor, percent: float) -> torch.Tensor:
-    """bool [B, 1, H, W] of the ``percent`` % most salient pixels of each image x [B, 3, H, W] in [0, 1]."""
-    if not (0 < percent <= 100):
-        raise ValueError(f"percent must be in (0, 100], got {percent!r}")
-    b, _, h, w = x.shape
-    k = max(1, round(percent / 100 * h * w))
-    x = x.detach().requires_grad_(True)
-    _, logits = forward(x)
-    loss = F.cross_entropy(logits.float(), labels, reduction="sum")  # sum: per-sample gradients unscaled
-    (grad,) = torch.autograd.grad(loss, x)
-    sal = grad.float().abs().sum(1).flatten(1)  # [B, H*W]
-    top = sal.topk(k, dim=1).indices
-    mask = torch.zeros_like(sal, dtype=torch.bool).scatter_(1, top, True)
-    return mask.view(b, 1, h, w)
+class Sparse:
+    """``method`` (a per-sample ``SurrogateMethod``) restricted to each image's most salient pixels."""
+
+    def __init__(self, method, percent: float):
+        if not isinstance(method, SurrogateMethod) or method.classwise:
+            kind = "class-wise" if getattr(method, "classwise", False) else "training-free"
+            raise ValueError(f"sparse (SALM) needs per-sample perturbations from a surrogate; method "
+                             f"{method.name!r} is {kind}")
+        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent <= 100:
+            raise ValueError(f"sparse must be a percentage in (0, 100], got {percent!r}")
+        self.method, self.percent = method, percent
+        self.name, self.config, self.classwise = method.name, method.config, False
+
+    def settings(self) -> dict:
+        return {**self.method.settings(), "sparse": self.percent}
+
+    def setup(self, ctx, images, labels, num_classes) -> None:
+        from ..generation.saliency import dataset_saliency
+
+        m = self.method
+        m.setup(ctx, images, labels, num_classes)
+        m.pgd.mask_source = lambda: dataset_saliency(m.surrogate, m.data, self.percent, m.config.poison_batch_size)
+
+    def stages(self):
+        return self.method.stages()
+
+    def state_dict(self) -> dict:
+        return self.method.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_state_dict(state)
+
+    def perturbations(self):
+        return self.method.perturbations()
+
+    @property
+    def store(self):
+        return self.method.store

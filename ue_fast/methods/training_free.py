@@ -2,7 +2,8 @@
 
 Each method draws or searches a class-wise *pattern* with no surrogate network,
 so ``protect`` runs in seconds even for large sets. All randomness comes from the
-engine's seeded CPU generator, so a seed fixes the result.
+run's seeded CPU generator, so a seed fixes the result. Their settings are their
+own and ``eps``/``seed``: no surrogate settings.
 
 - ``ops`` (One-Pixel Shortcut, Wu et al., ICLR 2023): for each class, the pixel
   position p and binary colour v in {0, 1}^3 maximising
@@ -36,23 +37,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import GeneratorConfig, Method, int_setting, real_setting
-
-
-class _TrainingFree(Method):
-    training_free = True
-
-    def poison_loss(self, features, logits, labels):  # pragma: no cover - never called
-        raise RuntimeError(f"{self.name} is training-free: it has no poison loss")
+from .base import TrainingFreeMethod
+from .settings import Config, int_setting, real_setting
 
 
 # ----------------------------------------------------------------------------- OPS
 @dataclass
-class OPSConfig(GeneratorConfig):
+class OPSConfig(Config):
     """One-Pixel Shortcut; ``eps`` bounds the one changed pixel (default: unbounded, 255/255)."""
 
     eps: float = 1.0
-    delta_dtype: str = "float32"  # the changed pixel moves by up to 255/255, beyond int8
     pixels: int = 1  # pixels per class (the paper's sparsity 1)
 
     def validate(self) -> None:
@@ -98,7 +92,7 @@ def ops_search(images: torch.Tensor, labels: torch.Tensor, num_classes: int, pix
     return pos, col
 
 
-class OPS(_TrainingFree):
+class OPS(TrainingFreeMethod):
     """One-Pixel Shortcut (Wu et al., ICLR 2023); see the module docstring."""
 
     name = "ops"
@@ -118,7 +112,7 @@ class OPS(_TrainingFree):
 
 # ----------------------------------------------------------------------------- LSP
 @dataclass
-class LSPConfig(GeneratorConfig):
+class LSPConfig(Config):
     """Linearly separable patches; ``patch`` None: 8 px up to 64 px images, else 32 px."""
 
     patch: int | None = None
@@ -133,7 +127,7 @@ class LSPConfig(GeneratorConfig):
         real_setting("rms", self.rms)
 
 
-class LSP(_TrainingFree):
+class LSP(TrainingFreeMethod):
     """Linearly separable perturbations (Yu et al., KDD 2022); see the module docstring."""
 
     name = "lsp"
@@ -160,7 +154,7 @@ class LSP(_TrainingFree):
 
 # ----------------------------------------------------------------------------- AR
 @dataclass
-class ARConfig(GeneratorConfig):
+class ARConfig(Config):
     """Autoregressive perturbations: class-wise processes, per-image noise of L2 norm ``l2``, clipped to eps."""
 
     eps: float = 16 / 255
@@ -198,7 +192,7 @@ def ar_process(weights: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class AR(_TrainingFree):
+class AR(TrainingFreeMethod):
     """Autoregressive perturbations (Sandoval-Segura et al., NeurIPS 2022); see the module docstring."""
 
     name = "ar"

@@ -1,4 +1,4 @@
-"""The engine's CUDA paths, on a GPU: bf16 autocast with a channels-last surrogate, CUDA graphs
+"""The generation layer's CUDA paths, on a GPU: bf16 autocast with a channels-last surrogate, CUDA graphs
 (``compile="reduce-overhead"``), and images and perturbations streamed from host memory when
 they do not fit the device.
 
@@ -50,15 +50,15 @@ def test_eager_bf16_channels_last(demo, tmp_path):
 
 
 def test_surrogate_runs_bf16_channels_last(demo):
-    """The engine's convolutions run in bf16 on channels-last tensors, in training and in the PGD passes."""
-    from ue_fast.engine import BiLevelEngine
+    """The surrogate's convolutions run in bf16 on channels-last tensors, in training and in the PGD passes."""
+    from ue_fast.generation import Runner
     from ue_fast.methods import MIUE, MIUEConfig
 
     images, labels, classes = demo
     cfg = MIUEConfig(arch="resnet18", epochs=1, pgd_steps=1)
-    eng = BiLevelEngine(MIUE(cfg, len(classes)), images, labels, len(classes), "cuda", progress=False)
+    eng = Runner(MIUE(cfg), images, labels, len(classes), "cuda", progress=False)
     seen = []
-    convs = [m for m in eng.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    convs = [m for m in eng.method.surrogate.model.modules() if isinstance(m, torch.nn.Conv2d)]
     hooks = [c.register_forward_hook(lambda mod, inp, out: seen.append(
         (mod.training, out.dtype, out.is_contiguous(memory_format=torch.channels_last)))) for c in convs]
     try:
@@ -92,5 +92,5 @@ def test_streams_from_host_memory(demo, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", no_free_memory)
     images, labels, classes = demo
     m = ue_fast.protect((images, labels, classes), tmp_path / "out", arch="cnn-small", **FAST)
-    assert asked, "the engine no longer asks torch.cuda.mem_get_info: force its host store another way here"
+    assert asked, "the store no longer asks torch.cuda.mem_get_info: force its host store another way here"
     check_output(tmp_path / "out", images, m)

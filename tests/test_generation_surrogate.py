@@ -1,0 +1,112 @@
+"""The surrogate block (``ue_fast.generation.surrogate``) and the data block
+(``ue_fast.generation.batches``)."""
+import pytest
+import torch
+
+from _helpers import demo_subset
+from ue_fast.data import read_image_folder
+from ue_fast.generation import Batches, RunContext, Surrogate
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return read_image_folder(demo_subset(tmp_path_factory.mktemp("in"), per_class=8), progress=False)
+
+
+def _surrogate(seed=0, **kw):
+    return Surrogate(RunContext("cpu", progress=False), "cnn-small", 3, 32, seed=seed, lr=0.1, momentum=0.9,
+                     weight_decay=0.0, **kw)
+
+
+def _clean(b):
+    return lambda idx: (b.clean(idx), b.labels[idx])
+
+
+def test_fit_learns_and_reports(data):
+    b = Batches(data.images, data.labels, CPU, CPU, 0)
+    s = _surrogate()
+    first = s.fit(b.shuffled(8), _clean(b), lr=0.05)
+    for _ in range(12):
+        last = s.fit(b.shuffled(8), _clean(b), lr=0.05)
+    assert last["train_loss"] < first["train_loss"] and last["train_acc"] > 0.6 and last["train_s"] > 0
+    assert s.optimizer.param_groups[0]["lr"] == 0.05 and s.model.training
+    acc = s.accuracy(b.ordered(10), _clean(b))  # eval mode, batch by batch
+    with torch.no_grad():
+        direct = float((s.model.eval()(b.clean(torch.arange(b.n)))[1].argmax(1) == b.labels).float().mean())
+    assert acc == pytest.approx(direct)
+
+
+def test_fit_clips_the_gradient_norm(data, monkeypatch):
+    b = Batches(data.images, data.labels, CPU, CPU, 0)
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        total = real(params, max_norm, *a, **k)
+        params = [p for p in s.model.parameters() if p.grad is not None]
+        norms.append((float(total), float(torch.cat([p.grad.flatten() for p in params]).norm())))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    s = _surrogate()
+    s.fit(b.shuffled(8), _clean(b), lr=0.1, clip_grad_norm=1e-3)
+    assert len(norms) == 3 and all(after <= 1e-3 * 1.001 < before for before, after in norms)
+
+
+def test_same_seed_same_weights_and_reinit(data):
+    a, b = _surrogate(seed=3), _surrogate(seed=3)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    batches = Batches(data.images, data.labels, CPU, CPU, 0)
+    a.fit(batches.shuffled(12), _clean(batches), lr=0.1)
+    assert a.optimizer.state  # momentum from training
+    rng = torch.get_rng_state()
+    a.reinit(11)
+    b.reinit(11)
+    assert torch.equal(torch.get_rng_state(), rng), "reinit must leave the global generator alone"
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert a.optimizer.state == {} and all(torch.equal(sa[k], sb[k]) for k in sa)
+    b.reinit(12)  # another seed draws other weights
+    assert not torch.equal(sa["classifier.weight"], b.model.state_dict()["classifier.weight"])
+
+
+def test_frozen_restores_mode_and_flags():
+    s = _surrogate()
+    s.model.train()
+    with s.frozen():
+        assert not s.model.training and not any(p.requires_grad for p in s.model.parameters())
+    assert s.model.training and all(p.requires_grad for p in s.model.parameters())
+
+
+def test_nesterov_and_state_round_trip(data):
+    s = _surrogate(nesterov=True)
+    assert s.optimizer.param_groups[0]["nesterov"] is True
+    b = Batches(data.images, data.labels, CPU, CPU, 0)
+    s.fit(b.shuffled(12), _clean(b), lr=0.1)
+    t = _surrogate(seed=5, nesterov=True)
+    t.load_state_dict(s.state_dict())
+    x = b.clean(torch.arange(4))
+    s.model.eval(), t.model.eval()
+    assert torch.equal(s.forward(x)[1], t.forward(x)[1])
+
+
+def test_batches_shuffle_order_flip_and_state(data):
+    b = Batches(data.images, data.labels, CPU, CPU, 0)
+    n = b.n  # 24
+    sh = b.shuffled(5)
+    assert sorted(torch.cat(sh).tolist()) == list(range(n)) and [len(i) for i in sh] == [5, 5, 5, 5, 4]
+    assert [len(i) for i in b.shuffled(23, merge_single=True)] == [24]
+    assert [len(i) for i in b.shuffled(23)] == [23, 1]
+    assert torch.equal(torch.cat(b.ordered(7)), torch.arange(n))
+    x = b.clean(torch.arange(n))
+    assert x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+    state = b.state_dict()
+    f1 = b.clean(torch.arange(n), flip=True)
+    b.load_state_dict(state)
+    f2 = b.clean(torch.arange(n), flip=True)
+    assert torch.equal(f1, f2)  # the generator's state decides the draws
+    flipped = (f1 == x.flip(-1)).flatten(1).all(1)
+    kept = (f1 == x).flatten(1).all(1)
+    assert bool((flipped | kept).all()) and 0 < int(flipped.sum()) < n

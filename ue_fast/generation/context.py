@@ -1,0 +1,70 @@
+"""What every block of a run shares: the device, autocast, compilation, stage timings, progress.
+
+A ``RunContext`` holds run options only (how to run), never a method's algorithm
+settings (what to compute); the runner makes one per run and hands it to the method.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from ..progress import progress as _progress
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+class Timer:
+    """Seconds per named stage; with ``sync`` (profiling) CUDA work is waited for at each stage end."""
+
+    def __init__(self, device: torch.device, sync: bool = False):
+        self.total: dict[str, float] = defaultdict(float)
+        self.sync = sync and device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.total[stage] += time.perf_counter() - t0
+
+
+def check_compile(mode) -> bool | str:
+    """``mode`` if it is a valid ``compile`` option (False, True or one of ``COMPILE_MODES``)."""
+    if not (mode is None or mode in (False, True) or mode in COMPILE_MODES):
+        raise ValueError(f"compile must be False, True or one of {COMPILE_MODES}, got {mode!r}")
+    return bool(mode) and mode
+
+
+@dataclass
+class RunContext:
+    """Run options shared by the blocks: device, bf16 autocast, ``torch.compile`` mode, the
+    perturbation store's requested dtype, progress bars and the stage timer."""
+
+    device: torch.device
+    amp: bool = False  # bf16 autocast of the surrogate
+    compile: bool | str = False
+    delta_dtype: str = "auto"
+    progress: bool = True
+    timer: Timer = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        self.device = torch.device(self.device)
+        self.compile = check_compile(self.compile)
+        if self.timer is None:
+            self.timer = Timer(self.device)
+
+    def autocast(self):
+        if self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def bar(self, total: int, desc: str):
+        """A per-stage bar counting images (rate in images/s, with ETA)."""
+        return _progress(total, desc, "img", enabled=self.progress, leave=False, unit_scale=True)

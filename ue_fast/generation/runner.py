@@ -1,0 +1,168 @@
+"""The runner: a method's stages, checkpointed after every step, resumed exactly.
+
+A method (``ue_fast.methods``) is set up with a :class:`RunContext` and hands the
+runner a list of :class:`Stage`: a name, a number of steps and a function running
+step i. The runner runs the steps in order, appends each step's record to the
+history, checkpoints after every step (atomically; ``ue_fast.checkpoint``) and, on
+resume, restores the method's state and continues with the next step, so a resumed
+run reaches the result of an uninterrupted one (bit for bit on the CPU with the same
+thread count; on CUDA up to the non-determinism of cuDNN kernels). A step whose
+record says ``finished`` ends its stage early. The runner knows no method: it sees
+only stages, records and the method's ``state_dict``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..progress import progress as _progress
+from .context import RunContext, Timer
+
+
+@dataclass
+class Stage:
+    """``steps`` steps of ``run(i)`` (i = 1..steps), each returning its history record.
+
+    ``key`` names the step counter in the record ("epoch" marks the rounds of the
+    bi-level loop: the manifest counts them and profiling traces the first one).
+    """
+
+    name: str
+    steps: int
+    run: Callable[[int], dict]
+    key: str = "epoch"
+
+
+@dataclass
+class RunResult:
+    delta: torch.Tensor  # [N, 3, H, W] float32 in pixel units ([-eps, eps]), on the CPU (per sample)
+    history: list[dict]  # a record per step of every stage
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per timed part, whole run
+    resumed_from: int = 0  # rounds (records with "epoch") done before this call
+
+
+def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A hash of the data, so a checkpoint is never resumed on other images."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().cpu().numpy().tobytes())
+    h.update(labels.cpu().numpy().astype("int64").tobytes())
+    return h.hexdigest()
+
+
+class Runner:
+    """Runs ``method`` over ``images`` uint8 [N, 3, H, W] with ``labels`` [N] on ``device``.
+
+    Run options: ``checkpoint_path`` (None: no checkpoints), ``progress``, ``amp`` (bf16
+    autocast; default on CUDA), ``profile`` (synchronise to time every part), ``trace_path``
+    (a torch.profiler trace of the first round), ``compile`` (``torch.compile`` mode of the
+    surrogate), ``delta_dtype`` (the perturbation store's dtype: "auto", "float32",
+    "float16" or "int8").
+    """
+
+    def __init__(self, method, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 device: str | torch.device = "cpu", *, checkpoint_path: str | Path | None = None,
+                 progress: bool = True, amp: bool | None = None, profile: bool = False,
+                 trace_path: str | Path | None = None, compile: bool | str = False, delta_dtype: str = "auto"):
+        device = torch.device(device)
+        # bf16 autocast on CUDA; on the CPU it would cost accuracy for no speed.
+        self.ctx = RunContext(device, amp=(device.type == "cuda") if amp is None else amp, compile=compile,
+                              delta_dtype=delta_dtype, progress=progress, timer=Timer(device, profile))
+        self.method = method
+        self.n = len(images)
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.trace_path = Path(trace_path) if trace_path else None
+        self.fingerprint = fingerprint(images, labels)
+        method.setup(self.ctx, images, labels, num_classes)
+        self.stages = method.stages()
+        self.history: list[dict] = []
+        self.stage = 0  # index of the stage in progress
+        self.done = 0  # its steps done
+        self.ended = False  # a record of it said "finished"
+
+    # -- state -------------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        return {**self.method.settings(), "delta_dtype": self.ctx.delta_dtype}
+
+    def _state(self) -> dict:
+        return dict(method=self.method.name, settings=self._settings(), fingerprint=self.fingerprint,
+                    stage=self.stage, done=self.done, ended=self.ended, history=self.history,
+                    state=self.method.state_dict())
+
+    def load(self, state: dict) -> None:
+        if state["method"] != self.method.name:
+            raise ValueError(f"checkpoint is of method {state['method']!r}, not {self.method.name!r}")
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError("checkpoint was made from other images or labels; start anew with --overwrite")
+        mine, theirs = self._settings(), state["settings"]
+        # Every setting, epochs included: the schedules depend on them, so a changed setting
+        # could not reach the result of any uninterrupted run.
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        diff.update({k: (v, None) for k, v in theirs.items() if k not in mine})
+        if diff:
+            raise ValueError(f"checkpoint settings differ from this run's: {diff} (as (checkpoint, now))")
+        self.method.load_state_dict(state["state"])
+        self.history = list(state["history"])
+        self.stage, self.done, self.ended = int(state["stage"]), int(state["done"]), bool(state["ended"])
+
+    def _checkpoint(self) -> None:
+        if self.checkpoint_path is not None:
+            with self.ctx.timer("checkpoint"):
+                save_checkpoint(self.checkpoint_path, self._state())
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> RunResult:
+        if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
+            self.load(load_checkpoint(self.checkpoint_path))
+        resumed_from = sum("epoch" in h for h in self.history)
+        while self.stage < len(self.stages):
+            stage = self.stages[self.stage]
+            if self.done < stage.steps and not self.ended:
+                self._run_stage(stage)
+            self.stage, self.done, self.ended = self.stage + 1, 0, False
+        return RunResult(delta=self.method.perturbations(), history=self.history,
+                         timings=dict(self.ctx.timer.total), resumed_from=resumed_from)
+
+    def _run_stage(self, stage: Stage) -> None:
+        bar = _progress(stage.steps, f"{self.method.name} {stage.name}", stage.key.replace("_", " "),
+                        initial=self.done, enabled=self.ctx.progress, interval=0)
+        try:
+            while self.done < stage.steps and not self.ended:
+                i = self.done + 1
+                with self._maybe_trace(stage):
+                    t0 = time.perf_counter()
+                    record = stage.run(i)
+                    seconds = time.perf_counter() - t0
+                record = {stage.key: i, **record}
+                record["finished"] = bool(record.get("finished", False))
+                record.setdefault("images_per_s", self.n / max(seconds, 1e-9))
+                self.history.append(record)
+                self.done, self.ended = i, record["finished"]
+                self._checkpoint()
+                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("train_acc", "poison_loss", "images_per_s")
+                                 if record.get(k) is not None})
+                bar.update(1)
+        finally:
+            bar.close()
+
+    @contextlib.contextmanager
+    def _maybe_trace(self, stage: Stage):
+        """Record the first round of this call with torch.profiler (Chrome trace JSON)."""
+        if self.trace_path is None or stage.key != "epoch":
+            yield
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.ctx.device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            yield
+        self.trace_path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.trace_path))
+        self.trace_path = None

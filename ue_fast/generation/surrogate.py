@@ -1,0 +1,129 @@
+"""The surrogate network of a bi-level method: model, compiled forward, SGD, autocast.
+
+``fit`` trains it on the batches a method gives it, with the options the papers
+need (inputs built per batch by the method: clean or perturbed, augmented or not;
+gradient-norm clipping; any number of batches); ``reinit`` draws fresh weights from
+a seed; ``frozen`` holds it in eval mode with its weights out of the graph (the PGD
+passes); ``accuracy`` scores it on inputs the method builds.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from ..models import build_model
+from .context import COMPILE_MODES, RunContext
+
+
+def compiled(model: torch.nn.Module, mode: bool | str):
+    """``model`` itself (mode False), or ``torch.compile(model, mode=...)``; True means "default"."""
+    if mode is False or mode is None:
+        return model
+    mode = "default" if mode is True else mode
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be False, True or one of {COMPILE_MODES}, got {mode!r}")
+    return torch.compile(model, mode=mode)
+
+
+Inputs = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # index batch -> (input, labels)
+
+
+class Surrogate:
+    """A ``build_model(arch)`` network (weights seeded by ``seed``) with SGD and the run's options.
+
+    ``forward`` is the network as called in the loops (``torch.compile``'d on request);
+    parameters and ``state_dict`` are those of ``model``.
+    """
+
+    def __init__(self, ctx: RunContext, arch: str, num_classes: int, image_size: int, *, seed: int, lr: float,
+                 momentum: float, weight_decay: float, nesterov: bool = False):
+        self.ctx, self.arch, self.num_classes, self.image_size = ctx, arch, num_classes, image_size
+        torch.manual_seed(seed)  # model initialisation
+        self.model = build_model(arch, num_classes, image_size=image_size).to(ctx.device)
+        if ctx.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = compiled(self.model, ctx.compile)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum,
+                                         weight_decay=weight_decay, nesterov=nesterov)
+
+    def reinit(self, seed: int) -> None:
+        """Fresh weights drawn from ``seed`` (the global RNG is left as it was) and no momentum."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = build_model(self.arch, self.num_classes, image_size=self.image_size)
+        self.model.load_state_dict(fresh.state_dict())  # in place: the compiled handle stays valid
+        self.optimizer.state.clear()
+
+    def fit(self, batches: Iterable[torch.Tensor], inputs: Inputs, *, lr: float, clip_grad_norm: float | None = None,
+            desc: str = "surrogate") -> dict:
+        """One SGD step of cross-entropy per index batch on ``inputs(idx)`` (built just before its
+        step), in train mode at learning rate ``lr``; ``clip_grad_norm`` clips the gradient's
+        total norm first. Returns the mean ``train_loss``, ``train_acc`` and ``train_s``."""
+        t0 = time.perf_counter()
+        timer = self.ctx.timer
+        batches = list(batches)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        correct = torch.zeros((), device=self.ctx.device, dtype=torch.int64)
+        seen = 0
+        bar = self.ctx.bar(sum(len(b) for b in batches), desc)
+        for idx in batches:
+            with timer("data"):
+                x, y = inputs(idx)
+            with timer("surrogate training"):
+                with self.ctx.autocast():
+                    _, logits = self.forward(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_grad_norm)
+                self.optimizer.step()
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(idx)
+            bar.update(len(idx))
+        bar.close()
+        return dict(train_loss=float(loss_sum) / max(seen, 1), train_acc=float(correct) / max(seen, 1),
+                    train_s=time.perf_counter() - t0)
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Eval mode, weights out of the graph (restored afterwards)."""
+        was_training = self.model.training
+        flags = [p.requires_grad for p in self.model.parameters()]
+        self.model.eval()
+        self.model.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            self.model.train(was_training)
+            for p, flag in zip(self.model.parameters(), flags):
+                p.requires_grad_(flag)
+
+    @torch.no_grad()
+    def accuracy(self, batches: Iterable[torch.Tensor], inputs: Inputs) -> float:
+        """Accuracy on ``inputs(idx)`` over the index batches, in eval mode."""
+        self.model.eval()
+        correct = torch.zeros((), dtype=torch.int64, device=self.ctx.device)
+        seen = 0
+        for idx in batches:
+            x, y = inputs(idx)
+            with self.ctx.autocast():
+                _, logits = self.forward(x)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(idx)
+        return float(correct) / max(seen, 1)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

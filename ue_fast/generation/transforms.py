@@ -1,0 +1,88 @@
+"""Input transforms of the passes and of surrogate training, differentiable in the perturbation.
+
+- :func:`shift_flip`: a bilinear random translation and horizontal flip (AP/TAP's
+  differentiable augmentation at every PGD step);
+- :func:`random_crop_flip`: torchvision's flip + zero-padded random crop as a gather
+  (REM's training augmentation and its expectation over transformations);
+- :class:`Adversary`: an inner L-inf PGD adversary rho maximising the surrogate's
+  cross-entropy (REM's min-min-max).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models._layers import CIFAR10_MEAN
+from ..ops import pgd_step_
+
+
+def shift_flip(x: torch.Tensor, u: torch.Tensor, max_shift: float) -> torch.Tensor:
+    """Differentiable random translation and horizontal flip of images x [B, 3, H, W].
+
+    ``u`` [B, 3] uniform in [0, 1): the shifts are ``(2 u[:, 0] - 1) max_shift`` and
+    ``(2 u[:, 1] - 1) max_shift`` pixels (bilinear), a flip where ``u[:, 2] < 1/2``.
+    Pixels from outside are the CIFAR-10 mean colour.
+    """
+    b, c, h, w = x.shape
+    u = u.to(device=x.device, dtype=torch.float32)
+    # affine_grid works in [-1, 1] with align_corners=True: one pixel is 2 / (size - 1).
+    tx = (2 * u[:, 0] - 1) * max_shift * 2 / max(w - 1, 1)
+    ty = (2 * u[:, 1] - 1) * max_shift * 2 / max(h - 1, 1)
+    sx = torch.where(u[:, 2] < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=torch.float32)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, tx
+    theta[:, 1, 1], theta[:, 1, 2] = 1.0, ty
+    grid = F.affine_grid(theta, [b, c, h, w], align_corners=True).to(x.dtype)
+    mean = torch.tensor(CIFAR10_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    out = F.grid_sample(x - mean, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out + mean
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """Per sample: a horizontal flip with probability 1/2, then a random H x W crop of x
+    zero-padded by ``padding`` (torchvision's RandomHorizontalFlip + RandomCrop(size, padding)).
+
+    x [B, C, H, W] -> [B, C, H, W]; a gather, so differentiable in x. Offsets and flips
+    are drawn from the CPU generator ``gen``.
+    """
+    b, _, h, w = x.shape
+    i = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
+    j = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
+    flip = torch.rand(b, generator=gen) < 0.5
+    rows = i[:, None] + torch.arange(h)  # [B, H]
+    cols = torch.arange(w).expand(b, w)
+    # Flipping the padded image and cropping at offset j reads the same pixels as
+    # reading a crop at offset 2p - j backwards; both offsets are uniform.
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + j[:, None]  # [B, W]
+    xp = F.pad(x, (padding,) * 4)  # zeros: black borders, as RandomCrop's default fill
+    dev = x.device
+    out = xp[torch.arange(b, device=dev)[:, None, None], :, rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]
+    return out.permute(0, 3, 1, 2)  # advanced indices first: [B, H, W, C] -> [B, C, H, W]
+
+
+class Adversary:
+    """rho approximately maximising ``CE(f(x + rho), y)`` over ``|rho|_inf <= eps``, ``x + rho``
+    in [0, 1]: ``steps`` sign steps of ``step_size`` from a uniform random start (drawn from
+    ``gen``), with the surrogate frozen in eval mode (restored afterwards)."""
+
+    def __init__(self, surrogate, gen: torch.Generator, *, eps: float, steps: int, step_size: float):
+        self.surrogate, self.gen, self.eps, self.steps, self.step_size = surrogate, gen, eps, steps, step_size
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """rho [B, C, H, W] (detached) for inputs x [B, C, H, W] in [0, 1]."""
+        x = x.detach().float()
+        if self.steps == 0 or self.eps == 0:
+            return torch.zeros_like(x)
+        s = self.surrogate
+        with s.frozen():
+            rho = (torch.rand(x.shape, generator=self.gen).to(x.device) * 2 - 1) * self.eps
+            rho = (x + rho).clamp_(0, 1) - x
+            for _ in range(self.steps):
+                rho.requires_grad_(True)
+                with s.ctx.autocast():
+                    _, logits = s.forward(x + rho)
+                loss = F.cross_entropy(logits.float(), y)
+                (grad,) = torch.autograd.grad(loss, rho)
+                rho = rho.detach()
+                pgd_step_(rho, grad, x, eps=self.eps, step_size=self.step_size, maximize=True)
+        return rho
