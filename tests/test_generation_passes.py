@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from _helpers import demo_subset
 from ue_fast.data import read_image_folder
 from ue_fast.generation import PGD, Batches, PerturbationStore, RunContext, Surrogate
+from ue_fast.generation.passes import AdamW
 
 EPS = 8 / 255
 
@@ -115,3 +116,28 @@ def test_mask_is_checkpointed(data):
     other, _, _ = _blocks(data)
     other.load_state_dict(pgd.state_dict())
     assert torch.equal(other.mask, pgd.mask)
+
+
+def test_adamw_rows_follow_torch_adamw(gen):
+    """Batch-by-batch AdamW on rows of x + delta equals torch.optim.AdamW on the whole tensor
+    (maximize, weight decay), then the projection."""
+    cpu = torch.device("cpu")
+    n = 10
+    x = torch.rand(n, 3, 4, 4, generator=gen)
+    store = PerturbationStore(n, (3, 4, 4), device=cpu, place=cpu, dtype=torch.float32, eps=0.5, seed=0)
+    adam = AdamW(store, lr=0.01, weight_decay=0.1, maximize=True, grad_scale=3.0)
+    p = x.clone().requires_grad_(True)
+    ref = torch.optim.AdamW([p], lr=0.01, weight_decay=0.1, maximize=True, foreach=False)
+    for _ in range(4):
+        g = torch.randn(n, 3, 4, 4, generator=gen)
+        adam.begin_step()
+        for idx in (torch.arange(0, 6), torch.arange(6, n)):
+            store.put(idx, adam.step(idx, x[idx], store.get(idx), g[idx]))
+        p.grad = 3.0 * g
+        ref.step()
+        with torch.no_grad():  # the projection (eps 0.5 and [0, 1]) the store's delta gets
+            p.copy_(x + ((p - x).clamp(-0.5, 0.5) + x).clamp(0, 1) - x)
+    torch.testing.assert_close(x + store.delta, p.detach(), rtol=1e-5, atol=1e-6)
+    other = AdamW(store, lr=0.01, weight_decay=0.1)
+    other.load_state_dict(adam.state_dict())
+    assert other.t == 4 and torch.equal(other.m, adam.m)

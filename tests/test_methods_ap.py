@@ -20,7 +20,7 @@ def subset(tmp_path_factory):
 def test_configs_defaults_and_validation():
     cfg = APConfig()
     assert (cfg.epochs, cfg.pgd_steps, cfg.pretrain_epochs, cfg.weight_decay) == (1, 250, 40, 5e-4)
-    assert (cfg.restarts, cfg.init, cfg.nesterov, cfg.pretrain_augment, cfg.augment) == (1, "zero", False, False,
+    assert (cfg.restarts, cfg.init, cfg.nesterov, cfg.pretrain_augment, cfg.augment) == (8, "gaussian", True, True,
                                                                                           True)
     assert cfg.alpha == pytest.approx(0.05 * 8 / 255)
     assert APConfig(eps=16 / 255).alpha == pytest.approx(0.05 * 16 / 255)

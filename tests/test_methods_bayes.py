@@ -38,14 +38,18 @@ def test_loss_options(gen, feature_scale, sigma):
 
 
 def test_config_defaults_and_validation():
-    b = BayesConfig()
-    assert (b.sigma, b.feature_scale, b.train_surrogate, b.retrain_epochs, b.whole_set) == (0.3, "max", True, 0, False)
+    b = BayesConfig()  # the authors' script
+    assert (b.sigma, b.feature_scale, b.train_surrogate, b.retrain_epochs, b.whole_set) == (0.3, "max", True, 30, True)
+    assert (b.ascent, b.adam_lr, b.adam_weight_decay, b.epochs, b.pgd_steps, b.batch_size, b.weight_decay) == (
+        "adamw", 1e-3, 0.01, 2000, 1, 128, 5e-4)
     for bad, match in (({"sigma": 0.0}, "sigma .* got 0.0"), ({"sigma": float("nan")}, "sigma .* got nan"),
                        ({"feature_scale": "std"}, "feature_scale .* got 'std'"),
                        ({"pretrain_epochs": 1.5}, "pretrain_epochs .* got 1.5"),
                        ({"retrain_epochs": -1}, "retrain_epochs .* got -1"),
                        ({"retrain_epochs": 2, "train_surrogate": False}, "cannot be combined"),
                        ({"whole_set": 1}, "whole_set must be True or False"),
+                       ({"whole_set": False}, "needs whole_set=True"), ({"ascent": "adam"}, "ascent .* got 'adam'"),
+                       ({"adam_lr": 0}, "adam_lr .* got 0"),
                        ({"train_surrogate": "yes"}, "train_surrogate must be True or False")):
         with pytest.raises(ValueError, match=match):
             BayesConfig(**bad)
@@ -54,7 +58,7 @@ def test_config_defaults_and_validation():
 def test_fresh_surrogate_every_round_is_seeded_by_the_round(tmp_path):
     """retrain_epochs: each round re-initialises the surrogate from (seed, round), whatever came before."""
     data = read_image_folder(demo_subset(tmp_path / "in"), progress=False)
-    cfg = dict(arch="cnn-small", epochs=2, pgd_steps=1, batch_size=12, retrain_epochs=1)
+    cfg = dict(arch="cnn-small", epochs=2, batch_size=12, retrain_epochs=1)
     a = Runner(Bayes(BayesConfig(**cfg)), data.images, data.labels, 3, "cpu", progress=False)
     a.run()
     b = Runner(Bayes(BayesConfig(**cfg)), data.images, data.labels, 3, "cpu", progress=False)
@@ -62,3 +66,15 @@ def test_fresh_surrogate_every_round_is_seeded_by_the_round(tmp_path):
         r.method.surrogate.reinit(7 + 1_000_003 * 2)  # round 2's weights
     sa, sb = a.method.surrogate.model.state_dict(), b.method.surrogate.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_adamw_ascent_raises_the_whole_set_estimate(tmp_path):
+    """The authors' step: AdamW on x + delta ascending the whole-set estimate of a frozen surrogate."""
+    data = read_image_folder(demo_subset(tmp_path / "in"), progress=False)
+    cfg = BayesConfig(arch="cnn-small", epochs=6, retrain_epochs=0, train_surrogate=False, pretrain_epochs=3,
+                      adam_lr=2e-3, batch_size=12)
+    r = Runner(Bayes(cfg), data.images, data.labels, 3, "cpu", progress=False)
+    res = r.run()
+    losses = [h["poison_loss"] for h in res.history if "epoch" in h]  # E before each step
+    assert losses[-1] > losses[0], losses
+    assert r.method.adam.t == 6 and float(res.delta.abs().max()) <= 8 / 255 + 1e-6

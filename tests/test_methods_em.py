@@ -75,7 +75,7 @@ def test_em_defaults_and_validation(src, tmp_path):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match=f"train_steps.*{bad!r}"):
             EMConfig(train_steps=bad)
-    assert cfg.grad_clip is None and EMConfig(grad_clip=5.0).grad_clip == 5.0
+    assert cfg.grad_clip == 5.0 and EMConfig(grad_clip=None).grad_clip is None
     with pytest.raises(ValueError, match="grad_clip.*0"):
         EMConfig(grad_clip=0)
     with pytest.raises(ValueError, match="stop_acc"):

@@ -40,8 +40,8 @@ def test_rem_defaults_schedule_and_validation(src, tmp_path):
     assert (round(cfg.eps * 255, 6), cfg.pgd_steps, round(cfg.alpha * 255, 6)) == (8, 10, 1.6)
     assert (round(cfg.adv_eps * 255, 6), cfg.adv_steps, round(cfg.adv_alpha * 255, 6)) == (4, 10, 0.8)
     assert (cfg.eot_samples, cfg.batch_size, cfg.weight_decay, cfg.epochs, cfg.post_aug) == (5, 128, 5e-4, 13, False)
-    lrs = [round(cfg.learning_rate(e), 9) for e in range(1, 14)]
-    assert lrs == [0.1] * 6 + [0.01] * 5 + [0.001] * 2
+    lrs = [round(cfg.step_lr(s, 5000), 9) for s in (0, 1999, 2000, 3999, 4000, 4999)]
+    assert lrs == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]  # their lr x0.1 at steps 2,000 and 4,000
     for field, bad in (("adv_eps", -0.01), ("adv_eps", 2.0), ("adv_steps", -1), ("adv_alpha", 0.0),
                        ("eot_samples", 0), ("crop_padding", -1), ("lr_decay_rate", 0.0)):
         with pytest.raises(ValueError, match=f"{field}.*{bad!r}"):

@@ -23,11 +23,15 @@ class Batches:
         self.n = len(labels)
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def shuffled(self, batch_size: int, *, merge_single: bool = False) -> list[torch.Tensor]:
+    def shuffled(self, batch_size: int, *, merge_single: bool = False, drop_last: bool = False
+                 ) -> list[torch.Tensor]:
         """Index batches [B] (on the device) of a fresh permutation; ``merge_single`` joins a last
-        batch of one sample to the one before (batch norm cannot train on one sample)."""
+        batch of one sample to the one before (batch norm cannot train on one sample);
+        ``drop_last`` drops a last batch shorter than ``batch_size`` (unless it is the only one)."""
         perm = torch.randperm(self.n, generator=self.gen).to(self.device)
         out = [perm[i:i + batch_size] for i in range(0, self.n, batch_size)]
+        if drop_last and len(out) > 1 and len(out[-1]) < batch_size:
+            out.pop()
         if merge_single and len(out) > 1 and len(out[-1]) == 1:
             out[-2:] = [torch.cat(out[-2:])]
         return out

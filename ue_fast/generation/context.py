@@ -65,6 +65,8 @@ class RunContext:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def bar(self, total: int, desc: str):
-        """A per-stage bar counting images (rate in images/s, with ETA)."""
-        return _progress(total, desc, "img", enabled=self.progress, leave=False, unit_scale=True)
+    def bar(self, total: int, desc: str | None):
+        """A per-stage bar counting images (rate in images/s, with ETA); none when ``desc`` is None
+        (a block called per batch inside a loop that shows its own bar)."""
+        return _progress(total, desc or "", "img", enabled=self.progress and desc is not None, leave=False,
+                         unit_scale=True)

@@ -91,8 +91,11 @@ class PGD:
                 for idx in batches:
                     with timer("data"):
                         x, y = data.clean(idx, flip), data.labels[idx]
-                        leaf = self._init(init, x, self.store.samples(idx))
                         mask = self._mask(idx)
+                        stored = self.store.samples(idx)
+                        leaf = self._init(init, x, stored)
+                        if mask is not None and init != "keep":  # a fresh start only where pixels may move
+                            leaf = torch.where(mask, leaf, stored)
                     for _ in range(steps):
                         last = self._step(leaf, x, x, y, loss, inputs, step_size, maximize, mask)
                         leaf = last[0]
@@ -151,15 +154,16 @@ class PGD:
         return dict(poison_loss=float(loss_sum) / max(seen, 1), poison_s=time.perf_counter() - t0)
 
     def whole_set(self, loss: Loss, *, steps: int, step_size: float, batch_size: int, maximize: bool = False,
-                  inputs: InputFn = _plus, desc: str = "PGD (whole set)") -> dict:
+                  inputs: InputFn = _plus, adam: "AdamW | None" = None, desc: str = "PGD (whole set)") -> dict:
         """``steps`` steps, each on one loss of all N samples' features [N, F].
 
         Per step: the features of every batch without a graph, the loss and its gradient
         w.r.t. them, then per batch the features again with a graph, back-propagated with that
         gradient to the batch's perturbation, which takes its step. The surrogate is in eval
         mode and ``inputs`` must be deterministic, so both passes agree. Memory: [N, F]
-        features plus one batch's graph; ``batch_size`` only bounds it. Returns the last
-        step's ``poison_loss`` (the loss before that step) and ``poison_s``.
+        features plus one batch's graph; ``batch_size`` only bounds it. With ``adam`` each
+        step is that optimiser's on ``x + delta`` (then projected) instead of a sign step.
+        Returns the last step's ``poison_loss`` (the loss before that step) and ``poison_s``.
         """
         t0, timer, data = time.perf_counter(), self.ctx.timer, self.data
         self._begin()
@@ -168,6 +172,8 @@ class PGD:
         with self.surrogate.frozen():
             try:
                 for _ in range(steps):
+                    if adam is not None:
+                        adam.begin_step()
                     parts = []
                     for idx in batches:
                         with timer("data"):
@@ -192,7 +198,11 @@ class PGD:
                             (grad,) = torch.autograd.grad(f.float(), leaf, grad_outputs=grad_features[idx])
                         with timer("step"):
                             leaf = leaf.detach()
-                            pgd_step_(leaf, grad, x, eps=self.eps, step_size=step_size, maximize=maximize, mask=mask)
+                            if adam is not None:
+                                leaf = adam.step(idx, x, leaf, grad, mask)
+                            else:
+                                pgd_step_(leaf, grad, x, eps=self.eps, step_size=step_size, maximize=maximize,
+                                          mask=mask)
                             self.store.put(idx, leaf)
                         bar.update(len(idx))
             finally:
@@ -205,3 +215,51 @@ class PGD:
     def load_state_dict(self, state: dict) -> None:
         if "mask" in state:
             self.mask = state["mask"].to(self.data.place)
+
+
+class AdamW:
+    """AdamW on the perturbed images ``p = x + delta`` of a store, one batch of rows at a time.
+
+    torch.optim.AdamW's single-tensor update, written per element so each batch of a
+    whole-set pass updates its own rows (``begin_step`` counts the shared step t)::
+
+        p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+        p <- p - (lr / (1 - b1^t)) m / (sqrt(v / (1 - b2^t)) + eps_adam)
+
+    with ``g = -grad_scale * grad`` when ``maximize``; then ``delta = p - x`` is projected to
+    the eps ball and ``x + delta`` to [0, 1] (with a mask, only masked pixels move). The
+    moments are float32 [R, 3, H, W] on the store's place, saved in checkpoints.
+    """
+
+    def __init__(self, store: PerturbationStore, *, lr: float, weight_decay: float, betas=(0.9, 0.999),
+                 eps: float = 1e-8, maximize: bool = True, grad_scale: float = 1.0):
+        self.store, self.lr, self.wd, self.betas, self.eps = store, lr, weight_decay, betas, eps
+        self.maximize, self.grad_scale = maximize, grad_scale
+        self.m = torch.zeros(store.delta.shape, dtype=torch.float32, device=store.place)
+        self.v = torch.zeros_like(self.m)
+        self.t = 0
+
+    def begin_step(self) -> None:
+        self.t += 1
+
+    def step(self, idx, x, delta, grad, mask=None) -> torch.Tensor:
+        """The new delta [B, 3, H, W] of rows ``idx`` for clean x, current delta and its gradient."""
+        b1, b2 = self.betas
+        rows = idx.to(self.store.place)
+        g = grad.float() * (-self.grad_scale if self.maximize else self.grad_scale)
+        m = self.m[rows].to(g.device).lerp_(g, 1 - b1)
+        v = self.v[rows].to(g.device).mul_(b2).addcmul_(g, g, value=1 - b2)
+        self.m[rows], self.v[rows] = m.to(self.store.place), v.to(self.store.place)
+        denom = (v.sqrt() / (1 - b2 ** self.t) ** 0.5).add_(self.eps)
+        p = (x + delta).mul_(1 - self.lr * self.wd).addcdiv_(m, denom, value=-self.lr / (1 - b1 ** self.t))
+        new = (p - x).clamp_(-self.store.eps, self.store.eps)
+        new = (x + new).clamp_(0, 1) - x
+        return new if mask is None else torch.where(mask, new, delta)
+
+    def state_dict(self) -> dict:
+        return {"m": self.m.cpu(), "v": self.v.cpu(), "t": self.t}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.m.copy_(state["m"])
+        self.v.copy_(state["v"])
+        self.t = int(state["t"])

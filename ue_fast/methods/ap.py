@@ -53,14 +53,14 @@ class APConfig(SurrogateConfig):
     pgd_steps: int = 250
     alpha: float | None = None  # PGD step size; None: 0.05 * eps
     weight_decay: float = 5e-4
-    nesterov: bool = False
+    nesterov: bool = True
     pretrain_epochs: int = 40  # clean surrogate epochs before the attack
     pretrain_schedule: str = "step"  # "step": lr x0.1 at 3/8, 5/8, 7/8 of pretraining; "cosine"
-    pretrain_augment: bool = False  # train the clean surrogate under the shift-and-flip augmentation
+    pretrain_augment: bool = True  # train the clean surrogate under the shift-and-flip augmentation
     augment: bool = True  # differentiable random shift + flip at every PGD step
     max_shift: float = 4.0  # pixels, each direction
-    restarts: int = 1
-    init: str = "zero"  # a restart's start: "gaussian" (theirs), "uniform" or "zero"
+    restarts: int = 8
+    init: str = "gaussian"  # a restart's start: "gaussian" (theirs), "uniform" or "zero"
 
     def __post_init__(self):
         if self.alpha is None:

@@ -63,7 +63,7 @@ class EMConfig(SurrogateConfig):
     weight_decay: float = 5e-4
     train_steps: int = 10  # surrogate batches per round (at most one epoch)
     stop_acc: float = 0.99  # stop once the surrogate fits x + delta this well
-    grad_clip: float | None = None  # surrogate gradient-norm clip; None: none
+    grad_clip: float | None = 5.0  # surrogate gradient-norm clip (their trainer's); None: none
 
     def validate(self) -> None:
         super().validate()

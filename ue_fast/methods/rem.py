@@ -6,19 +6,38 @@ the training augmentations T::
 
     min_theta E_(x,y) [ min_{|delta| <= eps} E_T max_{|rho| <= adv_eps} CE(f_theta(T(x + delta) + rho), y) ]
 
-Round r = 1..E:
+Algorithm (authors' code: github.com/fshp971/robust-unlearnable-examples,
+``generate_robust_em.py``, ``attacks/robust_workers.py``, ``attacks/pgd_attacker.py``,
+``scripts/cifar10/gen_rem.sh``), for every training step, on a shuffled batch:
 
-1. train f one epoch, adversarially: cross-entropy on ``T(x + delta) + rho`` with
-   T a random flip and zero-padded random crop and rho from the adversary;
-2. f frozen in eval mode, over the whole set: K steps of
-   ``delta <- proj(delta - alpha * sign(grad_delta L))`` with
-   ``L = mean_k CE(f(T_k(x + delta) + rho_k), y)`` over ``eot_samples`` draws T_k.
-   Each rho_k is found with delta held fixed, then treated as a constant, so
-   ``grad_delta L`` is the gradient at the adversarial point passed back through
-   T_k (Danskin's theorem; the authors' code does the same).
+1. the batch's delta restarts from uniform noise in the eps ball and takes K steps of
+   ``delta <- proj(delta - alpha * sign(grad_delta L))``, f frozen in eval mode, with
+   ``L = mean_k CE(f(T_k(x + delta) + rho_k), y)`` over ``eot_samples`` draws T_k (a
+   random flip and zero-padded random crop). Each rho_k is found with delta held fixed,
+   then treated as a constant, so ``grad_delta L`` is the gradient at the adversarial
+   point passed back through T_k (Danskin's theorem, as their code does);
+2. f takes one SGD step of cross-entropy on ``T(x + delta) + rho`` (adversarial training
+   on the batch's new delta), the learning rate x``lr_decay_rate`` at 40% and 80% of the
+   steps;
 
+then, with the final surrogate, every image's delta is generated once more (step 1 over
+the whole set): their ``regenerate_def_noise``, whose output is the published noise.
 The adversary: ``adv_steps`` PGD steps of ``adv_alpha`` ascending CE from a uniform
 random start in the ``adv_eps`` ball, ``x + rho`` kept in [0, 1], f in eval mode.
+
+A round here is one pass over the shuffled set (the last short batch dropped, as their
+loader does), so ``epochs`` rounds are ``epochs * (N // batch_size)`` training steps.
+
+Still differs from the authors' code, and why:
+
+- the final regeneration covers every image (theirs iterates the training loader, whose
+  ``drop_last`` leaves the last N mod 128 images with the noise of their last visit);
+- after each step ``x + delta`` is kept in [0, 1] (``pgd_step_``); theirs keeps only
+  ``|delta| <= eps`` and clamps ``x + delta`` where it is used, the same images;
+- the stored noise is float32 by default (theirs is rounded to whole grey levels after
+  every batch; ``delta_dtype="int8"`` rounds too, stochastically);
+- the model normalises its input by CIFAR-10 statistics (theirs maps [0, 255] to
+  [-0.5, 0.5]), the model zoo shared by every method.
 """
 from __future__ import annotations
 
@@ -44,10 +63,11 @@ class REMConfig(SurrogateConfig):
     From github.com/fshp971/robust-unlearnable-examples (``scripts/cifar10/gen_rem.sh``,
     ``attacks/robust_workers.py``): ResNet-18 surrogate, batch 128, SGD lr 0.1,
     momentum 0.9, weight decay 5e-4, 5,000 training steps with the lr x0.1 at steps
-    2,000 and 4,000; delta: eps 8/255, 10 PGD steps of 1.6/255, 5 samples of the
-    training augmentation (flip, 4-pixel zero-padded random crop at 32x32) per step;
-    rho: radius 4/255, 10 PGD steps of 0.8/255, random start. 5,000 x 128 images are
-    ~13 passes over CIFAR-10's 50,000, hence ``epochs`` = 13.
+    2,000 and 4,000; delta: eps 8/255, 10 PGD steps of 1.6/255 from a uniform random
+    start, 5 samples of the training augmentation (flip, 4-pixel zero-padded random crop
+    at 32x32) per step; rho: radius 4/255, 10 PGD steps of 0.8/255, random start. 5,000
+    steps of 128 images are ~13 passes over CIFAR-10's 50,000, hence ``epochs`` = 13.
+    ``poison_batch_size`` is the batch of the final regeneration.
     """
 
     epochs: int = 13
@@ -74,10 +94,10 @@ class REMConfig(SurrogateConfig):
             int_setting("crop_padding", self.crop_padding, 0)
         real_setting("lr_decay_rate", self.lr_decay_rate, 0.0, 1.0)
 
-    def learning_rate(self, epoch: int) -> float:
-        """Step decay: ``lr * lr_decay_rate ** (milestones passed)``, milestones at 40% and 80% of the rounds."""
-        done = (epoch - 1) / self.epochs
-        return self.lr * self.lr_decay_rate ** sum(done >= m for m in LR_MILESTONES)
+    def step_lr(self, step: int, steps: int) -> float:
+        """lr of training step ``step`` (0-based) of ``steps``: ``lr * lr_decay_rate ** (milestones
+        passed)``, milestones at 40% and 80% of the steps (their 2,000 and 4,000 of 5,000)."""
+        return self.lr * self.lr_decay_rate ** sum(step >= m * steps for m in LR_MILESTONES)
 
 
 class REM(SurrogateMethod):
@@ -96,16 +116,38 @@ class REM(SurrogateMethod):
         self.padding = max(images.shape[2:]) // 8 if cfg.crop_padding is None else cfg.crop_padding
 
     def stages(self):
-        return [Stage("rounds", self.config.epochs, self.round)]
+        return [Stage("rounds", self.config.epochs, self.round), Stage("final regeneration", 1, self.regenerate)]
 
     def round(self, r: int) -> dict:
+        """One pass of training steps: each batch's delta regenerated, then one adversarial SGD step."""
         cfg, data = self.config, self.data
-        train = self.surrogate.fit(data.shuffled(cfg.batch_size, merge_single=True),
-                                   self.perturbed_inputs(transform=self.adversarial_view), lr=cfg.learning_rate(r),
-                                   desc=f"round {r}: adversarial training")
-        poison = self.pgd.per_batch(data.shuffled(cfg.poison_batch_size), self.loss, steps=cfg.pgd_steps,
-                                    step_size=cfg.alpha, inputs=self.eot_views, desc=f"round {r}: PGD x{cfg.pgd_steps}")
-        return dict(lr=cfg.learning_rate(r), step_size=cfg.alpha, **train, **poison)
+        batches = data.shuffled(cfg.batch_size, drop_last=True)
+        steps = cfg.epochs * len(batches)
+        bar = self.ctx.bar(sum(len(b) for b in batches), f"round {r}: PGD x{cfg.pgd_steps} + adversarial step")
+        loss = acc = ploss = train_s = poison_s = 0.0
+        for b, idx in enumerate(batches):
+            poison = self.pgd.per_batch([idx], self.loss, steps=cfg.pgd_steps, step_size=cfg.alpha, init="uniform",
+                                        inputs=self.eot_views, desc=None)
+            lr = cfg.step_lr((r - 1) * len(batches) + b, steps)
+            train = self.surrogate.fit([idx], self.perturbed_inputs(transform=self.adversarial_view), lr=lr,
+                                       desc=None)
+            loss += train["train_loss"] * len(idx)
+            acc += train["train_acc"] * len(idx)
+            ploss += poison["poison_loss"] * len(idx)
+            train_s, poison_s = train_s + train["train_s"], poison_s + poison["poison_s"]
+            bar.update(len(idx))
+        bar.close()
+        seen = sum(len(b) for b in batches)
+        return dict(lr=lr, step_size=cfg.alpha, train_loss=loss / seen, train_acc=acc / seen, train_s=train_s,
+                    poison_loss=ploss / seen, poison_s=poison_s)
+
+    def regenerate(self, i: int) -> dict:
+        """Every image's delta once more, with the final surrogate (their ``regenerate_def_noise``)."""
+        cfg = self.config
+        poison = self.pgd.per_batch(self.data.shuffled(cfg.poison_batch_size), self.loss, steps=cfg.pgd_steps,
+                                    step_size=cfg.alpha, init="uniform", inputs=self.eot_views,
+                                    desc=f"final regeneration: PGD x{cfg.pgd_steps}")
+        return dict(train_s=0.0, **poison)
 
     def adversarial_view(self, xd: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training input ``T(x + delta) + rho`` [B, C, H, W] for xd = x + delta."""
