@@ -126,3 +126,48 @@ def test_progress_in_a_log_is_plain_lines(src, tmp_path, capsys, name):
     ue_fast.protect(src, tmp_path / "o", method=name, device="cpu", progress=True, **TINY[name][0])
     err = capsys.readouterr().err
     assert f"{name} " in err and "\r" not in err
+
+
+def test_a_new_method_is_a_file_and_a_registry_line(src, tmp_path, monkeypatch):
+    """What a new surrogate method needs: a config, a class with ``stages()`` over the blocks, and
+    its line in ``METHODS``; the runner, protect, the CLI, checkpoints and resume need nothing.
+    Here: error-maximising noise (a surrogate trained on x + delta, PGD ascending its loss)."""
+    from dataclasses import dataclass
+
+    import torch.nn.functional as F
+
+    from ue_fast.cli import main as cli_main
+    from ue_fast.generation import Stage
+    from ue_fast.methods import SurrogateMethod
+    from ue_fast.methods.settings import SurrogateConfig
+
+    @dataclass
+    class MaxConfig(SurrogateConfig):
+        epochs: int = 2
+
+    class ErrorMaximising(SurrogateMethod):
+        name = "error-max"
+        config_class = MaxConfig
+
+        def stages(self):
+            return [Stage("rounds", self.config.epochs, self.round)]
+
+        def round(self, r):
+            cfg = self.config
+            train = self.surrogate.fit(self.data.shuffled(cfg.batch_size), self.perturbed_inputs(), lr=cfg.lr)
+            poison = self.pgd.per_batch(self.data.shuffled(cfg.poison_batch_size),
+                                        lambda f, logits, y: F.cross_entropy(logits.float(), y),
+                                        steps=cfg.pgd_steps, step_size=cfg.alpha, maximize=True)
+            return {**train, **poison}
+
+    monkeypatch.setitem(METHODS, "error-max", ErrorMaximising)
+    assert cli_main(["protect", str(src), str(tmp_path / "o"), "--method", "error-max", "--set", "arch=cnn-small",
+                     "--set", "pgd_steps=2", "--device", "cpu", "--no-progress"]) == 0
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["method"] == "error-max" and m["rounds"] == 2 and 0 < m["linf_max_255"] <= 8
+    protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "split", method="error-max", arch="cnn-small",
+                                    pgd_steps=2, **QUIET)
+    resumed = ue_fast.protect(src, tmp_path / "split", method="error-max", arch="cnn-small", pgd_steps=2,
+                              resume=True, **QUIET)
+    assert resumed["resumed_from_epoch"] == 1
+    assert (tmp_path / "split" / "poison.pt").read_bytes() == (tmp_path / "o" / "poison.pt").read_bytes()

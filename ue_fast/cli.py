@@ -317,7 +317,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the last finished outer epoch is in OUTPUT_DIR/.ue_fast/checkpoint.pt; "
+        print("interrupted: the last finished step (round or epoch) is in OUTPUT_DIR/.ue_fast/checkpoint.pt; "
               "run again with --resume to continue", file=sys.stderr)
         return 130
 

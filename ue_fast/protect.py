@@ -14,7 +14,8 @@ Outputs in OUTPUT_DIR:
   complete output.
 
 While running, ``OUTPUT_DIR/.ue_fast/checkpoint.pt`` holds the state after the
-last finished outer epoch (``resume=True`` continues from it); it is removed
+last finished step of the method's stages (a clean pre-training epoch, a round, a
+restart; ``resume=True`` continues from it); it is removed
 when the run completes.
 
 The 8-bit output rounds ``255 (x + delta)`` stochastically by default: up with a
@@ -175,12 +176,12 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         resume: continue from the checkpoint in ``output_dir`` if there is one.
         progress: show progress bars.
         profile: synchronise at every stage to time it (slower), report the breakdown, and
-            write a torch.profiler trace of the first outer epoch to
+            write a torch.profiler trace of the first round to
             ``output_dir/profile_trace.json`` (open it in chrome://tracing or Perfetto).
         keep_checkpoint: keep ``.ue_fast/checkpoint.pt`` after a complete run.
         compile: run the surrogate through ``torch.compile``: True or "default",
             "reduce-overhead" (adds CUDA graphs on CUDA) or "max-autotune". The first
-            outer epoch pays the compilation; it does not change the algorithm.
+            round pays the compilation; it does not change the algorithm.
         rounding: how the 8-bit output rounds ``255 (x + delta)``: "stochastic" (default;
             unbiased, seeded by ``seed``) or "nearest" (drops any perturbation under half a
             grey level).

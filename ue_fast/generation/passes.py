@@ -97,7 +97,7 @@ class PGD:
                         if mask is not None and init != "keep":  # a fresh start only where pixels may move
                             leaf = torch.where(mask, leaf, stored)
                     for _ in range(steps):
-                        last = self._step(leaf, x, x, y, loss, inputs, step_size, maximize, mask)
+                        last = self._step(leaf, x, y, loss, inputs, step_size, maximize, mask)
                         leaf = last[0]
                     loss_sum += last[1] * len(idx)
                     seen += len(idx)
@@ -108,21 +108,23 @@ class PGD:
                 bar.close()
         return dict(poison_loss=float(loss_sum) / max(seen, 1), poison_s=time.perf_counter() - t0)
 
-    def _step(self, leaf, x_delta, x_clip, y, loss, inputs, step_size, maximize, mask):
-        """One PGD step of ``leaf`` (the delta tensor a gradient is taken of); ``x_delta`` is what
-        it is added to, ``x_clip`` the images its pixel-range clip holds against."""
+    def _step(self, leaf, x, y, loss, inputs, step_size, maximize, mask, class_mid=None):
+        """One PGD step of ``leaf``, the perturbations [B, 3, H, W] of images x, or with
+        ``class_mid`` those [C, 3, H, W] of the classes, whose pixel-range clip holds against
+        ``class_mid`` instead of x. Returns the new leaf and the loss before the step."""
         timer = self.ctx.timer
         leaf.requires_grad_(True)
-        delta = leaf if x_delta is x_clip else leaf[y]
+        delta = leaf if class_mid is None else leaf[y]  # [B, 3, H, W]
         with timer("forward"), self.ctx.autocast():
-            features, logits = self.surrogate.forward(inputs(x_delta, delta, y))
+            features, logits = self.surrogate.forward(inputs(x, delta, y))
         with timer("loss"):
             value = loss(features, logits, y)
         with timer("backward"):
             (grad,) = torch.autograd.grad(value, leaf)
         with timer("step"):
             leaf = leaf.detach()
-            pgd_step_(leaf, grad, x_clip, eps=self.eps, step_size=step_size, maximize=maximize, mask=mask)
+            pgd_step_(leaf, grad, x if class_mid is None else class_mid, eps=self.eps, step_size=step_size,
+                      maximize=maximize, mask=mask)
         return leaf, value.detach()
 
     def classwise(self, batches: list[torch.Tensor], loss: Loss, *, steps: int, step_size: float,
@@ -144,7 +146,7 @@ class PGD:
                     with timer("data"):
                         x, y = data.clean(idx, flip), data.labels[idx]
                     for _ in range(steps):
-                        leaf, value = self._step(leaf, x, mid, y, loss, inputs, step_size, maximize, None)
+                        leaf, value = self._step(leaf, x, y, loss, inputs, step_size, maximize, None, class_mid=mid)
                     loss_sum += value * len(idx)
                     seen += len(idx)
                     bar.update(len(idx))
