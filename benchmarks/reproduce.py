@@ -36,7 +36,6 @@ epochs before every ascent step on the whole set's estimate):
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
 import os
 import platform
@@ -52,6 +51,7 @@ import ue_fast
 from ue_fast.data import ImageSet, load_cifar_subset, read_image_folder, write_json_atomic
 from ue_fast.evaluate import DEFENSES
 from ue_fast.methods import METHODS
+from ue_fast.methods.settings import parse_value
 
 HERE = Path(__file__).resolve().parent
 TARBALL = HERE.parents[1] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -118,8 +118,9 @@ def _mixed_sets(train: ImageSet, protected: dict[str, ImageSet], fraction: float
 
 
 def _overrides(items: list[str], methods: list[str]) -> dict[str, dict]:
-    """``["bayes.whole_set=True", ...]`` -> ``{"bayes": {"whole_set": True}}``; values are
-    Python literals, else strings. ValueError names a malformed item or an unselected method."""
+    """``["bayes.whole_set=True", ...]`` -> ``{"bayes": {"whole_set": True}}``; values as
+    ``ue-fast protect --set`` reads them (Python literals, N/D fractions, else strings).
+    ValueError names a malformed item or an unselected method."""
     out: dict[str, dict] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -128,11 +129,7 @@ def _overrides(items: list[str], methods: list[str]) -> dict[str, dict]:
             raise ValueError(f"--set takes METHOD.KEY=VALUE, got {item!r}")
         if method not in methods:
             raise ValueError(f"--set {item!r}: method {method!r} is not among --methods {methods}")
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass  # a plain string, e.g. feature_scale=l2
-        out.setdefault(method, {})[name] = value
+        out.setdefault(method, {})[name] = parse_value(value)
     return out
 
 

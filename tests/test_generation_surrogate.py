@@ -1,5 +1,4 @@
-"""The surrogate block (``ue_fast.generation.surrogate``) and the data block
-(``ue_fast.generation.batches``)."""
+"""The surrogate block (``ue_fast.generation.surrogate``)."""
 import pytest
 import torch
 
@@ -90,23 +89,3 @@ def test_nesterov_and_state_round_trip(data):
     x = b.clean(torch.arange(4))
     s.model.eval(), t.model.eval()
     assert torch.equal(s.forward(x)[1], t.forward(x)[1])
-
-
-def test_batches_shuffle_order_flip_and_state(data):
-    b = Batches(data.images, data.labels, CPU, CPU, 0)
-    n = b.n  # 24
-    sh = b.shuffled(5)
-    assert sorted(torch.cat(sh).tolist()) == list(range(n)) and [len(i) for i in sh] == [5, 5, 5, 5, 4]
-    assert [len(i) for i in b.shuffled(23, merge_single=True)] == [24]
-    assert [len(i) for i in b.shuffled(23)] == [23, 1]
-    assert torch.equal(torch.cat(b.ordered(7)), torch.arange(n))
-    x = b.clean(torch.arange(n))
-    assert x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
-    state = b.state_dict()
-    f1 = b.clean(torch.arange(n), flip=True)
-    b.load_state_dict(state)
-    f2 = b.clean(torch.arange(n), flip=True)
-    assert torch.equal(f1, f2)  # the generator's state decides the draws
-    flipped = (f1 == x.flip(-1)).flatten(1).all(1)
-    kept = (f1 == x).flatten(1).all(1)
-    assert bool((flipped | kept).all()) and 0 < int(flipped.sum()) < n

@@ -104,24 +104,25 @@ def test_ap_raises_surrogate_cross_entropy(subset):
 def test_ap_protected_set_is_less_learnable(tmp_path):
     """A cnn-small victim (15 epochs) on 600 AP-protected demo images vs on the same images clean.
 
-    The first 60 training images of each demo class; CPU schedule: cnn-small surrogate, 5
-    clean epochs (cosine), 10 PGD steps of 1/255 with the shift/flip augmentation. Measured
-    when written (2 shared cores; test on the 200 demo test images), victim seed 0: clean
-    0.375, AP 0.275 (seed 1: 0.400 vs 0.315). On all 1,000 images: 0.420 vs 0.325 (seed 1:
-    0.460 vs 0.300); TAP there 0.340 / 0.315. Bayes-error UEs at a comparable cost stayed
-    within victim-seed noise of clean, so they have no such test.
+    The first 60 training images of each demo class; AP's cpu-small preset: cnn-small surrogate,
+    10 clean epochs under the shift/flip augmentation (Nesterov SGD), one restart of 20 PGD steps
+    of 1/255 from clipped Gaussian noise with the same augmentation. Measured 2026-11-28 (2
+    cores; test on the 200 demo test images; mean of victim seeds 0-2): clean 0.392, AP 0.272.
+    Before the authors' pre-training augmentation and start were followed (5 clean epochs
+    without augmentation, 10 steps of 1/255 from zero): mean gap 0.058 here, ~0.09 on the CPU of
+    the first measurement.
 
     One victim on 200 test images is noisy (an accuracy's binomial sd is ~0.035): on another
     2-core CPU (other float rounding in the convolutions) victim seeds 0-4 gave gaps 0.045,
-    0.075, 0.055, 0.085, 0.060, so the test takes the mean gap of three victim seeds.
+    0.075, 0.055, 0.085, 0.060 with the earlier schedule, so the test takes the mean gap of three
+    victim seeds.
     """
     full = read_image_folder(demo_dir() / "train", progress=False)
     test = read_image_folder(demo_dir() / "test", progress=False)
     keep = torch.cat([torch.nonzero(full.labels == c)[:60, 0] for c in range(len(full.classes))])
     images, labels = full.images[keep], full.labels[keep]
     ue_fast.protect((images.permute(0, 2, 3, 1).numpy(), labels.numpy(), full.classes), tmp_path / "p",
-                    method="ap", eps=8, arch="cnn-small", pretrain_epochs=5, pretrain_schedule="cosine",
-                    pgd_steps=10, alpha=1 / 255, batch_size=64, device="cpu", progress=False)
+                    method="ap", preset="cpu-small", device="cpu", progress=False)
     protected = read_image_folder(tmp_path / "p", progress=False)
     assert protected.labels.tolist() == labels.tolist()
     assert int((protected.images.to(torch.int16) - images.to(torch.int16)).abs().max()) <= 8
@@ -134,5 +135,5 @@ def test_ap_protected_set_is_less_learnable(tmp_path):
     acc_prot = sum(victim(protected.images, s) for s in seeds) / len(seeds)
     print(f"victim test accuracy (mean of seeds {seeds}): clean {acc_clean:.3f}, AP protected {acc_prot:.3f}")
     assert acc_clean > 0.3, "the clean victim should learn well above chance (10%)"
-    # mean gaps measured 0.058 (seeds 0-2 here) and ~0.09 (seeds 0, 1 on the CPU of the first measurement)
-    assert acc_prot < acc_clean - 0.03
+    # mean gap measured 0.12 (0.058 with the earlier schedule)
+    assert acc_prot < acc_clean - 0.04

@@ -1,33 +1,15 @@
-"""SALM's sparse wrapper (``ue_fast.methods.salm``) and the saliency mask
-(``ue_fast.generation.saliency``)."""
+"""SALM's sparse wrapper (``ue_fast.methods.salm``); the mask is tested in
+``test_generation_saliency.py``."""
 import pytest
 import torch
 
 import ue_fast
 from _helpers import demo_subset
 from ue_fast.data.exports import load_delta_npy
-from ue_fast.generation.saliency import saliency_mask
 from ue_fast.methods import EM, MIUE, OPS, Sparse, EMClasswise
 
 FAST = dict(arch="cnn-small", epochs=2, pgd_steps=2, batch_size=16, poison_batch_size=32, progress=False,
             device="cpu")
-
-
-def test_saliency_mask_keeps_the_largest_input_gradients(gen):
-    w = torch.zeros(3, 4, 4)
-    w[0, 1, 2], w[2, 3, 0] = 5.0, -2.0  # the loss depends on two pixels only
-
-    def forward(x):
-        s = (x * w).sum((1, 2, 3))
-        return None, torch.stack([s, -s], 1)
-
-    x = torch.rand(2, 3, 4, 4, generator=gen)
-    m = saliency_mask(forward, x, torch.tensor([0, 1]), 2 / 16 * 100)
-    assert m.shape == (2, 1, 4, 4) and m.dtype == torch.bool
-    assert m.sum((1, 2, 3)).tolist() == [2, 2]
-    assert bool(m[:, 0, 1, 2].all()) and bool(m[:, 0, 3, 0].all())
-    with pytest.raises(ValueError, match="percent"):
-        saliency_mask(forward, x, torch.tensor([0, 1]), 0)
 
 
 def test_sparse_perturbs_only_the_most_salient_pixels(tmp_path):
