@@ -1,7 +1,6 @@
 """SALM's sparse wrapper (``ue_fast.methods.salm``); the mask is tested in
 ``test_generation_saliency.py``."""
 import pytest
-import torch
 
 import ue_fast
 from _helpers import demo_subset
