@@ -73,6 +73,27 @@ class PGD:
         u = torch.rand(delta.shape, generator=self.data.gen).to(delta.device)
         return (x + (2 * u - 1) * self.eps).clamp_(0, 1) - x
 
+    def _loop(self, batches: list[torch.Tensor], flip: bool, desc: str, run) -> dict:
+        """The scaffolding of a batched pass: ``run(idx, x, y)`` takes a batch's steps on its clean
+        images x (flipped at random with ``flip``) and labels y and returns its last-step loss; the
+        surrogate is frozen throughout. Returns the mean ``poison_loss`` and ``poison_s``."""
+        t0, data = time.perf_counter(), self.data
+        self._begin()
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        seen = 0
+        bar = self.ctx.bar(sum(len(b) for b in batches), desc)
+        with self.surrogate.frozen():
+            try:
+                for idx in batches:
+                    with self.ctx.timer("data"):
+                        x, y = data.clean(idx, flip), data.labels[idx]
+                    loss_sum += run(idx, x, y) * len(idx)
+                    seen += len(idx)
+                    bar.update(len(idx))
+            finally:
+                bar.close()
+        return dict(poison_loss=float(loss_sum) / max(seen, 1), poison_s=time.perf_counter() - t0)
+
     def per_batch(self, batches: list[torch.Tensor], loss: Loss, *, steps: int, step_size: float,
                   maximize: bool = False, flip: bool = False, inputs: InputFn = _plus, init: str = "keep",
                   desc: str = "PGD") -> dict:
@@ -81,32 +102,21 @@ class PGD:
         batch's start (see ``_init``). Returns the mean last-step ``poison_loss`` and ``poison_s``."""
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        t0, timer, data = time.perf_counter(), self.ctx.timer, self.data
-        self._begin()
-        loss_sum = torch.zeros((), device=self.ctx.device)
-        seen = 0
-        bar = self.ctx.bar(sum(len(b) for b in batches), desc)
-        with self.surrogate.frozen():
-            try:
-                for idx in batches:
-                    with timer("data"):
-                        x, y = data.clean(idx, flip), data.labels[idx]
-                        mask = self._mask(idx)
-                        stored = self.store.samples(idx)
-                        leaf = self._init(init, x, stored)
-                        if mask is not None and init != "keep":  # a fresh start only where pixels may move
-                            leaf = torch.where(mask, leaf, stored)
-                    for _ in range(steps):
-                        last = self._step(leaf, x, y, loss, inputs, step_size, maximize, mask)
-                        leaf = last[0]
-                    loss_sum += last[1] * len(idx)
-                    seen += len(idx)
-                    with timer("step"):
-                        self.store.put(idx, leaf)
-                    bar.update(len(idx))
-            finally:
-                bar.close()
-        return dict(poison_loss=float(loss_sum) / max(seen, 1), poison_s=time.perf_counter() - t0)
+
+        def run(idx, x, y):
+            with self.ctx.timer("data"):
+                mask = self._mask(idx)
+                stored = self.store.samples(idx)
+                leaf = self._init(init, x, stored)
+                if mask is not None and init != "keep":  # a fresh start only where pixels may move
+                    leaf = torch.where(mask, leaf, stored)
+            for _ in range(steps):
+                leaf, value = self._step(leaf, x, y, loss, inputs, step_size, maximize, mask)
+            with self.ctx.timer("step"):
+                self.store.put(idx, leaf)
+            return value
+
+        return self._loop(batches, flip, desc, run)
 
     def _step(self, leaf, x, y, loss, inputs, step_size, maximize, mask, class_mid=None):
         """One PGD step of ``leaf``, the perturbations [B, 3, H, W] of images x, or with
@@ -133,27 +143,18 @@ class PGD:
         ``steps`` steps per batch, each on the gradient summed over the batch's samples of each
         class. The pixel-range clip cannot apply to a perturbation shared by many images (against
         a clean value of 0.5 it is a no-op); each protected image is clipped when written."""
-        t0, timer, data = time.perf_counter(), self.ctx.timer, self.data
-        self._begin()
         leaf = self.store.all()  # [C, 3, H, W]
         mid = torch.full_like(leaf, 0.5)
-        loss_sum = torch.zeros((), device=self.ctx.device)
-        seen = 0
-        bar = self.ctx.bar(sum(len(b) for b in batches), desc)
-        with self.surrogate.frozen():
-            try:
-                for idx in batches:
-                    with timer("data"):
-                        x, y = data.clean(idx, flip), data.labels[idx]
-                    for _ in range(steps):
-                        leaf, value = self._step(leaf, x, y, loss, inputs, step_size, maximize, None, class_mid=mid)
-                    loss_sum += value * len(idx)
-                    seen += len(idx)
-                    bar.update(len(idx))
-                self.store.put(torch.arange(self.store.rows), leaf)
-            finally:
-                bar.close()
-        return dict(poison_loss=float(loss_sum) / max(seen, 1), poison_s=time.perf_counter() - t0)
+
+        def run(idx, x, y):
+            nonlocal leaf
+            for _ in range(steps):
+                leaf, value = self._step(leaf, x, y, loss, inputs, step_size, maximize, None, class_mid=mid)
+            return value
+
+        out = self._loop(batches, flip, desc, run)
+        self.store.put(torch.arange(self.store.rows), leaf)
+        return out
 
     def whole_set(self, loss: Loss, *, steps: int, step_size: float, batch_size: int, maximize: bool = False,
                   inputs: InputFn = _plus, adam: "AdamW | None" = None, desc: str = "PGD (whole set)") -> dict:

@@ -16,17 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from ..models import build_model
-from .context import COMPILE_MODES, RunContext
+from .context import RunContext
 
 
 def compiled(model: torch.nn.Module, mode: bool | str):
-    """``model`` itself (mode False), or ``torch.compile(model, mode=...)``; True means "default"."""
-    if mode is False or mode is None:
+    """``model`` itself (mode False), or ``torch.compile(model, mode=...)``; True means "default".
+    ``mode`` is a validated ``RunContext.compile``."""
+    if not mode:
         return model
-    mode = "default" if mode is True else mode
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile must be False, True or one of {COMPILE_MODES}, got {mode!r}")
-    return torch.compile(model, mode=mode)
+    return torch.compile(model, mode="default" if mode is True else mode)
 
 
 Inputs = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # index batch -> (input, labels)
