@@ -14,7 +14,7 @@ import ue_fast.methods.base as base_mod
 from _helpers import demo_subset
 from ue_fast.data import read_image_folder
 from ue_fast.generation import PerturbationStore, Runner
-from ue_fast.generation.store import check_delta_dtype, choose_store
+from ue_fast.generation.store import Placement, check_delta_dtype, choose_store
 from ue_fast.methods import MIUE, MIUEConfig
 
 SHORT = dict(arch="cnn-small", epochs=1, pgd_steps=2, batch_size=16, poison_batch_size=64)  # 2 steps of 0.2/255
@@ -120,12 +120,24 @@ def test_int8_resume_draws_the_same_rounding(tmp_path, monkeypatch):
 
 def test_choose_store(monkeypatch):
     monkeypatch.setattr(store_mod, "_host_available_bytes", lambda: 1e12)
-    assert choose_store(CPU, 3000, 3000, "auto") == (CPU, torch.float32)
-    assert choose_store(CPU, 3000, 3000, "int8") == (CPU, torch.int8)
+    assert choose_store(CPU, 3000, 3000, "auto") == Placement(CPU, CPU, torch.float32)
+    assert choose_store(CPU, 3000, 3000, "int8") == Placement(CPU, CPU, torch.int8)
     # float32 perturbations would not fit half of the memory, float16 ones do
     monkeypatch.setattr(store_mod, "_host_available_bytes", lambda: 2 * (1000 + 1000 * 3))
-    assert choose_store(CPU, 1000, 1000, "auto") == (CPU, torch.float16)
-    assert choose_store(CPU, 1000, 1000, "float32") == (CPU, torch.float32)  # asked for: kept
+    assert choose_store(CPU, 1000, 1000, "auto") == Placement(CPU, CPU, torch.float16)
+    # float32 asked for and over the budget: to disk, or kept in memory when memory is forced
+    assert choose_store(CPU, 1000, 1000, "float32") == Placement("disk", "disk", torch.float32)
+    assert choose_store(CPU, 1000, 1000, "float32", store="memory") == Placement(CPU, CPU, torch.float32)
+    # nothing fits: disk, in the faithful float32 (auto) or the dtype asked for
+    assert choose_store(CPU, 1000, 1000, "auto", memory_budget=1500) == Placement("disk", "disk", torch.float32)
+    assert choose_store(CPU, 1000, 1000, "int8", memory_budget=1500) == Placement("disk", "disk", torch.int8)
+    # a class-wise store is a few rows: it stays in memory when the images go to disk
+    assert choose_store(CPU, 1000, 10, "auto", memory_budget=500, small_delta=True) == \
+        Placement("disk", CPU, torch.float32)
+    # forced
+    assert choose_store(CPU, 10, 10, "auto", store="disk") == Placement("disk", "disk", torch.float32)
+    with pytest.raises(ValueError, match="store must be one of"):
+        choose_store(CPU, 10, 10, "auto", store="ssd")
 
 
 def test_delta_dtype_validation(tmp_path):
@@ -149,7 +161,7 @@ def test_auto_store_resumes_with_the_checkpoints_dtype(tmp_path, monkeypatch):
 
     src = demo_subset(tmp_path / "in", per_class=4)
     settings = dict(SHORT, epochs=2, progress=False, device="cpu")
-    monkeypatch.setattr(base_mod, "choose_store", lambda *a: (CPU, torch.float16))
+    monkeypatch.setattr(base_mod, "choose_store", lambda *a, **k: Placement(CPU, CPU, torch.float16))
     ue_fast.protect(src, tmp_path / "whole", **settings)
     protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "split", die_at=1, **settings)
     monkeypatch.undo()

@@ -52,8 +52,8 @@ def test_restarts_keep_the_best_objective(subset):
     passes = [h for h in res.history if "epoch" in h]
     assert [h["restart"] for h in passes] == [1, 2, 3]
     best = max(h["poison_loss"] for h in passes)  # AP ascends CE: the highest is the best
-    assert r.method.best["score"] == pytest.approx(-best)
-    assert torch.equal(r.method.store.delta, r.method.best["delta"])
+    assert r.method.best_score == pytest.approx(-best)
+    assert torch.equal(r.method.store.delta, r.method.best.delta)
 
 
 def test_gaussian_start_is_clipped_noise(subset):

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+# 3: a disk store's perturbations are files the checkpoint names; AP's best restart is a store.
 # 2: the runner's stages (ue_fast.generation); 1 was the single bi-level loop's.
-FORMAT = 2
+FORMAT = 3
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:

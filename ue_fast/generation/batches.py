@@ -3,25 +3,134 @@
 Every shuffle, flip and random transform of a method is drawn from ``gen``, one
 CPU generator seeded by the method's seed and saved in every checkpoint, so a run
 is fixed by its seed and a resumed run draws what the uninterrupted one drew.
+
+Images live on the device, in (pinned) host memory, or on disk (a ``.npy`` of uint8
+rows read by positional I/O, :mod:`.rowfile`). When they, or the perturbation store,
+are on disk, iterating a batch plan with :meth:`Plan.streamed` reads the next batch's
+rows in a background thread (into pinned buffers on a CUDA run) while the current one
+computes, so the device waits for neither the disk nor the copy when the disk keeps up.
 """
 from __future__ import annotations
 
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import torch
+
+from .rowfile import RowFile, chunk_rows
+
+
+class Plan(list):
+    """The index batches [B] of a pass, in order; :meth:`streamed` iterates them with read-ahead."""
+
+    def __init__(self, batches, data: "Batches"):
+        super().__init__(batches)
+        self.data = data
+
+    def __getitem__(self, k):
+        got = super().__getitem__(k)
+        return Plan(got, self.data) if isinstance(k, slice) else got
+
+    def streamed(self):
+        return self.data.stream(self)
+
+
+def streamed(batches):
+    """Iterate ``batches`` with read-ahead when it is a :class:`Plan`."""
+    return batches.streamed() if isinstance(batches, Plan) else iter(batches)
 
 
 class Batches:
-    """Images uint8 [N, 3, H, W] on ``place`` (the device, or pinned host memory that streams),
-    labels int64 [N] on ``device``, and the generator ``gen``."""
+    """Images uint8 [N, 3, H, W] on ``place`` (the device, pinned host memory that streams, or
+    "disk"), labels int64 [N] on ``device``, and the generator ``gen``.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, place: torch.device,
-                 seed: int):
-        self.device, self.place = device, place
-        self.images = images.to(place)
-        if place.type == "cpu" and device.type == "cuda":
-            self.images = self.images.pin_memory()
+    On disk the images are read from ``images_file`` (a uint8 ``.npy`` [N, 3, H, W] holding
+    ``images``, e.g. the ingested folder), or written to ``work_dir/images.npy`` first.
+    ``store``: the perturbation store whose rows are read ahead with the images.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, place, seed: int, *,
+                 images_file=None, work_dir=None):
+        self.device = device
+        self.on_disk = place == "disk"
+        self.place = torch.device("cpu") if self.on_disk else torch.device(place)
+        self.shape = tuple(images.shape)
+        self.store = None
+        if self.on_disk:
+            self.images = None
+            self.file = self._images_file(images, images_file, work_dir)
+        else:
+            self.images = images.to(self.place)
+            if self.place.type == "cpu" and device.type == "cuda":
+                self.images = self.images.pin_memory()
         self.labels = labels.to(device, torch.int64)
         self.n = len(labels)
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self._ready: tuple | None = None  # (idx, images, delta or None) read ahead
+
+    def _images_file(self, images, images_file, work_dir) -> RowFile:
+        if images_file is not None:
+            f = RowFile(images_file)
+            if f.shape != self.shape or f.dtype != torch.uint8:
+                raise ValueError(f"{images_file} holds {f.dtype} {f.shape}, not the images' uint8 {self.shape}")
+            return f
+        if work_dir is None:
+            raise ValueError("images on disk need an images file or the run's work folder")
+        f = RowFile.create(Path(work_dir) / "images.npy", self.shape, torch.uint8)
+        step = chunk_rows(math.prod(self.shape[1:]))
+        for i in range(0, self.shape[0], step):
+            f.write_range(i, images[i:i + step])
+        f.sync()
+        return RowFile(f.path)
+
+    def stream(self, batches):
+        """Yield the batches of ``batches`` while a thread reads the next one's rows ahead."""
+        store = self.store if (self.store is not None and self.store.on_disk) else None
+        if not (self.on_disk or store is not None) or len(batches) == 0:
+            yield from batches
+            return
+        pin = self.device.type == "cuda"
+
+        def load(idx):
+            x = self.file.read(idx) if self.on_disk else None
+            d = None
+            if store is not None:
+                d = store._read(idx if store.row_of is None else store.row_of[idx])
+            if pin:
+                x = x.pin_memory() if x is not None else None
+                d = d.pin_memory() if d is not None else None
+            return idx, x, d
+
+        with ThreadPoolExecutor(1, thread_name_prefix="ue_fast-read") as pool:
+            ahead = pool.submit(load, batches[0])
+            try:
+                for k, idx in enumerate(batches):
+                    ready = ahead.result()
+                    if k + 1 < len(batches):
+                        ahead = pool.submit(load, batches[k + 1])
+                    self._ready = ready
+                    if store is not None:
+                        store._ready = (ready[0], ready[2])
+                    yield idx
+            finally:
+                self._ready = None
+                if store is not None:
+                    store._ready = None
+
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 rows of ``idx`` on their place (read-ahead ones when ready)."""
+        if self._ready is not None and self._ready[0] is idx and self._ready[1] is not None:
+            return self._ready[1]
+        if self.on_disk:
+            return self.file.read(idx)
+        return self.images[idx.to(self.place)]
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        """uint8 images start..stop-1 [B, 3, H, W] on the CPU."""
+        if self.on_disk:
+            return self.file.read_range(start, stop)
+        return self.images[start:stop].cpu()
 
     def shuffled(self, batch_size: int, *, merge_single: bool = False, drop_last: bool = False
                  ) -> list[torch.Tensor]:
@@ -34,16 +143,17 @@ class Batches:
             out.pop()
         if merge_single and len(out) > 1 and len(out[-1]) == 1:
             out[-2:] = [torch.cat(out[-2:])]
-        return out
+        return Plan(out, self)
 
     def ordered(self, batch_size: int) -> list[torch.Tensor]:
         """Index batches [B] (on the device) in data-set order."""
-        return [torch.arange(i, min(i + batch_size, self.n), device=self.device) for i in range(0, self.n, batch_size)]
+        return Plan([torch.arange(i, min(i + batch_size, self.n), device=self.device)
+                     for i in range(0, self.n, batch_size)], self)
 
     def clean(self, idx: torch.Tensor, flip: bool = False) -> torch.Tensor:
         """Clean images ``idx`` as float [B, 3, H, W] in [0, 1] on the device; ``flip``: each
         flipped horizontally with probability 1/2 (post-augmentation)."""
-        x = self.images[idx.to(self.place)].to(self.device, non_blocking=True).float().div_(255)
+        x = self._rows(idx).to(self.device, non_blocking=True).float().div_(255)
         if flip:
             f = (torch.rand(len(idx), generator=self.gen) < 0.5).to(self.device)
             x = torch.where(f[:, None, None, None], x.flip(-1), x)

@@ -9,6 +9,7 @@ import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -45,7 +46,7 @@ def check_compile(mode) -> bool | str:
 @dataclass
 class RunContext:
     """Run options shared by the blocks: device, bf16 autocast, ``torch.compile`` mode, the
-    perturbation store's requested dtype, progress bars and the stage timer."""
+    perturbation store's requested dtype and place, progress bars and the stage timer."""
 
     device: torch.device
     amp: bool = False  # bf16 autocast of the surrogate
@@ -53,6 +54,10 @@ class RunContext:
     delta_dtype: str = "auto"
     progress: bool = True
     timer: Timer = field(default=None)  # type: ignore[assignment]
+    store: str = "auto"  # where images and perturbations live: "auto", "memory" or "disk"
+    memory_budget: float | None = None  # host bytes images + perturbations may take (None: the default)
+    work_dir: Path | None = None  # where a disk store keeps its files
+    images_file: Path | None = None  # the images as a uint8 .npy (an ingested folder), read when on disk
 
     def __post_init__(self):
         self.device = torch.device(self.device)

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..ops import pgd_step_
-from .batches import Batches
+from .batches import Batches, streamed
 from .context import RunContext
 from .store import PerturbationStore
 from .surrogate import Surrogate
@@ -84,7 +84,7 @@ class PGD:
         bar = self.ctx.bar(sum(len(b) for b in batches), desc)
         with self.surrogate.frozen():
             try:
-                for idx in batches:
+                for idx in streamed(batches):
                     with self.ctx.timer("data"):
                         x, y = data.clean(idx, flip), data.labels[idx]
                     loss_sum += run(idx, x, y) * len(idx)

@@ -24,6 +24,7 @@ import torch
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..progress import progress as _progress
 from .context import RunContext, Timer
+from .rowfile import chunk_rows
 
 
 @dataclass
@@ -42,17 +43,27 @@ class Stage:
 
 @dataclass
 class RunResult:
-    delta: torch.Tensor  # [N, 3, H, W] float32 in pixel units ([-eps, eps]), on the CPU (per sample)
+    read: Callable[[int, int], torch.Tensor]  # (start, stop) -> float32 [stop - start, 3, H, W] on the CPU
+    n: int  # samples
     history: list[dict]  # a record per step of every stage
     timings: dict[str, float] = field(default_factory=dict)  # seconds per timed part, whole run
     resumed_from: int = 0  # rounds (records with "epoch") done before this call
 
+    @property
+    def delta(self) -> torch.Tensor:
+        """Every perturbation, [N, 3, H, W] float32 in pixel units ([-eps, eps]), on the CPU
+        (O(N) memory: read a large run by chunks with ``read``)."""
+        return self.read(0, self.n)
+
 
 def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """A hash of the data, so a checkpoint is never resumed on other images."""
+    """A hash of the data, so a checkpoint is never resumed on other images (read by chunks: a
+    memory-mapped set is hashed in bounded memory)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(str(tuple(images.shape)).encode())
-    h.update(images.contiguous().cpu().numpy().tobytes())
+    step = chunk_rows(images[0].numel() if len(images) else 1)
+    for i in range(0, len(images), step):
+        h.update(images[i:i + step].contiguous().cpu().numpy().tobytes())
     h.update(labels.cpu().numpy().astype("int64").tobytes())
     return h.hexdigest()
 
@@ -64,17 +75,26 @@ class Runner:
     autocast; default on CUDA), ``profile`` (synchronise to time every part), ``trace_path``
     (a torch.profiler trace of the first round), ``compile`` (``torch.compile`` mode of the
     surrogate), ``delta_dtype`` (the perturbation store's dtype: "auto", "float32",
-    "float16" or "int8").
+    "float16" or "int8"), ``store`` ("auto", "memory" or "disk": where images and
+    perturbations live), ``memory_budget`` (host bytes they may take before "auto" goes to
+    disk), ``work_dir`` (a disk store's files; default the checkpoint's folder) and
+    ``images_file`` (the images as a uint8 ``.npy``, read from disk instead of rewritten).
     """
 
     def __init__(self, method, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                  device: str | torch.device = "cpu", *, checkpoint_path: str | Path | None = None,
                  progress: bool = True, amp: bool | None = None, profile: bool = False,
-                 trace_path: str | Path | None = None, compile: bool | str = False, delta_dtype: str = "auto"):
+                 trace_path: str | Path | None = None, compile: bool | str = False, delta_dtype: str = "auto",
+                 store: str = "auto", memory_budget: float | None = None, work_dir: str | Path | None = None,
+                 images_file: str | Path | None = None):
         device = torch.device(device)
+        if work_dir is None and checkpoint_path is not None:
+            work_dir = Path(checkpoint_path).parent
         # bf16 autocast on CUDA; on the CPU it would cost accuracy for no speed.
         self.ctx = RunContext(device, amp=(device.type == "cuda") if amp is None else amp, compile=compile,
-                              delta_dtype=delta_dtype, progress=progress, timer=Timer(device, profile))
+                              delta_dtype=delta_dtype, progress=progress, timer=Timer(device, profile), store=store,
+                              memory_budget=memory_budget, work_dir=Path(work_dir) if work_dir is not None else None,
+                              images_file=Path(images_file) if images_file is not None else None)
         self.method = method
         self.n = len(images)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -127,7 +147,10 @@ class Runner:
             if self.done < stage.steps and not self.ended:
                 self._run_stage(stage)
             self.stage, self.done, self.ended = self.stage + 1, 0, False
-        return RunResult(delta=self.method.perturbations(), history=self.history,
+        read = getattr(self.method, "read_perturbations", None)
+        if read is None:  # a method that only gives them all at once
+            read = lambda start, stop: self.method.perturbations()[start:stop]  # noqa: E731
+        return RunResult(read=read, n=self.n, history=self.history,
                          timings=dict(self.ctx.timer.total), resumed_from=resumed_from)
 
     def _run_stage(self, stage: Stage) -> None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import build_model
+from .batches import streamed
 from .context import RunContext
 
 
@@ -63,15 +64,16 @@ class Surrogate:
         total norm first. Returns the mean ``train_loss``, ``train_acc`` and ``train_s``."""
         t0 = time.perf_counter()
         timer = self.ctx.timer
-        batches = list(batches)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         loss_sum = torch.zeros((), device=self.ctx.device)
         correct = torch.zeros((), device=self.ctx.device, dtype=torch.int64)
         seen = 0
+        if not isinstance(batches, list):
+            batches = list(batches)
         bar = self.ctx.bar(sum(len(b) for b in batches), desc)
-        for idx in batches:
+        for idx in streamed(batches):
             with timer("data"):
                 x, y = inputs(idx)
             with timer("surrogate training"):
@@ -111,7 +113,7 @@ class Surrogate:
         self.model.eval()
         correct = torch.zeros((), dtype=torch.int64, device=self.ctx.device)
         seen = 0
-        for idx in batches:
+        for idx in streamed(batches):
             x, y = inputs(idx)
             with self.ctx.autocast():
                 _, logits = self.forward(x)

@@ -105,7 +105,8 @@ class AP(SurrogateMethod):
 
     def setup(self, ctx, images, labels, num_classes):
         super().setup(ctx, images, labels, num_classes)
-        self.best: dict = {}  # the best restart so far: {"score": float, "delta": tensor}
+        self.best_score: float | None = None  # the best restart's objective so far
+        self.best = self.store.twin("best") if self.config.restarts > 1 else None  # its perturbations
 
     def stages(self):
         cfg = self.config
@@ -132,16 +133,19 @@ class AP(SurrogateMethod):
     def keep_best(self, score: float) -> None:
         """After a restart: keep its perturbations if its objective (lower is better) is the best
         so far, else put the best back in the store."""
-        if not self.best or score < self.best["score"]:
-            self.best = {"score": score, "delta": self.store.delta.clone()}
+        if self.best_score is None or score < self.best_score:
+            self.best_score = score
+            self.best.copy_from(self.store)
         else:
-            self.store.delta.copy_(self.best["delta"])
+            self.store.copy_from(self.best)
 
     def extra_state(self) -> dict:
-        return {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.best.items()}
+        return {"score": self.best_score, **({"best": self.best.state_dict()} if self.best is not None else {})}
 
     def load_extra_state(self, state: dict) -> None:
-        self.best = {k: (v.to(self.store.place) if torch.is_tensor(v) else v) for k, v in state.items()}
+        self.best_score = state["score"]
+        if self.best is not None:
+            self.best.load_state_dict(state["best"])
 
     def augmented(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         u = torch.rand(len(x), 3, generator=self.data.gen)  # the run's generator: checkpointed, seeded

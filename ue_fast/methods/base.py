@@ -34,6 +34,8 @@ class Method:
     name = "base"
     config_class = Config
     classwise = False  # one perturbation per class (the output's rounding is then shared per class)
+    streams = True  # runs with its images and perturbations on disk, streamed by batches
+    streams_why = ""  # why not, when it does not
     # Named settings over the defaults: "paper" is the defaults; "cpu-small" a CPU-sized schedule.
     presets: dict[str, dict] = {"paper": {}, "cpu-small": {}}
 
@@ -80,16 +82,30 @@ class Method:
         """float32 [N, 3, H, W] in pixel units on the CPU."""
         return self.store.per_sample_cpu()
 
+    def read_perturbations(self, start: int, stop: int) -> torch.Tensor:
+        """float32 [stop - start, 3, H, W] in pixel units on the CPU: those of samples start..stop-1."""
+        return self.store.read_samples(start, stop)
+
     def _data_and_store(self, ctx, images, labels, num_classes):
         cfg = self.config
         check_delta_dtype(ctx.delta_dtype, cfg.eps)
         self.ctx, self.num_classes = ctx, num_classes
         n, c, h, w = images.shape
         rows = num_classes if self.classwise else n
-        place, dtype = choose_store(ctx.device, images.numel(), rows * c * h * w, ctx.delta_dtype)
-        self.data = Batches(images, labels, ctx.device, place, cfg.seed)
-        self.store = PerturbationStore(rows, (c, h, w), device=ctx.device, place=place, dtype=dtype, eps=cfg.eps,
-                                       seed=cfg.seed, row_of=self.data.labels if self.classwise else None)
+        where = choose_store(ctx.device, images.numel(), rows * c * h * w, ctx.delta_dtype, store=ctx.store,
+                             memory_budget=ctx.memory_budget, small_delta=self.classwise)
+        if "disk" in (where.images, where.delta) and not self.streams:
+            raise ValueError(f"method {self.name!r} needs its images and perturbations in memory "
+                             f"({self.streams_why}); run it with --store memory"
+                             + ("" if ctx.store == "disk" else " (they exceed the memory budget: raise "
+                                "--memory-budget if the host has the memory)"))
+        self.placement = where
+        self.data = Batches(images, labels, ctx.device, where.images, cfg.seed, images_file=ctx.images_file,
+                            work_dir=ctx.work_dir)
+        self.store = PerturbationStore(rows, (c, h, w), device=ctx.device, place=where.delta, dtype=where.dtype,
+                                       eps=cfg.eps, seed=cfg.seed, row_of=self.data.labels if self.classwise else None,
+                                       work_dir=ctx.work_dir)
+        self.data.store = self.store
 
 
 class SurrogateMethod(Method):
@@ -134,6 +150,9 @@ class SurrogateMethod(Method):
 
 class TrainingFreeMethod(Method):
     """A generator with no surrogate: ``generate`` makes every perturbation at once."""
+
+    streams = False
+    streams_why = "it draws every perturbation at once from the whole set"
 
     def setup(self, ctx, images, labels, num_classes):
         self._data_and_store(ctx, images, labels, num_classes)

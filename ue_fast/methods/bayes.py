@@ -132,6 +132,8 @@ class Bayes(SurrogateMethod):
 
     name = "bayes"
     config_class = BayesConfig
+    streams = False
+    streams_why = "its loss and AdamW state span the whole set at once"
     presets = {"paper": {}, "cpu-small": dict(arch="cnn-small", epochs=16, retrain_epochs=8, adam_lr=2e-3,
                                               batch_size=64)}
 

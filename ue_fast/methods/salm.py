@@ -30,6 +30,7 @@ class Sparse:
         from ..generation.saliency import dataset_saliency
 
         m = self.method
+        m.streams, m.streams_why = False, "SALM's saliency mask is held in memory, N x H x W bytes"
         m.setup(ctx, images, labels, num_classes)
         m.pgd.mask_source = lambda: dataset_saliency(m.surrogate, m.data, self.percent, m.config.poison_batch_size)
 
@@ -45,6 +46,13 @@ class Sparse:
     def perturbations(self):
         return self.method.perturbations()
 
+    def read_perturbations(self, start: int, stop: int):
+        return self.method.read_perturbations(start, stop)
+
     @property
     def store(self):
         return self.method.store
+
+    @property
+    def data(self):
+        return self.method.data
