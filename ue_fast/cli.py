@@ -10,6 +10,7 @@ import torch
 
 from .evaluate.defenses import DEFENSES
 from .generation import COMPILE_MODES, DELTA_DTYPES
+from .generation.store import STORES, parse_size
 from .methods import METHODS
 from .methods.settings import parse_sets
 from .models import ARCHS
@@ -36,12 +37,23 @@ def _resize(text: str):
     return vals[0] if len(vals) == 1 else tuple(vals)
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _print_summary(m: dict) -> None:
     print(f"protected {m['num_images']} images of {len(m['classes'])} classes with {m['method']} "
           f"(eps {m['settings']['eps_255']}/255, max |delta| {m['linf_max_255']}/255, mean "
           f"{m['mean_abs_delta_255']:.2f}/255, {100 * m['changed_pixels_fraction']:.0f}% of pixels changed) in "
           f"{m['total_s']:.1f} s; {m['images_per_s']:.0f} images/s per outer epoch")
-    print(f"output: {m['output']}  (PNG tree, poison.pt, {m['perturbation_npy']}, manifest.json)")
+    files = ["PNG tree"] + [k for k, v in m["outputs"].items() if k != "images" and v["written"]] + ["manifest.json"]
+    print(f"output: {m['output']}  ({', '.join(files)})")
+    for name, v in m["outputs"].items():
+        if not v["written"]:
+            print(f"not written: {name}: {v['why']}")
     if m["skipped"]:
         print(f"skipped {len(m['skipped'])} unreadable files (listed in manifest.json)")
 
@@ -101,6 +113,7 @@ def _cmd_protect(args) -> int:
                            overwrite=args.overwrite, progress=not args.no_progress, profile=args.profile,
                            keep_checkpoint=args.keep_checkpoint, compile=args.compile or False, sparse=args.sparse,
                            rounding=args.rounding, preset=args.preset, delta_dtype=args.delta_dtype,
+                           store=args.store, memory_budget=args.memory_budget, workers=args.workers,
                            **_settings(args))
     _print_summary(m)
     if args.profile:
@@ -243,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how perturbations are kept between PGD passes: auto (default: float32, float16 when "
                     "float32 does not fit the memory budget), float32, float16, or int8 (whole grey levels, "
                     "rounded stochastically)")
+    pr.add_argument("--store", default="auto", choices=list(STORES),
+                    help="where images and perturbations live while generating: memory (the device or host "
+                    "memory), disk (OUTPUT_DIR/.ue_fast, streamed by batches: flat memory at any N), or auto "
+                    "(default: memory while they fit --memory-budget, else disk)")
+    pr.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+                    help="host memory images + perturbations may take, e.g. 8G or 500M (default: half of the "
+                    "memory available at the start); poison.pt is written only when it fits too")
+    pr.add_argument("--workers", type=_positive_int, default=None,
+                    help="processes decoding the input folder (default: the CPUs, at most 16)")
     pr.add_argument("--rounding", default="stochastic", choices=list(ROUNDINGS),
                     help="how the 8-bit output rounds x + delta: stochastic (default; keeps sub-grey-level "
                     "perturbations in expectation) or nearest")

@@ -28,21 +28,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import shutil
 import sys
 import time
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
 from . import __version__
-from .data import ImageSet, images_from_arrays, read_image_folder, write_image_folder
-from .data.exports import read_json, save_delta_npy, save_poison_pt, write_json_atomic
+from .data import ImageSet, images_from_arrays, write_image_folder
+from .data.exports import read_json, save_poison_pt, write_json_atomic
+from .data.folders import output_paths, scan_image_folder
+from .data.ingest import ingest_folder
 from .generation import COMPILE_MODES, Runner
-from .generation.store import check_delta_dtype
+from .generation.rowfile import RowFile, chunk_rows
+from .generation.store import check_delta_dtype, check_store, default_memory_budget, parse_size
+from .progress import progress as _progress
 from .methods import METHODS, Sparse, SurrogateMethod
 
 CHECKPOINT_DIR = ".ue_fast"
@@ -124,20 +129,30 @@ def quantize(clean: torch.Tensor, delta: torch.Tensor, eps_255: float, rounding:
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    v = delta.float() * 255  # [N, 3, H, W], grey levels
-    if rounding == "nearest":
-        q = torch.round(v)
-    else:
-        near = torch.round(v)
-        g = torch.Generator().manual_seed(seed)
-        if shared is None:
-            u = torch.rand(v.shape, generator=g)
+    return _Rounder(rounding, seed, shared, tuple(delta.shape[1:]))(clean, delta, eps_255, shared)
+
+
+class _Rounder:
+    """:func:`quantize` by consecutive chunks of rows, drawing the same noise as one call."""
+
+    def __init__(self, rounding: str, seed: int, shared: torch.Tensor | None, row_shape):
+        self.rounding = rounding
+        self.gen = torch.Generator().manual_seed(seed)
+        self.shared_u = None
+        if rounding == "stochastic" and shared is not None:
+            self.shared_u = torch.rand((int(shared.max()) + 1, *row_shape), generator=self.gen)
+
+    def __call__(self, clean, delta, eps_255: float, shared=None) -> torch.Tensor:
+        v = delta.float() * 255  # [B, 3, H, W], grey levels
+        if self.rounding == "nearest":
+            q = torch.round(v)
         else:
-            u = torch.rand((int(shared.max()) + 1, *v.shape[1:]), generator=g)[shared]
-        q = torch.where((v - near).abs() <= 0.01, near, torch.floor(v + u))
-    lim = math.floor(eps_255 + 1e-6)
-    c = clean.to(torch.int16)
-    return (c + q.clamp_(-lim, lim).to(torch.int16)).clamp_(0, 255).to(torch.uint8)
+            near = torch.round(v)
+            u = torch.rand(v.shape, generator=self.gen) if self.shared_u is None else self.shared_u[shared]
+            q = torch.where((v - near).abs() <= 0.01, near, torch.floor(v + u))
+        lim = math.floor(eps_255 + 1e-6)
+        c = clean.to(torch.int16)
+        return (c + q.clamp_(-lim, lim).to(torch.int16)).clamp_(0, 255).to(torch.uint8)
 
 
 def protect(source, output_dir, *, method: str = "miue", eps: float | None = None, epochs: int | None = None,
@@ -147,7 +162,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             overwrite: bool = False, progress: bool = True, profile: bool = False,
             keep_checkpoint: bool = False, compile: bool | str = False, sparse: float | None = None,
             rounding: str = "stochastic", preset: str | None = None, delta_dtype: str = "auto",
-            **settings) -> dict:
+            store: str = "auto", memory_budget=None, workers: int | None = None, **settings) -> dict:
     """Protect an image folder (or arrays) with ``method``; write the outputs; return the manifest.
 
     Args:
@@ -168,6 +183,14 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         delta_dtype: how the perturbation is kept between passes: "auto" (float32, float16
             when float32 does not fit the memory budget), "float32", "float16" or "int8"
             (whole grey levels, rounded stochastically after every pass).
+        store: where images and perturbations live while generating: "memory" (the device,
+            or host memory), "disk" (files in ``output_dir/.ue_fast``, streamed by batches:
+            memory stays flat whatever N) or "auto" (memory while images + perturbations fit
+            ``memory_budget``, else disk).
+        memory_budget: host bytes (an int, or "8G", "500M") that images plus perturbations
+            may take in memory, and that ``poison.pt`` may take to be written; default half
+            of the host memory available at the start.
+        workers: processes decoding the input folder (default: the CPUs, at most 16).
         sparse: SALM: perturb only this percentage (0, 100] of each image's most salient
             pixels (surrogate input-gradient magnitude), for any surrogate-based method.
         device: "cpu", "cuda" or "cuda:N"; default CUDA when available.
@@ -198,6 +221,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         raise ValueError(f"compile must be False, True or one of {COMPILE_MODES}, got {compile!r}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    check_store(store)
+    budget = parse_size(memory_budget) if memory_budget is not None else None
     output_dir = Path(output_dir)
     input_dir = None if isinstance(source, (tuple, list)) else Path(source)
     _check_dirs(input_dir, output_dir, overwrite, resume)
@@ -223,42 +248,46 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         gen = Sparse(gen, sparse)
     eps = round(cfg.eps * 255, 6)
 
-    t0 = time.perf_counter()
-    if input_dir is None:
-        data: ImageSet = images_from_arrays(*source)
-    else:
-        data = read_image_folder(input_dir, resize=resize, skip_bad=skip_bad, progress=progress)
-    t_read = time.perf_counter() - t0
-
+    if input_dir is not None:
+        scan_image_folder(input_dir)  # a bad input fails here, before an output is replaced
     if overwrite and output_dir.exists():
         shutil.rmtree(output_dir)  # an earlier ue_fast output: _check_dirs refused anything else
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = output_dir / CHECKPOINT_DIR / "checkpoint.pt"
+    work = output_dir / CHECKPOINT_DIR
+    ckpt = work / "checkpoint.pt"
     if resume and (output_dir / "manifest.json").exists() and not ckpt.exists():
         raise ValueError(f"{output_dir} already holds a complete run (manifest.json); nothing to resume")
 
+    t0 = time.perf_counter()
+    ingest: dict = {}
+    if input_dir is None:
+        data: ImageSet = images_from_arrays(*source)
+    else:
+        try:
+            data = ingest_folder(input_dir, work, resize=resize, skip_bad=skip_bad, workers=workers,
+                                 progress=progress, stats=ingest)
+        except BaseException:
+            if not ckpt.exists():  # nothing to resume: leave no half-read array behind
+                shutil.rmtree(work, ignore_errors=True)
+                if created and not any(output_dir.iterdir()):
+                    output_dir.rmdir()
+            raise
+    t_read = time.perf_counter() - t0
+
     runner = Runner(gen, data.images, data.labels, len(data.classes), dev, checkpoint_path=ckpt, progress=progress,
                     profile=profile, trace_path=output_dir / "profile_trace.json" if profile else None,
-                    compile=compile, delta_dtype=delta_dtype)
+                    compile=compile, delta_dtype=delta_dtype, store=store, memory_budget=budget, work_dir=work,
+                    images_file=data.file)
     result = runner.run(resume=resume)
 
     t0 = time.perf_counter()
-    clean = data.images.to(torch.int16)
-    protected = quantize(data.images, result.delta, eps, rounding, seed=cfg.seed,
-                         shared=data.labels if cls.classwise else None)  # [N, 3, H, W] uint8
-    effective = protected.to(torch.int16) - clean  # what the PNGs carry, in 1/255
-    linf = effective.abs().amax(dim=(1, 2, 3))  # [N]
-    unchanged = int((linf == 0).sum())
-    mean_abs_255 = float(result.delta.abs().mean()) * 255  # before rounding
-    if unchanged:
-        warnings.warn(_unchanged_message(unchanged, len(data), mean_abs_255, method, cfg, rounding),
+    out = _write_outputs(output_dir, data, result, eps, rounding, cfg.seed, cls.classwise, budget, progress)
+    if out["unchanged"]:
+        warnings.warn(_unchanged_message(out["unchanged"], len(data), out["mean_abs_255"], method, cfg, rounding),
                       UnchangedImagesWarning, stacklevel=2)
-    # int8 holds +-127/255; a larger budget (the one-pixel ops) needs int16.
-    npy_name = "perturbation_int8.npy" if int(linf.max()) <= 127 else "perturbation_int16.npy"
-    written = write_image_folder(output_dir, protected, data.paths, progress=progress)
-    save_poison_pt(output_dir / "poison.pt", effective.float() / 255)
-    save_delta_npy(output_dir / npy_name, effective.to(torch.int8 if npy_name.endswith("int8.npy") else torch.int16))
     t_write = time.perf_counter() - t0
+    linf, written, npy_name = out["linf"], out["written"], out["npy_name"]
 
     timings = {"read images": t_read, **result.timings, "writing": t_write}
     gen_s = sum(h.get("train_s", 0.0) + h.get("poison_s", 0.0) for h in result.history)
@@ -280,12 +309,16 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         "counts": torch.bincount(data.labels, minlength=len(data.classes)).tolist(),
         "skipped": data.skipped,
         "linf_max_255": int(linf.max()),
-        "mean_abs_delta_255": mean_abs_255,
-        "changed_pixels_fraction": float((effective != 0).float().mean()),
-        "unchanged_images": unchanged,
+        "mean_abs_delta_255": out["mean_abs_255"],
+        "changed_pixels_fraction": out["changed_fraction"],
+        "unchanged_images": out["unchanged"],
         "rounding": rounding,
-        "delta_store": {"dtype": str(gen.store.dtype).removeprefix("torch."), "on": str(gen.store.place)},
+        "delta_store": {"dtype": str(gen.store.dtype).removeprefix("torch."), "on": gen.store.where,
+                        "images_on": "disk" if gen.data.on_disk else str(gen.data.place), "store": store,
+                        "memory_budget_bytes": budget if budget is not None else _budget_default()},
+        "ingest": ingest or None,
         "perturbation_npy": npy_name,
+        "outputs": out["outputs"],
         "files": [{"source": p, "output": w, "label": int(y), "linf_255": int(l)}
                   for p, w, y, l in zip(data.paths, written, data.labels.tolist(), linf.tolist())],
         "history": result.history,
@@ -300,6 +333,73 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     if not keep_checkpoint:
         shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
     return manifest
+
+
+def _budget_default():
+    b = default_memory_budget()
+    return None if math.isinf(b) else int(b)
+
+
+def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding: str, seed: int,
+                   classwise: bool, budget, progress: bool) -> dict:
+    """The PNG tree, the perturbation .npy and (when it fits the memory budget) poison.pt,
+    written by chunks of rows: memory stays bounded whatever N. Returns the statistics the
+    manifest reports."""
+    n, shape = len(data), tuple(data.images.shape[1:])
+    row_elems = math.prod(shape)
+    lim = math.floor(eps + 1e-6)
+    # int8 holds +-127/255; a larger budget (the one-pixel ops) needs int16.
+    npy_name = "perturbation_int8.npy" if lim <= 127 else "perturbation_int16.npy"
+    npy_dtype = torch.int8 if lim <= 127 else torch.int16
+    pt_bytes = n * row_elems * 4
+    limit = budget if budget is not None else default_memory_budget()
+    write_pt = pt_bytes <= limit
+    outs = output_paths(data.paths)  # every collision refused before anything is written
+    for d in sorted({str(PurePosixPath(o).parent) for o in outs}):
+        (output_dir / d).mkdir(parents=True, exist_ok=True)
+    npy_tmp = output_dir / f".{npy_name}.tmp"
+    npy = RowFile.create(npy_tmp, (n, *shape), npy_dtype)
+    clean_file = RowFile(data.file) if data.file is not None else None
+    rounder = _Rounder(rounding, seed, data.labels if classwise else None, shape)
+    step = chunk_rows(row_elems * 12)  # float32 delta, int16 work copies, uint8 images
+    linf = torch.empty(n, dtype=torch.int64)
+    abs_sum, changed = 0.0, 0
+    pt_parts = []
+    with _progress(n, "writing images", "img", enabled=progress) as bar:
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            clean = clean_file.read_range(a, b) if clean_file is not None else data.images[a:b]
+            delta = result.read(a, b)  # float32 [B, 3, H, W] pixel units
+            abs_sum += float(delta.abs().sum(dtype=torch.float64))
+            protected = rounder(clean, delta, eps, data.labels[a:b])
+            effective = protected.to(torch.int16) - clean.to(torch.int16)  # what the PNGs carry, in 1/255
+            linf[a:b] = effective.abs().amax(dim=(1, 2, 3))
+            changed += int((effective != 0).sum())
+            write_image_folder(output_dir, protected, data.paths[a:b], progress=False)
+            npy.write_range(a, effective.to(npy_dtype))
+            if write_pt:
+                pt_parts.append(effective.float() / 255)
+            bar.update(b - a)
+    npy.sync()
+    npy.close()
+    os.replace(npy_tmp, output_dir / npy_name)
+    gb = pt_bytes / 2**30
+    if write_pt:
+        save_poison_pt(output_dir / "poison.pt", torch.cat(pt_parts))
+        del pt_parts
+        pt_note = {"written": True, "why": f"float32 perturbations, {gb:.3g} GiB, fit the memory budget"}
+    else:
+        (output_dir / "poison.pt").unlink(missing_ok=True)
+        pt_note = {"written": False,
+                   "why": f"one float32 tensor of {gb:.3g} GiB would exceed the memory budget of "
+                          f"{limit / 2**30:.3g} GiB (--memory-budget); {npy_name} holds the same perturbations "
+                          "(in 1/255), readable by memory map"}
+    outputs = {"images": {"written": True, "why": f"{n} PNG files mirroring the input tree"},
+               npy_name: {"written": True, "why": "the perturbations in 1/255, a .npy (np.load(mmap_mode='r'))"},
+               "poison.pt": pt_note}
+    unchanged = int((linf == 0).sum())
+    return dict(linf=linf, written=outs, npy_name=npy_name, unchanged=unchanged, outputs=outputs,
+                mean_abs_255=abs_sum / (n * row_elems) * 255, changed_fraction=changed / (n * row_elems))
 
 
 def _unchanged_message(unchanged: int, n: int, mean_abs_255: float, method: str, cfg, rounding: str) -> str:

@@ -38,6 +38,8 @@ class ImageSet:
     classes: class names; label i is classes[i] (sorted folder names when read from a tree)
     paths:   [N] POSIX paths relative to the root, e.g. "cat/0001.jpg"
     skipped: {"path": ..., "reason": ...} for each unreadable file skipped with skip_bad
+    file:    a uint8 ``.npy`` [N, 3, H, W] holding ``images`` (an ingested folder, whose
+             ``images`` is then a memory map of it), or None
     """
 
     images: torch.Tensor
@@ -45,6 +47,7 @@ class ImageSet:
     classes: list[str]
     paths: list[str]
     skipped: list[dict] = field(default_factory=list)
+    file: Path | None = None
 
     def __post_init__(self):
         im, lb = self.images, self.labels
@@ -166,6 +169,31 @@ def _scan(root: Path) -> tuple[list[str], list[list[str]]]:
     return classes, files
 
 
+def scan_image_folder(root) -> tuple[list[str], list[list[str]]]:
+    """The classes of ``root`` and, per class, its images' relative paths (the order of
+    :func:`read_image_folder`), checked as it documents (missing folder, no classes or
+    images, an empty class, a single class)."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise ValueError(f"image folder is not a directory: {root}")
+    classes, files = _scan(root)
+    n = sum(len(f) for f in files)
+    if n == 0:
+        loose = [p.name for p in root.iterdir() if p.is_file() and _is_image(p.name)]
+        hint = (f" ({len(loose)} images lie directly in it: put each class in its own sub-folder,"
+                " root/<class>/<image>)") if loose else " (expected root/<class>/<image>)"
+        raise ValueError(f"empty folder: no images in class sub-folders of {root}{hint}")
+    empty = [c for c, f in zip(classes, files) if not f]
+    if empty:
+        raise ValueError(f"class folder(s) without images in {root}: {', '.join(empty)}; "
+                         "remove them or add images")
+    if len(classes) < 2:
+        raise ValueError(f"{root} needs at least 2 classes (class sub-folders), found 1: {classes[0]!r}")
+    return classes, files
+
+
 def read_image_folder(root, *, resize: int | tuple[int, int] | None = None, skip_bad: bool = False,
                       progress: bool = True) -> ImageSet:
     """Read ``root/<class>/<files>`` into an :class:`ImageSet`.
@@ -193,23 +221,8 @@ def read_image_folder(root, *, resize: int | tuple[int, int] | None = None, skip
     """
     size = _check_resize(resize)
     root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    if not root.is_dir():
-        raise ValueError(f"image folder is not a directory: {root}")
-    classes, files = _scan(root)
+    classes, files = scan_image_folder(root)
     n = sum(len(f) for f in files)
-    if n == 0:
-        loose = [p.name for p in root.iterdir() if p.is_file() and _is_image(p.name)]
-        hint = (f" ({len(loose)} images lie directly in it: put each class in its own sub-folder,"
-                " root/<class>/<image>)") if loose else " (expected root/<class>/<image>)"
-        raise ValueError(f"empty folder: no images in class sub-folders of {root}{hint}")
-    empty = [c for c, f in zip(classes, files) if not f]
-    if empty:
-        raise ValueError(f"class folder(s) without images in {root}: {', '.join(empty)}; "
-                         "remove them or add images")
-    if len(classes) < 2:
-        raise ValueError(f"{root} needs at least 2 classes (class sub-folders), found 1: {classes[0]!r}")
 
     images = None  # [N, 3, H, W] uint8, allocated once the first image gives H and W
     labels, paths, skipped = [], [], []
