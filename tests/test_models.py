@@ -331,3 +331,19 @@ def test_bad_input_shape(models, shape):
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]") as info:
         models["cnn-small"](torch.rand(shape))
     assert str(tuple(shape)) in str(info.value)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_resnets_take_the_imagenet_stem_above_64_px(arch):
+    """CIFAR stem (3x3 stride 1, no pool) up to 64 px; torchvision's 7x7 stride-2 conv and
+    3x3 stride-2 max-pool above, so a 224 px input reaches the first stage at 56x56."""
+    seen = {}
+    for size in (64, 65, 224):
+        model = build_model(arch, 3, image_size=size).eval()
+        hook = model.layer1.register_forward_hook(lambda m, i, o: seen.__setitem__(size, tuple(o.shape[2:])))
+        with torch.no_grad():
+            _, logits = model(torch.rand(1, 3, size, size))
+        hook.remove()
+        assert logits.shape == (1, 3)
+    assert seen == {64: (64, 64), 65: (17, 17), 224: (56, 56)}
+    assert build_model(arch, 3, image_size=64).stem == "cifar" and build_model(arch, 3, image_size=65).stem == "imagenet"

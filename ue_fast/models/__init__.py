@@ -30,6 +30,7 @@ ARCHS = ("resnet18", "resnet50", "vgg16", "cnn-small")
 _BUILDERS = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16, "cnn-small": cnn_small}
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
+IMAGENET_STEM_ABOVE = 64  # px: larger images get the ImageNet stem in ResNets
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -48,14 +49,18 @@ def build_model(arch: str, num_classes: int, *, image_size: int = 32) -> nn.Modu
     (square) training images, 16..1024. All models pool adaptively, so they
     accept any H, W >= 16 whatever ``image_size`` says; it is validated and kept
     as ``model.image_size`` for callers (checkpoints, input checks) to read.
-    The architecture does not change with it: ResNets keep the CIFAR stem at
-    every size (see ``ue_fast.models.resnet``).
+    ResNets take torchvision's ImageNet stem (7x7 stride-2 convolution and max-pool)
+    above ``IMAGENET_STEM_ABOVE`` = 64 px, the CIFAR stem otherwise (see
+    ``ue_fast.models.resnet``); the other models do not change with the size.
     """
     if not isinstance(arch, str) or arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     num_classes = _check_int("num_classes", num_classes, 2)
     image_size = _check_int("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
-    model = _BUILDERS[arch](num_classes)
+    if arch in ("resnet18", "resnet50"):
+        model = _BUILDERS[arch](num_classes, stem="imagenet" if image_size > IMAGENET_STEM_ABOVE else "cifar")
+    else:
+        model = _BUILDERS[arch](num_classes)
     model.arch = arch
     model.num_classes = num_classes
     model.image_size = image_size

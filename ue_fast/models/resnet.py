@@ -1,13 +1,18 @@
 """CIFAR-style ResNet-18 and ResNet-50, the surrogate and victim of the
 unlearnable-examples literature.
 
-Same architecture as torchvision's ``resnet18`` / ``resnet50`` with ``conv1``
-replaced by a 3x3 stride-1 convolution and the max-pool removed (what the MI-UE
-authors do); module names follow torchvision (``conv1``, ``bn1``, ``layer1``..
-``layer4``, ``downsample``, ``fc``). The stem keeps full resolution by design,
-so the surrogate matches the paper at any input size: on 224x224 inputs the
-first stage runs at 224x224, about 49x the compute of a 32x32 input and ~12x
-that of torchvision's ImageNet stem. Expensive, but correct.
+Same architecture as torchvision's ``resnet18`` / ``resnet50``; module names follow
+torchvision (``conv1``, ``bn1``, ``layer1``..``layer4``, ``downsample``, ``fc``). Two stems:
+
+- ``stem="cifar"``: ``conv1`` a 3x3 stride-1 convolution and no max-pool, full resolution
+  into the first stage (what the MI-UE authors do for CIFAR-10/100, gen_miue.py and
+  evaluation_sl.py of hala64/mi-ue);
+- ``stem="imagenet"``: torchvision's 7x7 stride-2 convolution and 3x3 stride-2 max-pool,
+  4x smaller per side into the first stage, about 16x less compute there (what the
+  authors keep for Tiny-ImageNet, Mini-ImageNet and ImageNet-100).
+
+``build_model`` takes the ImageNet stem for images above 64 px (the authors' code uses it
+for 64 px Tiny-ImageNet too; a 64 px set here keeps the CIFAR stem).
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import torch
 from torch import nn
 
 from ._layers import Normalize, init_weights
+
+STEMS = ("cifar", "imagenet")
 
 
 def _conv3x3(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
@@ -85,10 +92,19 @@ class ResNet(nn.Module):
     forward(x [N, 3, H, W] in [0, 1]) -> (features [N, feature_dim], logits [N, num_classes]).
     """
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], num_classes: int):
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], num_classes: int,
+                 stem: str = "cifar"):
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        self.stem = stem
         self.normalize = Normalize()
-        self.conv1 = _conv3x3(3, 64)
+        if stem == "cifar":
+            self.conv1 = _conv3x3(3, 64)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         in_planes = 64
@@ -108,7 +124,7 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, 3, H, W] in [0, 1] -> features [N, feature_dim]."""
-        x = self.relu(self.bn1(self.conv1(self.normalize(x))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
 
@@ -117,13 +133,13 @@ class ResNet(nn.Module):
         return features, self.fc(features)
 
 
-def resnet18(num_classes: int = 10) -> ResNet:
-    """CIFAR ResNet-18 (BasicBlock, [2, 2, 2, 2]); 512-d features;
-    11,173,962 parameters for 10 classes."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes)
+def resnet18(num_classes: int = 10, stem: str = "cifar") -> ResNet:
+    """ResNet-18 (BasicBlock, [2, 2, 2, 2]); 512-d features; 11,173,962 parameters for 10
+    classes with the CIFAR stem (11,181,642 with the ImageNet one)."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, stem)
 
 
-def resnet50(num_classes: int = 10) -> ResNet:
-    """CIFAR ResNet-50 (Bottleneck, [3, 4, 6, 3]); 2048-d features;
-    23,520,842 parameters for 10 classes."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes)
+def resnet50(num_classes: int = 10, stem: str = "cifar") -> ResNet:
+    """ResNet-50 (Bottleneck, [3, 4, 6, 3]); 2048-d features; 23,520,842 parameters for 10
+    classes with the CIFAR stem."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, stem)
