@@ -56,15 +56,15 @@ def test_ingest_skips_bad_files_and_names_them(tmp_path, src):
     folder = tmp_path / "src"
     shutil.copytree(src, folder)
     classes = sorted(p.name for p in folder.iterdir())
-    (folder / classes[0] / "000_broken.jpg").write_bytes(b"not a jpeg")  # the very first file
+    (folder / classes[0] / "!broken.jpg").write_bytes(b"not a jpeg")  # the very first file ("!" < "0")
     (folder / classes[1] / "zzz_broken.png").write_bytes(b"\x89PNG nope")
-    with pytest.raises(ValueError, match="000_broken.jpg"):
+    with pytest.raises(ValueError, match="!broken.jpg"):
         ingest_folder(folder, tmp_path / "w", progress=False)
     got = ingest_folder(folder, tmp_path / "w2", skip_bad=True, workers=2, progress=False)
     ref = read_image_folder(folder, skip_bad=True, progress=False)
     assert torch.equal(got.images, ref.images) and got.paths == ref.paths
     assert [s["path"] for s in got.skipped] == [s["path"] for s in ref.skipped] == [
-        f"{classes[0]}/000_broken.jpg", f"{classes[1]}/zzz_broken.png"]
+        f"{classes[0]}/!broken.jpg", f"{classes[1]}/zzz_broken.png"]
     assert np.load(got.file, mmap_mode="r").shape[0] == len(ref)
 
 

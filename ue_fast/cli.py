@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("protect", help="turn an image folder into its unlearnable copy",
                         description="Protect INPUT_DIR (class sub-folders of images) into OUTPUT_DIR: a PNG "
-                        "copy of the tree with bounded perturbations, poison.pt, perturbation_int8.npy and "
-                        "manifest.json. Defaults are each method's published CIFAR-10 settings.")
+                        "copy of the tree with bounded perturbations, perturbation_int8.npy, poison.pt (when it fits the "
+                        "memory budget) and manifest.json. Defaults are each method's published CIFAR-10 settings.")
     pr.add_argument("input_dir", type=Path)
     pr.add_argument("output_dir", type=Path)
     pr.add_argument("--method", default="miue", choices=sorted(METHODS))
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--rounding", default="stochastic", choices=list(ROUNDINGS),
                     help="how the 8-bit output rounds x + delta: stochastic (default; keeps sub-grey-level "
                     "perturbations in expectation) or nearest")
-    pr.add_argument("--keep-checkpoint", action="store_true", help="keep OUTPUT_DIR/.ue_fast/checkpoint.pt")
+    pr.add_argument("--keep-checkpoint", action="store_true", help="keep OUTPUT_DIR/.ue_fast (the checkpoint, the ingested images, a disk store's files)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
     pr.set_defaults(func=_cmd_protect)
 

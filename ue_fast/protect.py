@@ -6,17 +6,19 @@ Outputs in OUTPUT_DIR:
   not hold an 8-bit perturbation), every pixel within eps of its input;
 - ``poison.pt``: float32 perturbations [N, 3, H, W] in [-eps, eps], in the order of
   the manifest's ``files`` (the layout the MI-UE and EM evaluation scripts read:
-  protected = clean + poison, exactly, at 8 bits);
+  protected = clean + poison, exactly, at 8 bits), when it fits the memory budget;
 - ``perturbation_int8.npy``: the same in units of 1/255, int8 (``perturbation_int16.npy``
-  when a perturbation exceeds 127/255, as the one-pixel ``ops`` does);
+  when the budget exceeds 127/255, as the one-pixel ``ops``'s does);
 - ``manifest.json``: method, every setting, seed, versions, per-file L-inf, counts,
-  time per stage, images per second. It is written last: its presence marks a
-  complete output.
+  time per stage, images per second, which outputs were written and why. It is
+  written last: its presence marks a complete output.
 
-While running, ``OUTPUT_DIR/.ue_fast/checkpoint.pt`` holds the state after the
-last finished step of the method's stages (a clean pre-training epoch, a round, a
-restart; ``resume=True`` continues from it); it is removed
-when the run completes.
+Every output is written by chunks of rows, so memory stays bounded whatever N.
+
+While running, ``OUTPUT_DIR/.ue_fast/`` holds the ingested images (``images.npy``,
+reused by ``resume``), a disk store's files, and ``checkpoint.pt``, the state after
+the last finished step of the method's stages (a clean pre-training epoch, a round, a
+restart; ``resume=True`` continues from it); it is removed when the run completes.
 
 The 8-bit output rounds ``255 (x + delta)`` stochastically by default: up with a
 probability equal to its fraction, so a perturbation below half a grey level
@@ -201,7 +203,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         profile: synchronise at every stage to time it (slower), report the breakdown, and
             write a torch.profiler trace of the first round to
             ``output_dir/profile_trace.json`` (open it in chrome://tracing or Perfetto).
-        keep_checkpoint: keep ``.ue_fast/checkpoint.pt`` after a complete run.
+        keep_checkpoint: keep the work folder ``.ue_fast/`` (the checkpoint, the ingested
+            images, a disk store's files) after a complete run.
         compile: run the surrogate through ``torch.compile``: True or "default",
             "reduce-overhead" (adds CUDA graphs on CUDA) or "max-autotune". The first
             round pays the compilation; it does not change the algorithm.

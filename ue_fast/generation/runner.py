@@ -24,7 +24,7 @@ import torch
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..progress import progress as _progress
 from .context import RunContext, Timer
-from .rowfile import chunk_rows
+from .rowfile import RowFile, chunk_rows
 
 
 @dataclass
@@ -56,14 +56,17 @@ class RunResult:
         return self.read(0, self.n)
 
 
-def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """A hash of the data, so a checkpoint is never resumed on other images (read by chunks: a
-    memory-mapped set is hashed in bounded memory)."""
+def fingerprint(images: torch.Tensor, labels: torch.Tensor, file=None) -> str:
+    """A hash of the data, so a checkpoint is never resumed on other images. With ``file`` (a
+    uint8 .npy holding ``images``) the rows are read from it by chunks, so a set on disk is
+    hashed in bounded memory (reading a memory map would keep every page resident)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(str(tuple(images.shape)).encode())
+    rows = RowFile(file) if file is not None else None
     step = chunk_rows(images[0].numel() if len(images) else 1)
     for i in range(0, len(images), step):
-        h.update(images[i:i + step].contiguous().cpu().numpy().tobytes())
+        part = rows.read_range(i, min(i + step, len(images))) if rows is not None else images[i:i + step]
+        h.update(part.contiguous().cpu().numpy().tobytes())
     h.update(labels.cpu().numpy().astype("int64").tobytes())
     return h.hexdigest()
 
@@ -99,7 +102,7 @@ class Runner:
         self.n = len(images)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.trace_path = Path(trace_path) if trace_path else None
-        self.fingerprint = fingerprint(images, labels)
+        self.fingerprint = fingerprint(images, labels, self.ctx.images_file)
         method.setup(self.ctx, images, labels, num_classes)
         self.stages = method.stages()
         self.history: list[dict] = []
