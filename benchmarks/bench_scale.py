@@ -136,7 +136,8 @@ def run_one(src: Path, out: Path, store: str, allocator: str) -> dict:
                 images_per_s=m["images_per_s"], decode_images_per_s=m["ingest"]["images_per_s"],
                 decode_workers=m["ingest"]["workers"], wall_s=wall, generation_s=m["generation_s"],
                 delta_on=m["delta_store"]["on"], images_on=m["delta_store"]["images_on"],
-                poison_pt_written=m["outputs"]["poison.pt"]["written"], command=" ".join(cmd[1:]))
+                poison_pt_written=m["outputs"]["poison.pt"]["written"],
+                command=" ".join(["python", *cmd[1:4], "IN", "OUT", *cmd[6:]]))
 
 
 def verdict(rows: list[dict], allocator: str) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -114,7 +115,13 @@ def _cmd_protect(args) -> int:
                            keep_checkpoint=args.keep_checkpoint, compile=args.compile or False, sparse=args.sparse,
                            rounding=args.rounding, preset=args.preset, delta_dtype=args.delta_dtype,
                            store=args.store, memory_budget=args.memory_budget, workers=args.workers,
-                           **_settings(args))
+                           sync_bn=args.sync_bn, **_settings(args))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Leave the group before exiting: a process that exits inside it may abort in gloo's threads.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return _unchanged_status(m)
     _print_summary(m)
     if args.profile:
         _print_profile(m)
@@ -265,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "memory available at the start); poison.pt is written only when it fits too")
     pr.add_argument("--workers", type=_positive_int, default=None,
                     help="processes decoding the input folder (default: the CPUs, at most 16)")
+    pr.add_argument("--sync-bn", action="store_true",
+                    help="under torchrun: batch norm takes its training statistics over the global batch, so the "
+                    "run matches one process's to float tolerance")
     pr.add_argument("--rounding", default="stochastic", choices=list(ROUNDINGS),
                     help="how the 8-bit output rounds x + delta: stochastic (default; keeps sub-grey-level "
                     "perturbations in expectation) or nearest")

@@ -47,6 +47,7 @@ from .data.exports import read_json, save_poison_pt, write_json_atomic
 from .data.folders import output_paths, scan_image_folder
 from .data.ingest import ingest_folder
 from .generation import COMPILE_MODES, Runner
+from .generation.distributed import from_env
 from .generation.rowfile import RowFile, chunk_rows
 from .generation.store import check_delta_dtype, check_store, default_memory_budget, parse_size
 from .progress import progress as _progress
@@ -164,7 +165,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             overwrite: bool = False, progress: bool = True, profile: bool = False,
             keep_checkpoint: bool = False, compile: bool | str = False, sparse: float | None = None,
             rounding: str = "stochastic", preset: str | None = None, delta_dtype: str = "auto",
-            store: str = "auto", memory_budget=None, workers: int | None = None, **settings) -> dict:
+            store: str = "auto", memory_budget=None, workers: int | None = None, sync_bn: bool = False,
+            **settings) -> dict:
     """Protect an image folder (or arrays) with ``method``; write the outputs; return the manifest.
 
     Args:
@@ -193,6 +195,13 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             may take in memory, and that ``poison.pt`` may take to be written; default half
             of the host memory available at the start.
         workers: processes decoding the input folder (default: the CPUs, at most 16).
+        sync_bn: under torchrun, batch norm takes its training statistics over the global batch
+            (then the run matches one process's to float tolerance; see ``ue_fast.generation.distributed``).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this with the same arguments:
+    each owns a shard of the images and perturbations, ``batch_size`` and
+    ``poison_batch_size`` are global batches split over the processes, rank 0 writes the
+    outputs and the manifest, and every process returns the manifest.
         sparse: SALM: perturb only this percentage (0, 100] of each image's most salient
             pixels (surrogate input-gradient magnitude), for any surrogate-based method.
         device: "cpu", "cuda" or "cuda:N"; default CUDA when available.
@@ -228,10 +237,14 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     budget = parse_size(memory_budget) if memory_budget is not None else None
     output_dir = Path(output_dir)
     input_dir = None if isinstance(source, (tuple, list)) else Path(source)
-    _check_dirs(input_dir, output_dir, overwrite, resume)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist, dist_device = from_env(device)
+    main = dist is None or dist.main
+    if main:
+        _check_dirs(input_dir, output_dir, overwrite, resume)
+    dev = dist_device or torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    progress = progress and main
 
     cls = METHODS[method]
     overrides = dict(epochs=epochs, pgd_steps=pgd_steps, arch=arch, loss=loss, batch_size=batch_size,
@@ -253,19 +266,23 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
 
     if input_dir is not None:
         scan_image_folder(input_dir)  # a bad input fails here, before an output is replaced
-    if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)  # an earlier ue_fast output: _check_dirs refused anything else
     created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
     work = output_dir / CHECKPOINT_DIR
     ckpt = work / "checkpoint.pt"
-    if resume and (output_dir / "manifest.json").exists() and not ckpt.exists():
-        raise ValueError(f"{output_dir} already holds a complete run (manifest.json); nothing to resume")
+    if main:
+        if overwrite and output_dir.exists():
+            shutil.rmtree(output_dir)  # an earlier ue_fast output: _check_dirs refused anything else
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if resume and (output_dir / "manifest.json").exists() and not ckpt.exists():
+            raise ValueError(f"{output_dir} already holds a complete run (manifest.json); nothing to resume")
 
     t0 = time.perf_counter()
     ingest: dict = {}
     if input_dir is None:
         data: ImageSet = images_from_arrays(*source)
+    elif not main:  # rank 0 ingests; the others open its array
+        barrier()
+        data = ingest_folder(input_dir, work, resize=resize, progress=False, skip_bad=skip_bad)
     else:
         try:
             data = ingest_folder(input_dir, work, resize=resize, skip_bad=skip_bad, workers=workers,
@@ -276,15 +293,22 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
                 if created and not any(output_dir.iterdir()):
                     output_dir.rmdir()
             raise
+        if dist is not None:
+            barrier()
     t_read = time.perf_counter() - t0
 
     runner = Runner(gen, data.images, data.labels, len(data.classes), dev, checkpoint_path=ckpt, progress=progress,
                     profile=profile, trace_path=output_dir / "profile_trace.json" if profile else None,
                     compile=compile, delta_dtype=delta_dtype, store=store, memory_budget=budget, work_dir=work,
-                    images_file=data.file)
+                    images_file=data.file, dist=dist, sync_bn=sync_bn)
     result = runner.run(resume=resume)
 
     t0 = time.perf_counter()
+    if not main:  # rank 0 writes; the others send their rows as it reads them
+        for a in range(0, len(data), _output_step(data.images.shape[1:])):
+            result.read(a, min(len(data), a + _output_step(data.images.shape[1:])))
+        barrier()
+        return _broadcast(None)
     out = _write_outputs(output_dir, data, result, eps, rounding, cfg.seed, cls.classwise, budget, progress)
     if out["unchanged"]:
         warnings.warn(_unchanged_message(out["unchanged"], len(data), out["mean_abs_255"], method, cfg, rounding),
@@ -320,6 +344,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
                         "images_on": "disk" if gen.data.on_disk else str(gen.data.place), "store": store,
                         "memory_budget_bytes": budget if budget is not None else _budget_default()},
         "ingest": ingest or None,
+        "distributed": None if dist is None else {"world": dist.world, "backend": dist.backend, "sync_bn": sync_bn},
         "perturbation_npy": npy_name,
         "outputs": out["outputs"],
         "files": [{"source": p, "output": w, "label": int(y), "linf_255": int(l)}
@@ -333,9 +358,31 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         "total_s": time.perf_counter() - t_start,
     }
     write_json_atomic(output_dir / "manifest.json", manifest)
+    if dist is not None:
+        barrier()  # every process is done with the work folder
     if not keep_checkpoint:
         shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
-    return manifest
+    return _broadcast(manifest) if dist is not None else manifest
+
+
+def barrier() -> None:
+    import torch.distributed
+
+    torch.distributed.barrier()
+
+
+def _broadcast(obj):
+    """Rank 0's ``obj`` on every process."""
+    import torch.distributed
+
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _output_step(row_shape) -> int:
+    """Rows per chunk of the outputs (float32 delta, int16 work copies, uint8 images)."""
+    return chunk_rows(math.prod(row_shape) * 12)
 
 
 def _budget_default():
@@ -364,7 +411,7 @@ def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, roundin
     npy = RowFile.create(npy_tmp, (n, *shape), npy_dtype)
     clean_file = RowFile(data.file) if data.file is not None else None
     rounder = _Rounder(rounding, seed, data.labels if classwise else None, shape)
-    step = chunk_rows(row_elems * 12)  # float32 delta, int16 work copies, uint8 images
+    step = _output_step(shape)
     linf = torch.empty(n, dtype=torch.int64)
     abs_sum, changed = 0.0, 0
     pt_parts = []

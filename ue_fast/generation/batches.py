@@ -22,15 +22,22 @@ from .rowfile import RowFile, chunk_rows
 
 
 class Plan(list):
-    """The index batches [B] of a pass, in order; :meth:`streamed` iterates them with read-ahead."""
+    """The index batches [B] of a pass, in order; :meth:`streamed` iterates them with read-ahead.
 
-    def __init__(self, batches, data: "Batches"):
+    Under torchrun the batches are this rank's parts of the global batches (local indices)
+    and ``parts`` says where they sit in them (:class:`~.distributed.Part`).
+    """
+
+    def __init__(self, batches, data: "Batches", parts=None):
         super().__init__(batches)
         self.data = data
+        self.parts = parts
 
     def __getitem__(self, k):
         got = super().__getitem__(k)
-        return Plan(got, self.data) if isinstance(k, slice) else got
+        if isinstance(k, slice):
+            return Plan(got, self.data, self.parts[k] if self.parts is not None else None)
+        return got
 
     def streamed(self):
         return self.data.stream(self)
@@ -51,23 +58,26 @@ class Batches:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, place, seed: int, *,
-                 images_file=None, work_dir=None):
+                 images_file=None, work_dir=None, dist=None):
         self.device = device
         self.on_disk = place == "disk"
         self.place = torch.device("cpu") if self.on_disk else torch.device(place)
         self.shape = tuple(images.shape)
         self.store = None
+        self.dist = dist
+        self.n = len(labels)  # samples of the whole set (permutations are drawn over them)
+        self.lo, self.hi = dist.shard(self.n) if dist is not None else (0, self.n)  # the rows this process owns
         if self.on_disk:
             self.images = None
             self.file = self._images_file(images, images_file, work_dir)
         else:
-            self.images = images.to(self.place)
+            self.images = images[self.lo:self.hi].to(self.place)
             if self.place.type == "cpu" and device.type == "cuda":
                 self.images = self.images.pin_memory()
-        self.labels = labels.to(device, torch.int64)
-        self.n = len(labels)
+        self.labels = labels[self.lo:self.hi].to(device, torch.int64)  # local
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
         self._ready: tuple | None = None  # (idx, images, delta or None) read ahead
+        self.part = None  # the current batch's place in its global batch (torchrun)
 
     def _images_file(self, images, images_file, work_dir) -> RowFile:
         if images_file is not None:
@@ -84,8 +94,25 @@ class Batches:
         f.sync()
         return RowFile(f.path)
 
+    @property
+    def local_n(self) -> int:
+        return self.hi - self.lo
+
+    def batch_size(self, idx: torch.Tensor) -> int:
+        """The size of the (global) batch ``idx`` belongs to."""
+        return self.part.size if self.part is not None else len(idx)
+
     def stream(self, batches):
         """Yield the batches of ``batches`` while a thread reads the next one's rows ahead."""
+        parts = getattr(batches, "parts", None)
+        try:
+            for k, idx in enumerate(self._read_ahead(batches)):
+                self.part = parts[k] if parts is not None else None
+                yield idx
+        finally:
+            self.part = None
+
+    def _read_ahead(self, batches):
         store = self.store if (self.store is not None and self.store.on_disk) else None
         if not (self.on_disk or store is not None) or len(batches) == 0:
             yield from batches
@@ -93,7 +120,7 @@ class Batches:
         pin = self.device.type == "cuda"
 
         def load(idx):
-            x = self.file.read(idx) if self.on_disk else None
+            x = self.file.read(idx + self.lo) if self.on_disk else None
             d = None
             if store is not None:
                 d = store._read(idx if store.row_of is None else store.row_of[idx])
@@ -123,14 +150,8 @@ class Batches:
         if self._ready is not None and self._ready[0] is idx and self._ready[1] is not None:
             return self._ready[1]
         if self.on_disk:
-            return self.file.read(idx)
+            return self.file.read(idx + self.lo)
         return self.images[idx.to(self.place)]
-
-    def read_range(self, start: int, stop: int) -> torch.Tensor:
-        """uint8 images start..stop-1 [B, 3, H, W] on the CPU."""
-        if self.on_disk:
-            return self.file.read_range(start, stop)
-        return self.images[start:stop].cpu()
 
     def shuffled(self, batch_size: int, *, merge_single: bool = False, drop_last: bool = False
                  ) -> list[torch.Tensor]:
@@ -143,23 +164,40 @@ class Batches:
             out.pop()
         if merge_single and len(out) > 1 and len(out[-1]) == 1:
             out[-2:] = [torch.cat(out[-2:])]
-        return Plan(out, self)
+        return self._plan(out)
 
     def ordered(self, batch_size: int) -> list[torch.Tensor]:
         """Index batches [B] (on the device) in data-set order."""
-        return Plan([torch.arange(i, min(i + batch_size, self.n), device=self.device)
-                     for i in range(0, self.n, batch_size)], self)
+        return self._plan([torch.arange(i, min(i + batch_size, self.n), device=self.device)
+                           for i in range(0, self.n, batch_size)])
+
+    def _plan(self, batches: list[torch.Tensor]) -> Plan:
+        """Global batches -> this process's plan (its parts of them, local indices, under torchrun)."""
+        if self.dist is None:
+            return Plan(batches, self)
+        from .distributed import split
+
+        local, parts = zip(*(split(b, self.lo, self.hi) for b in batches)) if batches else ((), ())
+        return Plan(list(local), self, list(parts))
 
     def clean(self, idx: torch.Tensor, flip: bool = False) -> torch.Tensor:
         """Clean images ``idx`` as float [B, 3, H, W] in [0, 1] on the device; ``flip``: each
         flipped horizontally with probability 1/2 (post-augmentation)."""
         x = self._rows(idx).to(self.device, non_blocking=True).float().div_(255)
         if flip:
-            f = (torch.rand(len(idx), generator=self.gen) < 0.5).to(self.device)
+            f = (self.rand(idx) < 0.5).to(self.device)
             x = torch.where(f[:, None, None, None], x.flip(-1), x)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def rand(self, idx: torch.Tensor, *shape: int) -> torch.Tensor:
+        """Uniform draws [len(idx), *shape] on the CPU from the run's generator for the samples of
+        batch ``idx``: drawn for its whole global batch (one process's draw) and indexed, so every
+        process's generator stays in step with one process's."""
+        if self.part is None:
+            return torch.rand((len(idx), *shape), generator=self.gen)
+        return torch.rand((self.part.size, *shape), generator=self.gen)[self.part.positions]
 
     def state_dict(self) -> dict:
         return {"generator": self.gen.get_state()}

@@ -58,6 +58,8 @@ class RunContext:
     memory_budget: float | None = None  # host bytes images + perturbations may take (None: the default)
     work_dir: Path | None = None  # where a disk store keeps its files
     images_file: Path | None = None  # the images as a uint8 .npy (an ingested folder), read when on disk
+    dist: object | None = None  # distributed.Dist under torchrun, else None
+    sync_bn: bool = False  # under torchrun: batch norm over the global batch
 
     def __post_init__(self):
         self.device = torch.device(self.device)

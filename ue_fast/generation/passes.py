@@ -23,6 +23,7 @@ import torch
 
 from ..ops import pgd_step_
 from .batches import Batches, streamed
+from .distributed import global_batch
 from .context import RunContext
 from .store import PerturbationStore
 from .surrogate import Surrogate
@@ -87,8 +88,9 @@ class PGD:
                 for idx in streamed(batches):
                     with self.ctx.timer("data"):
                         x, y = data.clean(idx, flip), data.labels[idx]
-                    loss_sum += run(idx, x, y) * len(idx)
-                    seen += len(idx)
+                    size = data.batch_size(idx)  # the global batch's (the loss is of all of it)
+                    loss_sum += run(idx, x, y) * size
+                    seen += size
                     bar.update(len(idx))
             finally:
                 bar.close()
@@ -128,9 +130,16 @@ class PGD:
         with timer("forward"), self.ctx.autocast():
             features, logits = self.surrogate.forward(inputs(x, delta, y))
         with timer("loss"):
-            value = loss(features, logits, y)
+            if self.ctx.dist is None:
+                value = loss(features, logits, y)
+            else:  # the loss of the global batch: every process gathers every part, with gradients
+                value = loss(*global_batch((features, logits, y), self.data.part))
         with timer("backward"):
             (grad,) = torch.autograd.grad(value, leaf)
+            if self.ctx.dist is not None and class_mid is not None:
+                from .distributed import all_sum
+
+                grad = all_sum(grad.contiguous())  # a class's rows take the gradient of all its samples
         with timer("step"):
             leaf = leaf.detach()
             pgd_step_(leaf, grad, x if class_mid is None else class_mid, eps=self.eps, step_size=step_size,

@@ -82,6 +82,13 @@ class Runner:
     perturbations live), ``memory_budget`` (host bytes they may take before "auto" goes to
     disk), ``work_dir`` (a disk store's files; default the checkpoint's folder) and
     ``images_file`` (the images as a uint8 ``.npy``, read from disk instead of rewritten).
+
+    Under torchrun (``dist``, a :class:`~.distributed.Dist`) every process runs the same
+    stages on its shard; ``sync_bn`` takes batch-norm statistics over the global batch.
+    Checkpoints are then one file per process, ``checkpoint.rank<r>-of-<K>.<g>.pt`` in two
+    generations g that alternate, and ``checkpoint.pt``, written by rank 0 after every
+    process has written its file (and before any goes on), naming the complete generation;
+    a resume needs the same number of processes.
     """
 
     def __init__(self, method, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -89,7 +96,7 @@ class Runner:
                  progress: bool = True, amp: bool | None = None, profile: bool = False,
                  trace_path: str | Path | None = None, compile: bool | str = False, delta_dtype: str = "auto",
                  store: str = "auto", memory_budget: float | None = None, work_dir: str | Path | None = None,
-                 images_file: str | Path | None = None):
+                 images_file: str | Path | None = None, dist=None, sync_bn: bool = False):
         device = torch.device(device)
         if work_dir is None and checkpoint_path is not None:
             work_dir = Path(checkpoint_path).parent
@@ -97,7 +104,8 @@ class Runner:
         self.ctx = RunContext(device, amp=(device.type == "cuda") if amp is None else amp, compile=compile,
                               delta_dtype=delta_dtype, progress=progress, timer=Timer(device, profile), store=store,
                               memory_budget=memory_budget, work_dir=Path(work_dir) if work_dir is not None else None,
-                              images_file=Path(images_file) if images_file is not None else None)
+                              images_file=Path(images_file) if images_file is not None else None,
+                              dist=dist, sync_bn=sync_bn)
         self.method = method
         self.n = len(images)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -109,10 +117,14 @@ class Runner:
         self.stage = 0  # index of the stage in progress
         self.done = 0  # its steps done
         self.ended = False  # a record of it said "finished"
+        self.generation = 1  # under torchrun: the last checkpoint generation written (0 or 1)
 
     # -- state -------------------------------------------------------------------------------
     def _settings(self) -> dict:
-        return {**self.method.settings(), "delta_dtype": self.ctx.delta_dtype}
+        out = {**self.method.settings(), "delta_dtype": self.ctx.delta_dtype}
+        if self.ctx.dist is not None:
+            out["sync_bn"] = self.ctx.sync_bn
+        return out
 
     def _state(self) -> dict:
         return dict(method=self.method.name, settings=self._settings(), fingerprint=self.fingerprint,
@@ -136,14 +148,44 @@ class Runner:
         self.stage, self.done, self.ended = int(state["stage"]), int(state["done"]), bool(state["ended"])
 
     def _checkpoint(self) -> None:
-        if self.checkpoint_path is not None:
-            with self.ctx.timer("checkpoint"):
+        if self.checkpoint_path is None:
+            return
+        with self.ctx.timer("checkpoint"):
+            d = self.ctx.dist
+            if d is None:
                 save_checkpoint(self.checkpoint_path, self._state())
+                return
+            import torch.distributed as tdist
+
+            self.generation = 1 - self.generation
+            save_checkpoint(self._rank_file(d.rank, self.generation), self._state())
+            tdist.barrier()  # every process's file of this generation is complete
+            if d.main:
+                save_checkpoint(self.checkpoint_path, {"world": d.world, "generation": self.generation})
+            tdist.barrier()  # no process overwrites the last generation before the state names this one
+
+    def _rank_file(self, rank: int, generation: int) -> Path:
+        return self.checkpoint_path.with_name(f"checkpoint.rank{rank}-of-{self.ctx.dist.world}.{generation}.pt")
+
+    def _resume(self) -> None:
+        state = load_checkpoint(self.checkpoint_path)
+        d = self.ctx.dist
+        world = state.get("world") if "world" in state else 1
+        if (d.world if d is not None else 1) != world:
+            how = (f"torchrun --nproc_per_node (and --nnodes) giving {world} processes" if world > 1
+                   else "one process (no torchrun)")
+            raise ValueError(f"{self.checkpoint_path} was written by a run of {world} process(es), this one has "
+                             f"{d.world if d is not None else 1}: resume it with {how}, or start anew (--overwrite)")
+        if d is None:
+            self.load(state)
+            return
+        self.generation = int(state["generation"])
+        self.load(load_checkpoint(self._rank_file(d.rank, self.generation)))
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunResult:
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
-            self.load(load_checkpoint(self.checkpoint_path))
+            self._resume()
         resumed_from = sum("epoch" in h for h in self.history)
         while self.stage < len(self.stages):
             stage = self.stages[self.stage]
@@ -153,6 +195,12 @@ class Runner:
         read = getattr(self.method, "read_perturbations", None)
         if read is None:  # a method that only gives them all at once
             read = lambda start, stop: self.method.perturbations()[start:stop]  # noqa: E731
+        if self.ctx.dist is not None:  # every process calls it alike; each gets the rows of all
+            from .distributed import gather_range
+
+            local = read
+            read = lambda start, stop: gather_range(local, self.ctx.dist, self.n, start, stop,  # noqa: E731
+                                                    self.ctx.device)
         return RunResult(read=read, n=self.n, history=self.history,
                          timings=dict(self.ctx.timer.total), resumed_from=resumed_from)
 

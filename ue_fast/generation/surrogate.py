@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import build_model
-from .batches import streamed
+from .batches import Plan, streamed
 from .context import RunContext
 
 
@@ -46,6 +46,18 @@ class Surrogate:
         if ctx.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = compiled(self.model, ctx.compile)
+        self.train_forward = self.forward
+        if ctx.dist is not None:  # torchrun: DistributedDataParallel (global-batch batch norm on request)
+            from torch.nn.parallel import DistributedDataParallel
+
+            from .distributed import sync_batch_norm
+
+            if ctx.sync_bn:
+                self.model = sync_batch_norm(self.model, ctx.device)
+                self.forward = compiled(self.model, ctx.compile)
+            ddp = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                          else None)
+            self.train_forward = compiled(ddp, ctx.compile)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum,
                                          weight_decay=weight_decay, nesterov=nesterov)
 
@@ -61,7 +73,11 @@ class Surrogate:
             desc: str = "surrogate") -> dict:
         """One SGD step of cross-entropy per index batch on ``inputs(idx)`` (built just before its
         step), in train mode at learning rate ``lr``; ``clip_grad_norm`` clips the gradient's
-        total norm first. Returns the mean ``train_loss``, ``train_acc`` and ``train_s``."""
+        total norm first. Returns the mean ``train_loss``, ``train_acc`` and ``train_s``.
+
+        Under torchrun each process steps on its part of every global batch with the loss
+        ``sum of its cross-entropies x world / global batch size``: DistributedDataParallel's
+        average of the gradients is then the one-process gradient of the mean."""
         t0 = time.perf_counter()
         timer = self.ctx.timer
         for group in self.optimizer.param_groups:
@@ -73,23 +89,39 @@ class Surrogate:
         if not isinstance(batches, list):
             batches = list(batches)
         bar = self.ctx.bar(sum(len(b) for b in batches), desc)
+        dist = self.ctx.dist
+        data = batches.data if isinstance(batches, Plan) else None
         for idx in streamed(batches):
             with timer("data"):
                 x, y = inputs(idx)
             with timer("surrogate training"):
-                with self.ctx.autocast():
-                    _, logits = self.forward(x)
-                    loss = F.cross_entropy(logits.float(), y)
+                if dist is None:
+                    with self.ctx.autocast():
+                        _, logits = self.forward(x)
+                        loss = F.cross_entropy(logits.float(), y)
+                    size, total = len(idx), loss.detach() * len(idx)
+                else:
+                    size = data.batch_size(idx) if data is not None else len(idx)
+                    with self.ctx.autocast():
+                        _, logits = self.train_forward(x)
+                        total = F.cross_entropy(logits.float(), y, reduction="sum")
+                    loss = total * (dist.world / size)
+                    total = total.detach()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_grad_norm)
                 self.optimizer.step()
-                loss_sum += loss.detach() * len(idx)
+                loss_sum += total
                 correct += (logits.argmax(1) == y).sum()
-                seen += len(idx)
+                seen += size
             bar.update(len(idx))
         bar.close()
+        if dist is not None:
+            from .distributed import all_sum
+
+            both = all_sum(torch.stack([loss_sum.double(), correct.double()]))
+            loss_sum, correct = both[0], both[1]
         return dict(train_loss=float(loss_sum) / max(seen, 1), train_acc=float(correct) / max(seen, 1),
                     train_s=time.perf_counter() - t0)
 
@@ -113,12 +145,17 @@ class Surrogate:
         self.model.eval()
         correct = torch.zeros((), dtype=torch.int64, device=self.ctx.device)
         seen = 0
+        data = batches.data if isinstance(batches, Plan) else None
         for idx in streamed(batches):
             x, y = inputs(idx)
             with self.ctx.autocast():
                 _, logits = self.forward(x)
             correct += (logits.argmax(1) == y).sum()
-            seen += len(idx)
+            seen += data.batch_size(idx) if data is not None else len(idx)
+        if self.ctx.dist is not None:
+            from .distributed import all_sum
+
+            correct = all_sum(correct)
         return float(correct) / max(seen, 1)
 
     def state_dict(self) -> dict:

@@ -35,6 +35,7 @@ class Method:
     config_class = Config
     classwise = False  # one perturbation per class (the output's rounding is then shared per class)
     streams = True  # runs with its images and perturbations on disk, streamed by batches
+    distributed = False  # runs under torchrun (its draws and losses split over processes)
     streams_why = ""  # why not, when it does not
     # Named settings over the defaults: "paper" is the defaults; "cpu-small" a CPU-sized schedule.
     presets: dict[str, dict] = {"paper": {}, "cpu-small": {}}
@@ -91,8 +92,14 @@ class Method:
         check_delta_dtype(ctx.delta_dtype, cfg.eps)
         self.ctx, self.num_classes = ctx, num_classes
         n, c, h, w = images.shape
+        if ctx.dist is not None:
+            if not self.distributed:
+                raise ValueError(f"method {self.name!r} does not run under torchrun yet (its random draws and "
+                                 "losses are not split over processes); run it in one process")
+            lo, hi = ctx.dist.shard(n)
+            n = hi - lo  # this process's shard
         rows = num_classes if self.classwise else n
-        where = choose_store(ctx.device, images.numel(), rows * c * h * w, ctx.delta_dtype, store=ctx.store,
+        where = choose_store(ctx.device, n * c * h * w, rows * c * h * w, ctx.delta_dtype, store=ctx.store,
                              memory_budget=ctx.memory_budget, small_delta=self.classwise)
         if "disk" in (where.images, where.delta) and not self.streams:
             raise ValueError(f"method {self.name!r} needs its images and perturbations in memory "
@@ -101,10 +108,11 @@ class Method:
                                 "--memory-budget if the host has the memory)"))
         self.placement = where
         self.data = Batches(images, labels, ctx.device, where.images, cfg.seed, images_file=ctx.images_file,
-                            work_dir=ctx.work_dir)
+                            work_dir=ctx.work_dir, dist=ctx.dist)
         self.store = PerturbationStore(rows, (c, h, w), device=ctx.device, place=where.delta, dtype=where.dtype,
                                        eps=cfg.eps, seed=cfg.seed, row_of=self.data.labels if self.classwise else None,
-                                       work_dir=ctx.work_dir)
+                                       work_dir=ctx.work_dir,
+                                       name="delta" if ctx.dist is None else f"delta.rank{ctx.dist.rank}")
         self.data.store = self.store
 
 

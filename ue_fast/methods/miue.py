@@ -67,6 +67,7 @@ class MIUE(SurrogateMethod):
 
     name = "miue"
     config_class = MIUEConfig
+    distributed = True
     # cpu-small: 20 outer epochs x 5 steps of a constant 1/255 on the small CNN (the paper's 100 x 10
     # steps of 0.2-0.4/255 would take hours on a CPU). benchmarks/reproduce.py --scale small (clean 41.7%):
     # 17.7% protected; 10 epochs x 10 steps from 0.8/255 to 0.4/255 protected less, 29.7%.

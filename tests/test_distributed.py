@@ -1,0 +1,227 @@
+"""Many processes (torchrun, gloo on the CPU): the blocks, and a run equivalent to one process's."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from _helpers import demo_subset
+
+from ue_fast.generation.distributed import GlobalBatchNorm, counts_of, gather_rows, split
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _spawn(fn, world: int, tmp_path: Path, *args):
+    mp.spawn(_entry, args=(fn, world, str(tmp_path / "rendezvous"), args), nprocs=world, join=True)
+
+
+def _entry(rank, fn, world, init_file, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _gather_and_bn(rank, world, out_dir):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(11, 4, generator=g, dtype=torch.float64)  # the global batch, split 6 / 5
+    lo, hi = (0, 6) if rank == 0 else (6, 11)
+    mine = x[lo:hi].clone().requires_grad_(True)
+    rows = gather_rows(mine, counts_of(len(mine), mine.device))
+    assert torch.equal(rows.detach(), x)
+    loss = (rows.sum(0) ** 2).sum()  # couples every row: the same value on every process
+    (grad,) = torch.autograd.grad(loss, mine)
+    whole = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad((whole.sum(0) ** 2).sum(), whole)
+    torch.testing.assert_close(grad, expected[lo:hi])  # this process's rows of one process's gradient
+
+    # batch norm over the global batch: outputs, input gradients and running statistics
+    torch.manual_seed(1)
+    ref = torch.nn.BatchNorm2d(3).double()
+    ref.weight.data.uniform_(0.5, 1.5)
+    ref.bias.data.uniform_(-1, 1)
+    gbn = GlobalBatchNorm(3).double()
+    gbn.load_state_dict(ref.state_dict())
+    images = torch.randn(10, 3, 4, 5, generator=g, dtype=torch.float64) * 2 + 1
+    lo, hi = (0, 7) if rank == 0 else (7, 10)
+    xi = images[lo:hi].clone().requires_grad_(True)
+    w = torch.randn(10, 3, 4, 5, generator=g, dtype=torch.float64)
+    y = gbn(xi)
+    (gx,) = torch.autograd.grad((y * w[lo:hi]).sum(), xi)  # one term of a loss summed over processes
+    xr = images.clone().requires_grad_(True)
+    yr = ref(xr)
+    (gr,) = torch.autograd.grad((yr * w).sum(), xr)
+    torch.testing.assert_close(y, yr[lo:hi])
+    torch.testing.assert_close(gx, gr[lo:hi])
+    torch.testing.assert_close(gbn.running_mean, ref.running_mean)
+    torch.testing.assert_close(gbn.running_var, ref.running_var)
+    (Path(out_dir) / f"ok{rank}").touch()
+
+
+def test_gather_rows_and_global_batch_norm_match_one_process(tmp_path):
+    _spawn(_gather_and_bn, 2, tmp_path, str(tmp_path))
+    assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
+
+
+def test_split_keeps_the_global_order():
+    batch = torch.tensor([7, 2, 9, 4, 0, 5])
+    local, part = split(batch, 3, 8)  # the shard [3, 8)
+    assert local.tolist() == [4, 1, 2] and part.positions.tolist() == [0, 3, 5] and part.size == 6
+
+
+# ----------------------------------------------------------------------------- the run's blocks
+def _runner(dist_info, data, **cfg):
+    from ue_fast.generation import Runner
+    from ue_fast.methods import MIUE, MIUEConfig
+
+    torch.set_num_threads(1)
+    settings = dict(arch="cnn-small", epochs=1, pgd_steps=6, batch_size=16, poison_batch_size=24, **cfg)
+    return Runner(MIUE(MIUEConfig(**settings)), data.images, data.labels, len(data.classes), "cpu", progress=False,
+                  dist=dist_info, sync_bn=True)
+
+
+def _blocks(dist_info, data):
+    """One PGD pass (post-augmentation flips, supervised-contrastive loss over global batches),
+    then one surrogate step on a fresh batch: the pass's loss and perturbations, the step's
+    loss and gradients."""
+    r = _runner(dist_info, data)
+    m = r.method
+    poison = m.pgd.per_batch(m.data.shuffled(24), m.loss, steps=6, step_size=2 / 255, flip=True)
+    delta = m.store.read_samples(0, m.data.local_n)
+    train = m.surrogate.fit(m.data.shuffled(16)[:1], m.perturbed_inputs(), lr=0.1)
+    grads = [p.grad.clone() for p in m.surrogate.model.parameters()]
+    return poison["poison_loss"], delta, train["train_loss"], grads
+
+
+def _blocks_entry(rank, world, out_dir, folder):
+    from ue_fast.data import read_image_folder
+    from ue_fast.generation.distributed import Dist
+
+    data = read_image_folder(folder, progress=False)
+    torch.save(_blocks(Dist(rank, world, rank, "gloo"), data), Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_pgd_pass_is_bitwise_and_a_training_step_matches_one_process(tmp_path, src):
+    """The PGD pass of 2 processes equals one process's bit for bit (features gathered in the
+    global batch's order, so the loss runs the same arithmetic; every other op is per sample).
+    A surrogate step sums gradients over the processes and batch-norm statistics over their
+    parts: the same to float tolerance, not bit for bit."""
+    from ue_fast.data import read_image_folder
+
+    ref_loss, ref_delta, ref_train, ref_grads = _blocks(None, read_image_folder(src, progress=False))
+    _spawn(_blocks_entry, 2, tmp_path, str(tmp_path), str(src))
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert parts[0][0] == parts[1][0] == ref_loss
+    assert torch.equal(torch.cat([parts[0][1], parts[1][1]]), ref_delta)
+    assert float(ref_delta.abs().max()) > 0
+    for loss, _, train, grads in parts:
+        assert train == pytest.approx(ref_train, rel=1e-6)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- torchrun end to end
+FLAGS = ["--method", "miue", "--arch", "cnn-small", "--epochs", "2", "--pgd-steps", "3", "--batch-size", "16",
+         "--poison-batch-size", "24", "--device", "cpu", "--no-progress", "--keep-checkpoint"]
+
+
+def _cli(args, nproc: int = 1, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    head = [sys.executable, "-m", "ue_fast"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "ue_fast"]
+    return subprocess.run(head + args, env=env, capture_output=True, text=True, check=check)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return demo_subset(tmp_path_factory.mktemp("in"), per_class=20)  # 60 images, 3 classes
+
+
+@pytest.fixture(scope="module")
+def single(src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "o"
+    _cli(["protect", str(src), str(out), *FLAGS])
+    return out
+
+
+def _losses(out: Path) -> list[tuple[float, float]]:
+    m = json.loads((out / "manifest.json").read_text())
+    return [(h["train_loss"], h["poison_loss"]) for h in m["history"]]
+
+
+def test_torchrun_two_processes_end_to_end(tmp_path, src, single):
+    """torchrun with 2 processes, memory and disk stores: the two give the same result bit for
+    bit, and one process's losses to the tolerance SGD leaves: its steps agree to float
+    tolerance (test above), which a few epochs of SGD amplify, as a change of thread count in
+    one process does (see the README)."""
+    runs = {}
+    for store in ("memory", "disk"):
+        out = tmp_path / store
+        r = _cli(["protect", str(src), str(out), *FLAGS, "--sync-bn", "--store", store], nproc=2, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[store] = out
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["distributed"] == {"world": 2, "backend": "gloo", "sync_bn": True}
+        assert m["delta_store"]["on"] == ("cpu" if store == "memory" else "disk")
+        # per-process checkpoint files and one state file naming their generation
+        state = torch.load(out / ".ue_fast" / "checkpoint.pt", weights_only=True)
+        assert state["world"] == 2 and state["generation"] in (0, 1)
+        assert (out / ".ue_fast" / f"checkpoint.rank1-of-2.{state['generation']}.pt").exists()
+    mem, disk = runs["memory"], runs["disk"]
+    assert np.array_equal(np.load(mem / "perturbation_int8.npy"), np.load(disk / "perturbation_int8.npy"))
+    assert _losses(mem) == _losses(disk)
+    np.testing.assert_allclose(_losses(mem), _losses(single), rtol=2e-2)
+
+
+def test_torchrun_killed_and_resumed_gives_the_uninterrupted_result(tmp_path, src):
+    import signal
+    import time
+
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    flags = [*FLAGS[:FLAGS.index("--epochs")], "--epochs", "4", *FLAGS[FLAGS.index("--epochs") + 2:], "--store", "disk"]
+    r = _cli(["protect", str(src), str(whole), *flags], nproc=2, check=False)
+    assert r.returncode == 0, r.stderr[-4000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ue_fast",
+           "protect", str(src), str(out), *flags]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / ".ue_fast" / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, at once
+    proc.wait()
+    if (out / "manifest.json").exists():
+        pytest.skip("the run finished before the kill (a very fast machine)")
+    r = _cli(["protect", str(src), str(out), *flags, "--resume"], nproc=2, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert np.array_equal(np.load(out / "perturbation_int8.npy"), np.load(whole / "perturbation_int8.npy"))
+    assert _losses(out) == _losses(whole)
+
+
+def test_resume_needs_the_same_number_of_processes(tmp_path, src):
+    out = tmp_path / "o"
+    assert _cli(["protect", str(src), str(out), *FLAGS], nproc=2, check=False).returncode == 0
+    (out / "manifest.json").unlink()  # as if interrupted before the end
+    r = _cli(["protect", str(src), str(out), *FLAGS, "--resume"], check=False)
+    assert r.returncode != 0 and "2 process(es)" in r.stderr and "nproc_per_node" in r.stderr
+
+
+def test_methods_not_split_yet_are_refused_under_torchrun(tmp_path, src):
+    r = _cli(["protect", str(src), str(tmp_path / "o"), "--method", "em", "--arch", "cnn-small", "--device", "cpu",
+              "--no-progress"], nproc=2, check=False)
+    assert r.returncode != 0 and "does not run under torchrun yet" in r.stderr
