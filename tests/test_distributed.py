@@ -225,3 +225,36 @@ def test_methods_not_split_yet_are_refused_under_torchrun(tmp_path, src):
     r = _cli(["protect", str(src), str(tmp_path / "o"), "--method", "em", "--arch", "cnn-small", "--device", "cpu",
               "--no-progress"], nproc=2, check=False)
     assert r.returncode != 0 and "does not run under torchrun yet" in r.stderr
+
+
+_ARRAYS_SCRIPT = """
+import sys
+import torch.distributed as dist
+import ue_fast
+from ue_fast.data import read_image_folder
+
+src, out = sys.argv[1], sys.argv[2]
+data = read_image_folder(src, progress=False)
+ue_fast.protect((data.images, data.labels, data.classes), out, method="miue", arch="cnn-small", epochs=2,
+                pgd_steps=3, batch_size=16, poison_batch_size=24, device="cpu", progress=False, store="disk",
+                sync_bn=True)
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_with_arrays_and_the_disk_store(tmp_path, src):
+    """Arrays in (each process writes its own shard's images to disk): the same result, bit for bit,
+    as the same images given as a folder, both with 2 processes."""
+    script = tmp_path / "run.py"
+    script.write_text(_ARRAYS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(src), str(tmp_path / "arrays")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    folder = tmp_path / "folder"
+    r = _cli(["protect", str(src), str(folder), *[f for f in FLAGS if f != "--keep-checkpoint"], "--sync-bn",
+              "--store", "disk"], nproc=2, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert np.array_equal(np.load(tmp_path / "arrays" / "perturbation_int8.npy"),
+                          np.load(folder / "perturbation_int8.npy"))

@@ -266,15 +266,18 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
 
     if input_dir is not None:
         scan_image_folder(input_dir)  # a bad input fails here, before an output is replaced
-    created = not output_dir.exists()
     work = output_dir / CHECKPOINT_DIR
     ckpt = work / "checkpoint.pt"
+    created = False
     if main:
         if overwrite and output_dir.exists():
             shutil.rmtree(output_dir)  # an earlier ue_fast output: _check_dirs refused anything else
+        created = not output_dir.exists()
         output_dir.mkdir(parents=True, exist_ok=True)
         if resume and (output_dir / "manifest.json").exists() and not ckpt.exists():
             raise ValueError(f"{output_dir} already holds a complete run (manifest.json); nothing to resume")
+    if dist is not None:
+        barrier()  # the output folder is ready (replaced, created) before any process writes in it
 
     t0 = time.perf_counter()
     ingest: dict = {}
@@ -414,7 +417,7 @@ def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, roundin
     step = _output_step(shape)
     linf = torch.empty(n, dtype=torch.int64)
     abs_sum, changed = 0.0, 0
-    pt_parts = []
+    pt = torch.empty((n, *shape), dtype=torch.float32) if write_pt else None  # filled by chunks
     with _progress(n, "writing images", "img", enabled=progress) as bar:
         for a in range(0, n, step):
             b = min(n, a + step)
@@ -427,16 +430,16 @@ def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, roundin
             changed += int((effective != 0).sum())
             write_image_folder(output_dir, protected, data.paths[a:b], progress=False)
             npy.write_range(a, effective.to(npy_dtype))
-            if write_pt:
-                pt_parts.append(effective.float() / 255)
+            if pt is not None:
+                torch.div(effective, 255, out=pt[a:b])
             bar.update(b - a)
     npy.sync()
     npy.close()
     os.replace(npy_tmp, output_dir / npy_name)
     gb = pt_bytes / 2**30
     if write_pt:
-        save_poison_pt(output_dir / "poison.pt", torch.cat(pt_parts))
-        del pt_parts
+        save_poison_pt(output_dir / "poison.pt", pt)
+        del pt
         pt_note = {"written": True, "why": f"float32 perturbations, {gb:.3g} GiB, fit the memory budget"}
     else:
         (output_dir / "poison.pt").unlink(missing_ok=True)

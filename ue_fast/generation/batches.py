@@ -69,7 +69,7 @@ class Batches:
         self.lo, self.hi = dist.shard(self.n) if dist is not None else (0, self.n)  # the rows this process owns
         if self.on_disk:
             self.images = None
-            self.file = self._images_file(images, images_file, work_dir)
+            self.file, self.file_offset = self._images_file(images, images_file, work_dir)
         else:
             self.images = images[self.lo:self.hi].to(self.place)
             if self.place.type == "cpu" and device.type == "cuda":
@@ -79,20 +79,23 @@ class Batches:
         self._ready: tuple | None = None  # (idx, images, delta or None) read ahead
         self.part = None  # the current batch's place in its global batch (torchrun)
 
-    def _images_file(self, images, images_file, work_dir) -> RowFile:
+    def _images_file(self, images, images_file, work_dir) -> tuple[RowFile, int]:
+        """The file the images are read from, and the row of local sample 0 in it."""
         if images_file is not None:
             f = RowFile(images_file)
             if f.shape != self.shape or f.dtype != torch.uint8:
                 raise ValueError(f"{images_file} holds {f.dtype} {f.shape}, not the images' uint8 {self.shape}")
-            return f
+            return f, self.lo
         if work_dir is None:
             raise ValueError("images on disk need an images file or the run's work folder")
-        f = RowFile.create(Path(work_dir) / "images.npy", self.shape, torch.uint8)
+        # This process's shard only (all of them without torchrun), in a file of its own.
+        name = "images.npy" if self.dist is None else f"images.rank{self.dist.rank}.npy"
+        f = RowFile.create(Path(work_dir) / name, (self.hi - self.lo, *self.shape[1:]), torch.uint8)
         step = chunk_rows(math.prod(self.shape[1:]))
-        for i in range(0, self.shape[0], step):
-            f.write_range(i, images[i:i + step])
+        for i in range(self.lo, self.hi, step):
+            f.write_range(i - self.lo, images[i:min(i + step, self.hi)])
         f.sync()
-        return RowFile(f.path)
+        return RowFile(f.path), 0
 
     @property
     def local_n(self) -> int:
@@ -120,7 +123,7 @@ class Batches:
         pin = self.device.type == "cuda"
 
         def load(idx):
-            x = self.file.read(idx + self.lo) if self.on_disk else None
+            x = self.file.read(idx + self.file_offset) if self.on_disk else None
             d = None
             if store is not None:
                 d = store._read(idx if store.row_of is None else store.row_of[idx])
@@ -150,7 +153,7 @@ class Batches:
         if self._ready is not None and self._ready[0] is idx and self._ready[1] is not None:
             return self._ready[1]
         if self.on_disk:
-            return self.file.read(idx + self.lo)
+            return self.file.read(idx + self.file_offset)
         return self.images[idx.to(self.place)]
 
     def shuffled(self, batch_size: int, *, merge_single: bool = False, drop_last: bool = False
