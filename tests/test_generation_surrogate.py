@@ -89,3 +89,21 @@ def test_nesterov_and_state_round_trip(data):
     x = b.clean(torch.arange(4))
     s.model.eval(), t.model.eval()
     assert torch.equal(s.forward(x)[1], t.forward(x)[1])
+
+
+def test_float64_computes_in_double_and_refuses_autocast(data):
+    """``float64``: the images, the network and its losses in double precision, the same
+    weights (drawn in float32, then widened) and the same training as float32 to its rounding."""
+    ctx64 = RunContext("cpu", progress=False, float64=True)
+    b64 = Batches(data.images, data.labels, CPU, CPU, 0, dtype=ctx64.dtype)
+    s64 = Surrogate(ctx64, "cnn-small", 3, 32, seed=0, lr=0.1, momentum=0.9, weight_decay=0.0)
+    s32 = _surrogate()
+    assert all(p.dtype == torch.float64 for p in s64.model.parameters())
+    assert all(torch.equal(p.float(), q) for p, q in zip(s64.model.parameters(), s32.model.parameters()))
+    assert b64.clean(torch.arange(4)).dtype == torch.float64
+    b32 = Batches(data.images, data.labels, CPU, CPU, 0)
+    r64 = s64.fit(b64.shuffled(8)[:3], _clean(b64), lr=0.05)
+    r32 = s32.fit(b32.shuffled(8)[:3], _clean(b32), lr=0.05)
+    assert r64["train_loss"] == pytest.approx(r32["train_loss"], rel=1e-4) and r64["train_loss"] != r32["train_loss"]
+    with pytest.raises(ValueError, match="autocast"):
+        RunContext("cpu", amp=True, float64=True)

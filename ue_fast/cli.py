@@ -115,7 +115,7 @@ def _cmd_protect(args) -> int:
                            keep_checkpoint=args.keep_checkpoint, compile=args.compile or False, sparse=args.sparse,
                            rounding=args.rounding, preset=args.preset, delta_dtype=args.delta_dtype,
                            store=args.store, memory_budget=args.memory_budget, workers=args.workers,
-                           sync_bn=args.sync_bn, **_settings(args))
+                           sync_bn=args.sync_bn, float64=args.float64, **_settings(args))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Leave the group before exiting: a process that exits inside it may abort in gloo's threads.
         torch.distributed.barrier()
@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--sync-bn", action="store_true",
                     help="under torchrun: batch norm takes its training statistics over the global batch, so the "
                     "run matches one process's to float tolerance")
+    pr.add_argument("--float64", action="store_true",
+                    help="compute in double precision (slower: 2x on a CPU, far more on GPUs; no bf16): to check "
+                    "that a torchrun run gives one process's result, which float32 rounding amplified by SGD "
+                    "otherwise blurs")
     pr.add_argument("--rounding", default="stochastic", choices=list(ROUNDINGS),
                     help="how the 8-bit output rounds x + delta: stochastic (default; keeps sub-grey-level "
                     "perturbations in expectation) or nearest")

@@ -166,7 +166,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             keep_checkpoint: bool = False, compile: bool | str = False, sparse: float | None = None,
             rounding: str = "stochastic", preset: str | None = None, delta_dtype: str = "auto",
             store: str = "auto", memory_budget=None, workers: int | None = None, sync_bn: bool = False,
-            **settings) -> dict:
+            float64: bool = False, **settings) -> dict:
     """Protect an image folder (or arrays) with ``method``; write the outputs; return the manifest.
 
     Args:
@@ -197,6 +197,9 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         workers: processes decoding the input folder (default: the CPUs, at most 16).
         sync_bn: under torchrun, batch norm takes its training statistics over the global batch
             (then the run matches one process's to float tolerance; see ``ue_fast.generation.distributed``).
+        float64: compute images, the surrogate and the losses in double precision (slower:
+            2x on a CPU, far more on GPUs; no bf16 autocast): for checking that a torchrun
+            run gives one process's result, which float32 rounding, amplified by SGD, blurs.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this with the same arguments:
     each owns a shard of the images and perturbations, ``batch_size`` and
@@ -303,7 +306,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     runner = Runner(gen, data.images, data.labels, len(data.classes), dev, checkpoint_path=ckpt, progress=progress,
                     profile=profile, trace_path=output_dir / "profile_trace.json" if profile else None,
                     compile=compile, delta_dtype=delta_dtype, store=store, memory_budget=budget, work_dir=work,
-                    images_file=data.file, dist=dist, sync_bn=sync_bn)
+                    images_file=data.file, dist=dist, sync_bn=sync_bn, float64=float64)
     result = runner.run(resume=resume)
 
     t0 = time.perf_counter()
@@ -348,6 +351,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
                         "memory_budget_bytes": budget if budget is not None else _budget_default()},
         "ingest": ingest or None,
         "distributed": None if dist is None else {"world": dist.world, "backend": dist.backend, "sync_bn": sync_bn},
+        "float64": float64,
         "perturbation_npy": npy_name,
         "outputs": out["outputs"],
         "files": [{"source": p, "output": w, "label": int(y), "linf_255": int(l)}

@@ -58,8 +58,9 @@ class Batches:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, place, seed: int, *,
-                 images_file=None, work_dir=None, dist=None):
+                 images_file=None, work_dir=None, dist=None, dtype: torch.dtype = torch.float32):
         self.device = device
+        self.dtype = dtype  # of the images as float
         self.on_disk = place == "disk"
         self.place = torch.device("cpu") if self.on_disk else torch.device(place)
         self.shape = tuple(images.shape)
@@ -186,7 +187,7 @@ class Batches:
     def clean(self, idx: torch.Tensor, flip: bool = False) -> torch.Tensor:
         """Clean images ``idx`` as float [B, 3, H, W] in [0, 1] on the device; ``flip``: each
         flipped horizontally with probability 1/2 (post-augmentation)."""
-        x = self._rows(idx).to(self.device, non_blocking=True).float().div_(255)
+        x = self._rows(idx).to(self.device, non_blocking=True).to(self.dtype).div_(255)
         if flip:
             f = (self.rand(idx) < 0.5).to(self.device)
             x = torch.where(f[:, None, None, None], x.flip(-1), x)

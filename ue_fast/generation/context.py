@@ -36,6 +36,11 @@ class Timer:
             self.total[stage] += time.perf_counter() - t0
 
 
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when of a narrower float (bf16 under autocast), float64 kept."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def check_compile(mode) -> bool | str:
     """``mode`` if it is a valid ``compile`` option (False, True or one of ``COMPILE_MODES``)."""
     if not (mode is None or mode in (False, True) or mode in COMPILE_MODES):
@@ -60,12 +65,20 @@ class RunContext:
     images_file: Path | None = None  # the images as a uint8 .npy (an ingested folder), read when on disk
     dist: object | None = None  # distributed.Dist under torchrun, else None
     sync_bn: bool = False  # under torchrun: batch norm over the global batch
+    float64: bool = False  # surrogate, images and losses in double precision (for checking, not speed)
 
     def __post_init__(self):
         self.device = torch.device(self.device)
         self.compile = check_compile(self.compile)
+        if self.float64 and self.amp:
+            raise ValueError("float64 computes in double precision: it cannot run under bf16 autocast (amp)")
         if self.timer is None:
             self.timer = Timer(self.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype of images, the surrogate and the losses."""
+        return torch.float64 if self.float64 else torch.float32
 
     def autocast(self):
         if self.amp:

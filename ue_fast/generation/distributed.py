@@ -202,7 +202,7 @@ def sync_batch_norm(model: torch.nn.Module, device: torch.device) -> torch.nn.Mo
     for name, child in model.named_children():
         if type(child) is torch.nn.BatchNorm2d:
             new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                  child.track_running_stats).to(device)
+                                  child.track_running_stats).to(device, child.running_mean.dtype)
             new.load_state_dict(child.state_dict())
             setattr(model, name, new)
         else:

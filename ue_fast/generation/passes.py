@@ -24,7 +24,7 @@ import torch
 from ..ops import pgd_step_
 from .batches import Batches, streamed
 from .distributed import global_batch
-from .context import RunContext
+from .context import RunContext, widened
 from .store import PerturbationStore
 from .surrogate import Surrogate
 
@@ -80,7 +80,7 @@ class PGD:
         surrogate is frozen throughout. Returns the mean ``poison_loss`` and ``poison_s``."""
         t0, data = time.perf_counter(), self.data
         self._begin()
-        loss_sum = torch.zeros((), device=self.ctx.device)
+        loss_sum = torch.zeros((), device=self.ctx.device, dtype=self.ctx.dtype)
         seen = 0
         bar = self.ctx.bar(sum(len(b) for b in batches), desc)
         with self.surrogate.frozen():
@@ -191,7 +191,7 @@ class PGD:
                         with timer("data"):
                             x, y = data.clean(idx), data.labels[idx]
                         with timer("forward"), torch.no_grad(), self.ctx.autocast():
-                            parts.append(self.surrogate.forward(inputs(x, self.store.samples(idx), y))[0].float())
+                            parts.append(widened(self.surrogate.forward(inputs(x, self.store.samples(idx), y))[0]))
                         bar.update(len(idx))
                     with timer("loss"):
                         features = torch.cat(parts).requires_grad_(True)
@@ -207,7 +207,7 @@ class PGD:
                         with timer("forward"), self.ctx.autocast():
                             f = self.surrogate.forward(inputs(x, leaf, y))[0]
                         with timer("backward"):
-                            (grad,) = torch.autograd.grad(f.float(), leaf, grad_outputs=grad_features[idx])
+                            (grad,) = torch.autograd.grad(widened(f), leaf, grad_outputs=grad_features[idx])
                         with timer("step"):
                             leaf = leaf.detach()
                             if adam is not None:

@@ -85,6 +85,8 @@ class Runner:
 
     Under torchrun (``dist``, a :class:`~.distributed.Dist`) every process runs the same
     stages on its shard; ``sync_bn`` takes batch-norm statistics over the global batch.
+    ``float64`` computes images, the surrogate and the losses in double precision (slow; it
+    shows that a torchrun run is one process's up to rounding, which SGD otherwise amplifies).
     Checkpoints are then one file per process, ``checkpoint.rank<r>-of-<K>.<g>.pt`` in two
     generations g that alternate, and ``checkpoint.pt``, written by rank 0 after every
     process has written its file (and before any goes on), naming the complete generation;
@@ -96,16 +98,18 @@ class Runner:
                  progress: bool = True, amp: bool | None = None, profile: bool = False,
                  trace_path: str | Path | None = None, compile: bool | str = False, delta_dtype: str = "auto",
                  store: str = "auto", memory_budget: float | None = None, work_dir: str | Path | None = None,
-                 images_file: str | Path | None = None, dist=None, sync_bn: bool = False):
+                 images_file: str | Path | None = None, dist=None, sync_bn: bool = False, float64: bool = False):
         device = torch.device(device)
         if work_dir is None and checkpoint_path is not None:
             work_dir = Path(checkpoint_path).parent
         # bf16 autocast on CUDA; on the CPU it would cost accuracy for no speed.
-        self.ctx = RunContext(device, amp=(device.type == "cuda") if amp is None else amp, compile=compile,
+        if amp is None:
+            amp = device.type == "cuda" and not float64
+        self.ctx = RunContext(device, amp=amp, compile=compile,
                               delta_dtype=delta_dtype, progress=progress, timer=Timer(device, profile), store=store,
                               memory_budget=memory_budget, work_dir=Path(work_dir) if work_dir is not None else None,
                               images_file=Path(images_file) if images_file is not None else None,
-                              dist=dist, sync_bn=sync_bn)
+                              dist=dist, sync_bn=sync_bn, float64=float64)
         self.method = method
         self.n = len(images)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -124,6 +128,8 @@ class Runner:
         out = {**self.method.settings(), "delta_dtype": self.ctx.delta_dtype}
         if self.ctx.dist is not None:
             out["sync_bn"] = self.ctx.sync_bn
+        if self.ctx.float64:  # only when set: checkpoints without it stay resumable
+            out["float64"] = True
         return out
 
     def _state(self) -> dict:

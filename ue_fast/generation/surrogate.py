@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..models import build_model
 from .batches import Plan, streamed
-from .context import RunContext
+from .context import RunContext, widened
 
 
 def compiled(model: torch.nn.Module, mode: bool | str):
@@ -42,7 +42,7 @@ class Surrogate:
                  momentum: float, weight_decay: float, nesterov: bool = False):
         self.ctx, self.arch, self.num_classes, self.image_size = ctx, arch, num_classes, image_size
         torch.manual_seed(seed)  # model initialisation
-        self.model = build_model(arch, num_classes, image_size=image_size).to(ctx.device)
+        self.model = build_model(arch, num_classes, image_size=image_size).to(ctx.device, ctx.dtype)
         if ctx.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = compiled(self.model, ctx.compile)
@@ -83,7 +83,7 @@ class Surrogate:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss_sum = torch.zeros((), device=self.ctx.device)
+        loss_sum = torch.zeros((), device=self.ctx.device, dtype=self.ctx.dtype)
         correct = torch.zeros((), device=self.ctx.device, dtype=torch.int64)
         seen = 0
         if not isinstance(batches, list):
@@ -98,13 +98,13 @@ class Surrogate:
                 if dist is None:
                     with self.ctx.autocast():
                         _, logits = self.forward(x)
-                        loss = F.cross_entropy(logits.float(), y)
+                        loss = F.cross_entropy(widened(logits), y)
                     size, total = len(idx), loss.detach() * len(idx)
                 else:
                     size = data.batch_size(idx) if data is not None else len(idx)
                     with self.ctx.autocast():
                         _, logits = self.train_forward(x)
-                        total = F.cross_entropy(logits.float(), y, reduction="sum")
+                        total = F.cross_entropy(widened(logits), y, reduction="sum")
                     loss = total * (dist.world / size)
                     total = total.detach()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..models._layers import CIFAR10_MEAN
 from ..ops import pgd_step_
+from .context import widened
 
 
 def shift_flip(x: torch.Tensor, u: torch.Tensor, max_shift: float) -> torch.Tensor:
@@ -24,12 +25,13 @@ def shift_flip(x: torch.Tensor, u: torch.Tensor, max_shift: float) -> torch.Tens
     Pixels from outside are the CIFAR-10 mean colour.
     """
     b, c, h, w = x.shape
-    u = u.to(device=x.device, dtype=torch.float32)
+    dt = widened(x[:0]).dtype  # float64 stays float64 (the grid is float32 otherwise)
+    u = u.to(device=x.device, dtype=dt)
     # affine_grid works in [-1, 1] with align_corners=True: one pixel is 2 / (size - 1).
     tx = (2 * u[:, 0] - 1) * max_shift * 2 / max(w - 1, 1)
     ty = (2 * u[:, 1] - 1) * max_shift * 2 / max(h - 1, 1)
     sx = torch.where(u[:, 2] < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3, device=x.device, dtype=torch.float32)
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=dt)
     theta[:, 0, 0], theta[:, 0, 2] = sx, tx
     theta[:, 1, 1], theta[:, 1, 2] = 1.0, ty
     grid = F.affine_grid(theta, [b, c, h, w], align_corners=True).to(x.dtype)
@@ -70,7 +72,7 @@ class Adversary:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """rho [B, C, H, W] (detached) for inputs x [B, C, H, W] in [0, 1]."""
-        x = x.detach().float()
+        x = widened(x.detach())
         if self.steps == 0 or self.eps == 0:
             return torch.zeros_like(x)
         s = self.surrogate
@@ -81,7 +83,7 @@ class Adversary:
                 rho.requires_grad_(True)
                 with s.ctx.autocast():
                     _, logits = s.forward(x + rho)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(widened(logits), y)
                 (grad,) = torch.autograd.grad(loss, rho)
                 rho = rho.detach()
                 pgd_step_(rho, grad, x, eps=self.eps, step_size=self.step_size, maximize=True)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..generation import Stage
+from ..generation.context import widened
 from ..generation.passes import INITS
 from ..generation.transforms import shift_flip
 from .base import SurrogateMethod
@@ -159,7 +160,7 @@ class AP(SurrogateMethod):
 
     def loss(self, features, logits, labels):
         """Mean cross-entropy of the surrogate's logits [B, C] against ``target(labels)``."""
-        return F.cross_entropy(logits.float(), self.target(labels))
+        return F.cross_entropy(widened(logits), self.target(labels))
 
 
 class TAP(AP):

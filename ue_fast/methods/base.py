@@ -108,7 +108,7 @@ class Method:
                                 "--memory-budget if the host has the memory)"))
         self.placement = where
         self.data = Batches(images, labels, ctx.device, where.images, cfg.seed, images_file=ctx.images_file,
-                            work_dir=ctx.work_dir, dist=ctx.dist)
+                            work_dir=ctx.work_dir, dist=ctx.dist, dtype=ctx.dtype)
         self.store = PerturbationStore(rows, (c, h, w), device=ctx.device, place=where.delta, dtype=where.dtype,
                                        eps=cfg.eps, seed=cfg.seed, row_of=self.data.labels if self.classwise else None,
                                        work_dir=ctx.work_dir,

@@ -81,6 +81,7 @@ from dataclasses import dataclass
 import torch
 
 from ..generation import Stage
+from ..generation.context import widened
 from ..generation.passes import AdamW
 from ..ops.bayes import bayes_error, median_bandwidth
 from .base import SurrogateMethod
@@ -184,7 +185,7 @@ class Bayes(SurrogateMethod):
         return dict(lr=cfg.learning_rate(r), step_size=cfg.alpha, **train, **poison)
 
     def scaled(self, features: torch.Tensor) -> torch.Tensor:
-        f = features.float()  # bf16 under autocast
+        f = widened(features)  # bf16 under autocast
         if self.config.feature_scale == "max":
             return f / f.abs().max().clamp_min(1e-12)
         if self.config.feature_scale == "l2":

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from ..generation import Stage
+from ..generation.context import widened
 from .base import SurrogateMethod
 from .settings import SurrogateConfig, int_setting, real_setting
 
@@ -112,7 +113,7 @@ class EM(SurrogateMethod):
     @staticmethod
     def loss(features, logits, labels):
         """``CE(logits, labels)``, averaged over the batch (the sign step ignores the scale)."""
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(widened(logits), labels)
 
 
 class EMClasswise(EM):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..generation import Stage
+from ..generation.context import widened
 from ..ops import centroid_loss, supcon_loss
 from .base import SurrogateMethod
 from .settings import SurrogateConfig, choice_setting, real_setting
@@ -88,7 +89,7 @@ class MIUE(SurrogateMethod):
 
     def loss(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss the perturbation minimises, of surrogate features [B, F]."""
-        features = features.float()  # bf16 under autocast: the loss accumulates in float32 anyway
+        features = widened(features)  # bf16 under autocast: the loss accumulates in float32 anyway
         if self.config.loss == "centroid":
             return centroid_loss(features, labels, self.num_classes)
         return supcon_loss(features, labels, self.config.temperature)

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..generation import Stage
+from ..generation.context import widened
 from ..generation.transforms import Adversary, random_crop_flip
 from .base import SurrogateMethod
 from .settings import SurrogateConfig, int_setting, real_setting
@@ -170,4 +171,4 @@ class REM(SurrogateMethod):
         k, rest = divmod(logits.shape[0], labels.shape[0])
         if rest or k < 1:
             raise ValueError(f"logits has {logits.shape[0]} rows, not a multiple of the {labels.shape[0]} labels")
-        return F.cross_entropy(logits.float(), labels.repeat(k))
+        return F.cross_entropy(widened(logits), labels.repeat(k))
