@@ -41,3 +41,30 @@ def test_same_seed_same_draws(data):
     assert all(torch.equal(x, y) for x, y in zip(a.shuffled(5), b.shuffled(5)))
     c = Batches(data.images, data.labels, CPU, CPU, 4)
     assert not all(torch.equal(x, y) for x, y in zip(a.shuffled(5), c.shuffled(5)))
+
+
+def test_draws_of_a_part_are_the_global_batch_draws_at_its_positions():
+    """Under torchrun a process draws for the whole global batch and keeps its samples' rows:
+    its generator ends where one process's does, and each sample gets one process's draw
+    (of every kind, and for view-major blocks of k views)."""
+    from ue_fast.generation.batches import Draws
+    from ue_fast.generation.distributed import Part
+
+    def draws_of(gen_seed, part):
+        d = Draws(torch.Generator().manual_seed(gen_seed), part)
+        n = len(part.positions) if part is not None else 7
+        out = [d.rand(n, 3), d.randn(n, 2, 2), d.randint(9, n), d.rand(3 * n, 4, views=3)]
+        return out, d.gen.get_state()
+
+    whole, state = draws_of(5, None)  # one process: a batch of 7
+    part = Part(7, torch.tensor([1, 4, 6]))
+    mine, state_part = draws_of(5, part)
+    assert torch.equal(state, state_part)
+    for w, m in zip(whole[:3], mine[:3]):
+        assert torch.equal(m, w[part.positions])
+    rows = torch.cat([k * 7 + part.positions for k in range(3)])  # block k: the k-th view of every sample
+    assert torch.equal(mine[3], whole[3][rows])
+    empty, state_empty = draws_of(5, Part(7, torch.tensor([], dtype=torch.int64)))  # none of the batch's samples
+    assert torch.equal(state_empty, state) and all(len(e) == 0 for e in empty)
+    with pytest.raises(ValueError, match="view"):
+        Draws(torch.Generator(), part).rand(4)

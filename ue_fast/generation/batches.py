@@ -42,6 +42,49 @@ class Plan(list):
     def streamed(self):
         return self.data.stream(self)
 
+    def size(self, k: int) -> int:
+        """The size of global batch ``k`` (this process's part of it is ``self[k]``)."""
+        return self.parts[k].size if self.parts is not None else len(self[k])
+
+
+class Draws:
+    """Per-sample random draws for one batch from the run's generator ``gen``.
+
+    Alone (``part`` None) a draw for ``rows`` samples is ``torch.rand((rows, *shape))``. Under
+    torchrun it is made for the whole global batch of ``part`` and indexed by this process's
+    positions in it, so every process's generator stays in step with one process's and each
+    sample gets the draw one process gives it. ``views`` > 1: the rows are that many
+    view-major blocks of the batch's samples (block k holds the k-th view of every sample),
+    drawn as one process draws ``views x batch`` rows; given explicitly, since a process may
+    hold none of a batch's samples and must still draw for all of them.
+    """
+
+    def __init__(self, gen: torch.Generator, part=None):
+        self.gen, self.part = gen, part
+
+    def _draw(self, fn, rows: int, shape: tuple, views: int) -> torch.Tensor:
+        if self.part is None:
+            return fn((rows, *shape))
+        size, pos = self.part.size, self.part.positions
+        if rows != views * len(pos):
+            raise ValueError(f"{rows} rows are not {views} view(s) of this process's {len(pos)} samples")
+        full = fn((views * size, *shape))
+        if views == 1:
+            return full[pos]
+        return full[(torch.arange(views)[:, None] * size + pos).reshape(-1)]
+
+    def rand(self, rows: int, *shape: int, views: int = 1) -> torch.Tensor:
+        """Uniform [0, 1) draws [rows, *shape] on the CPU."""
+        return self._draw(lambda s: torch.rand(s, generator=self.gen), rows, shape, views)
+
+    def randn(self, rows: int, *shape: int, views: int = 1) -> torch.Tensor:
+        """Standard normal draws [rows, *shape] on the CPU."""
+        return self._draw(lambda s: torch.randn(s, generator=self.gen), rows, shape, views)
+
+    def randint(self, high: int, rows: int, *shape: int, views: int = 1) -> torch.Tensor:
+        """Integers in [0, high) [rows, *shape] on the CPU."""
+        return self._draw(lambda s: torch.randint(0, high, s, generator=self.gen), rows, shape, views)
+
 
 def streamed(batches):
     """Iterate ``batches`` with read-ahead when it is a :class:`Plan`."""
@@ -195,13 +238,13 @@ class Batches:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def draws(self) -> Draws:
+        """Draws for the samples of the current batch (see :class:`Draws`)."""
+        return Draws(self.gen, self.part)
+
     def rand(self, idx: torch.Tensor, *shape: int) -> torch.Tensor:
-        """Uniform draws [len(idx), *shape] on the CPU from the run's generator for the samples of
-        batch ``idx``: drawn for its whole global batch (one process's draw) and indexed, so every
-        process's generator stays in step with one process's."""
-        if self.part is None:
-            return torch.rand((len(idx), *shape), generator=self.gen)
-        return torch.rand((self.part.size, *shape), generator=self.gen)[self.part.positions]
+        """Uniform draws [len(idx), *shape] on the CPU for the samples of the current batch ``idx``."""
+        return self.draws().rand(len(idx), *shape)
 
     def state_dict(self) -> dict:
         return {"generator": self.gen.get_state()}

@@ -9,10 +9,11 @@ process group (NCCL on GPUs, one per process; gloo on CPUs). Then:
 - **global batches**: every rank draws the same permutation from the run's seeded
   generator, so the global batches are those of a one-process run; a rank computes the
   members of each batch it owns (:class:`Part`), and every per-sample random draw is
-  made for the whole global batch and indexed (so all generators stay in step and draw
-  what one process draws);
-- **losses that couple samples** (supervised contrastive, centroid) see the global
-  batch: :func:`gather_rows` all-gathers the features with their gradients. Every rank
+  made for the whole global batch and indexed (:class:`~.batches.Draws`: so all
+  generators stay in step and draw what one process draws);
+- **batch losses** (supervised contrastive, centroid, the cross-entropy means) see the
+  global batch: :func:`global_batch` all-gathers features and logits with their
+  gradients; class-wise perturbations' gradients are summed (:func:`all_sum`). Every rank
   then computes the same loss, so the backward of the gather keeps each rank's own
   rows of the gradient (no sum over ranks): a rank's perturbations get the gradient one
   process would give them;
@@ -226,11 +227,33 @@ def gather_range(read_local, d: Dist, n: int, start: int, stop: int, device: tor
     return rows.cpu()
 
 
-def global_batch(tensors, part: Part) -> list[torch.Tensor]:
+def global_batch(tensors, part: Part) -> list[torch.Tensor | None]:
     """Every process's rows of ``tensors`` (this process's part of a global batch), gathered
     with their gradients and put back in the global batch's order, so a loss of them runs
-    the arithmetic one process runs on that batch."""
-    device = tensors[0].device
-    counts = counts_of(len(tensors[0]), device)
+    the arithmetic one process runs on that batch. A tensor may hold k view-major blocks of
+    the part's samples (k x its rows, as REM's augmented views); it comes back as k blocks of
+    the global batch. None stays None."""
+    device = next(t.device for t in tensors if t is not None)
+    b = len(part.positions)
+    lens = torch.tensor([b] + [len(t) if t is not None else 0 for t in tensors], dtype=torch.int64, device=device)
+    table = [torch.zeros_like(lens) for _ in range(dist.get_world_size())]
+    dist.all_gather(table, lens)
+    table = torch.stack(table).cpu()  # [world, 1 + len(tensors)]: rows of every process
+    counts = table[:, 0].tolist()
+    total = sum(counts)
     order = torch.argsort(gather_rows(part.positions.to(device), counts))
-    return [gather_rows(t, counts)[order] for t in tensors]
+    out = []
+    for j, t in enumerate(tensors):
+        if t is None:
+            out.append(None)
+            continue
+        k, rest = divmod(int(table[:, j + 1].sum()), total)
+        if rest or k < 1:
+            raise ValueError(f"a tensor of {len(t)} rows is not a number of blocks of the {b} samples")
+        if k == 1:
+            out.append(gather_rows(t, counts)[order])
+            continue
+        per_sample = t.reshape(k, b, *t.shape[1:]).transpose(0, 1).contiguous()  # [b, k, ...]
+        rows = gather_rows(per_sample, counts)[order]  # [B, k, ...] in the global order
+        out.append(rows.transpose(0, 1).reshape(k * total, *t.shape[1:]))
+    return out

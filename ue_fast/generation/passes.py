@@ -69,9 +69,9 @@ class PGD:
         if how == "zero":
             return torch.zeros_like(delta)
         if how == "gaussian":
-            z = torch.randn(delta.shape, generator=self.data.gen).to(delta.device)
+            z = self.data.draws().randn(len(delta), *delta.shape[1:]).to(delta.device)
             return (z * self.eps).clamp_(-self.eps, self.eps)
-        u = torch.rand(delta.shape, generator=self.data.gen).to(delta.device)
+        u = self.data.draws().rand(len(delta), *delta.shape[1:]).to(delta.device)
         return (x + (2 * u - 1) * self.eps).clamp_(0, 1) - x
 
     def _loop(self, batches: list[torch.Tensor], flip: bool, desc: str, run) -> dict:

@@ -147,10 +147,11 @@ class PerturbationStore:
         self.place = DISK if self.on_disk else torch.device(place)
         self.shape = (rows, *shape)
         self._dtype = dtype
+        self.name = name
         if self.on_disk:
             if work_dir is None:
                 raise ValueError("a store on disk needs the run's work folder")
-            self.work_dir, self.name = Path(work_dir), name
+            self.work_dir = Path(work_dir)
             # Created at first use, so that a resumed run opens its checkpoint's file instead.
             self.files: list[RowFile | None] = [None, None]
             self.current, self.writing = 0, None  # the complete file; the one this step writes
@@ -260,7 +261,10 @@ class PerturbationStore:
             self.files[self.writing].write_range(0, other.delta.cpu())
 
     def twin(self, name: str) -> "PerturbationStore":
-        """An empty store like this one (same rows, dtype and place; its own files on disk)."""
+        """An empty store like this one (same rows, dtype and place; its own files on disk, named
+        ``name`` with this store's suffix: ``best.rank1`` for ``delta.rank1`` under torchrun)."""
+        suffix = self.name.partition(".")[2]
+        name = f"{name}.{suffix}" if suffix else name
         return PerturbationStore(self.rows, self.shape[1:], device=self.device,
                                  place="disk" if self.on_disk else self.place, dtype=self.dtype, eps=self.eps,
                                  seed=self.seed, row_of=self.row_of,

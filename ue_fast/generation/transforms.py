@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..models._layers import CIFAR10_MEAN
 from ..ops import pgd_step_
+from .batches import Draws
 from .context import widened
 
 
@@ -40,17 +41,18 @@ def shift_flip(x: torch.Tensor, u: torch.Tensor, max_shift: float) -> torch.Tens
     return out + mean
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+def random_crop_flip(x: torch.Tensor, padding: int, gen: "torch.Generator | Draws") -> torch.Tensor:
     """Per sample: a horizontal flip with probability 1/2, then a random H x W crop of x
     zero-padded by ``padding`` (torchvision's RandomHorizontalFlip + RandomCrop(size, padding)).
 
     x [B, C, H, W] -> [B, C, H, W]; a gather, so differentiable in x. Offsets and flips
-    are drawn from the CPU generator ``gen``.
+    are drawn from the CPU generator ``gen`` (or a batch's :class:`~.batches.Draws`).
     """
     b, _, h, w = x.shape
-    i = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
-    j = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
-    flip = torch.rand(b, generator=gen) < 0.5
+    d = gen if isinstance(gen, Draws) else Draws(gen)
+    i = d.randint(2 * padding + 1, b)
+    j = d.randint(2 * padding + 1, b)
+    flip = d.rand(b) < 0.5
     rows = i[:, None] + torch.arange(h)  # [B, H]
     cols = torch.arange(w).expand(b, w)
     # Flipping the padded image and cropping at offset j reads the same pixels as
@@ -65,19 +67,25 @@ def random_crop_flip(x: torch.Tensor, padding: int, gen: torch.Generator) -> tor
 class Adversary:
     """rho approximately maximising ``CE(f(x + rho), y)`` over ``|rho|_inf <= eps``, ``x + rho``
     in [0, 1]: ``steps`` sign steps of ``step_size`` from a uniform random start (drawn from
-    ``gen``), with the surrogate frozen in eval mode (restored afterwards)."""
+    ``gen``, a CPU generator, or a function giving the current batch's :class:`~.batches.Draws`),
+    with the surrogate frozen in eval mode (restored afterwards).
 
-    def __init__(self, surrogate, gen: torch.Generator, *, eps: float, steps: int, step_size: float):
+    Each sample's rho depends on its own loss only (the mean's scale does not change a sign
+    step), so under torchrun each process attacks its own samples, with no communication."""
+
+    def __init__(self, surrogate, gen, *, eps: float, steps: int, step_size: float):
         self.surrogate, self.gen, self.eps, self.steps, self.step_size = surrogate, gen, eps, steps, step_size
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """rho [B, C, H, W] (detached) for inputs x [B, C, H, W] in [0, 1]."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, views: int = 1) -> torch.Tensor:
+        """rho [B, C, H, W] (detached) for inputs x [B, C, H, W] in [0, 1]; ``views`` > 1: x holds
+        that many view-major blocks of a batch's samples (see :class:`~.batches.Draws`)."""
         x = widened(x.detach())
         if self.steps == 0 or self.eps == 0:
             return torch.zeros_like(x)
         s = self.surrogate
+        draws = Draws(self.gen) if isinstance(self.gen, torch.Generator) else self.gen()
         with s.frozen():
-            rho = (torch.rand(x.shape, generator=self.gen).to(x.device) * 2 - 1) * self.eps
+            rho = (draws.rand(len(x), *x.shape[1:], views=views).to(x.device) * 2 - 1) * self.eps
             rho = (x + rho).clamp_(0, 1) - x
             for _ in range(self.steps):
                 rho.requires_grad_(True)

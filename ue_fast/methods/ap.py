@@ -96,6 +96,7 @@ class AP(SurrogateMethod):
     """Untargeted adversarial poisoning: maximise the frozen clean surrogate's cross-entropy."""
 
     name = "ap"
+    distributed = True
     config_class = APConfig
     maximize = True
     # cpu-small: 10 clean epochs, one restart of 20 steps of 1/255. Measured (benchmarks/reproduce.py --scale
@@ -149,7 +150,7 @@ class AP(SurrogateMethod):
             self.best.load_state_dict(state["best"])
 
     def augmented(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        u = torch.rand(len(x), 3, generator=self.data.gen)  # the run's generator: checkpointed, seeded
+        u = self.data.draws().rand(len(x), 3)  # the run's generator: checkpointed, seeded
         return shift_flip(x, u, self.config.max_shift)
 
     def inputs(self, x, delta, y):

@@ -36,6 +36,7 @@ class Method:
     classwise = False  # one perturbation per class (the output's rounding is then shared per class)
     streams = True  # runs with its images and perturbations on disk, streamed by batches
     distributed = False  # runs under torchrun (its draws and losses split over processes)
+    distributed_why = "its random draws and losses are not split over processes"  # why not, when it does not
     streams_why = ""  # why not, when it does not
     # Named settings over the defaults: "paper" is the defaults; "cpu-small" a CPU-sized schedule.
     presets: dict[str, dict] = {"paper": {}, "cpu-small": {}}
@@ -94,8 +95,8 @@ class Method:
         n, c, h, w = images.shape
         if ctx.dist is not None:
             if not self.distributed:
-                raise ValueError(f"method {self.name!r} does not run under torchrun yet (its random draws and "
-                                 "losses are not split over processes); run it in one process")
+                raise ValueError(f"method {self.name!r} does not run under torchrun yet ({self.distributed_why}); "
+                                 "run it in one process")
             lo, hi = ctx.dist.shard(n)
             n = hi - lo  # this process's shard
         rows = num_classes if self.classwise else n
@@ -161,6 +162,7 @@ class TrainingFreeMethod(Method):
 
     streams = False
     streams_why = "it draws every perturbation at once from the whole set"
+    distributed_why = "it draws every perturbation at once, with no surrogate to train: nothing to split"
 
     def setup(self, ctx, images, labels, num_classes):
         self._data_and_store(ctx, images, labels, num_classes)

@@ -90,6 +90,7 @@ class EM(SurrogateMethod):
     """Sample-wise error-minimising noise: PGD descends the surrogate's cross-entropy."""
 
     name = "em"
+    distributed = True
     config_class = EMConfig
     presets = {"paper": {}, "cpu-small": dict(arch="cnn-small", batch_size=64, poison_batch_size=256, epochs=20)}
 

@@ -105,6 +105,7 @@ class REM(SurrogateMethod):
     """Robust error-minimising noise: EM against an adversarially trained surrogate, over augmentations."""
 
     name = "rem"
+    distributed = True
     config_class = REMConfig
     # cpu-small: 3 passes, their 10 steps per batch (3 steps from a fresh uniform start left the noise
     # weak: 37.4% against clean 41.7% in benchmarks/reproduce.py --scale small; 10 steps: 29.0%).
@@ -114,7 +115,7 @@ class REM(SurrogateMethod):
     def setup(self, ctx, images, labels, num_classes):
         super().setup(ctx, images, labels, num_classes)
         cfg = self.config
-        self.adversary = Adversary(self.surrogate, self.data.gen, eps=cfg.adv_eps, steps=cfg.adv_steps,
+        self.adversary = Adversary(self.surrogate, self.data.draws, eps=cfg.adv_eps, steps=cfg.adv_steps,
                                    step_size=cfg.adv_alpha)
         self.padding = max(images.shape[2:]) // 8 if cfg.crop_padding is None else cfg.crop_padding
 
@@ -128,19 +129,22 @@ class REM(SurrogateMethod):
         steps = cfg.epochs * len(batches)
         bar = self.ctx.bar(sum(len(b) for b in batches), f"round {r}: PGD x{cfg.pgd_steps} + adversarial step")
         loss = acc = ploss = train_s = poison_s = 0.0
+        seen = 0
         for b, idx in enumerate(batches):
-            poison = self.pgd.per_batch([idx], self.loss, steps=cfg.pgd_steps, step_size=cfg.alpha, init="uniform",
+            one = batches[b:b + 1]  # a plan: under torchrun it knows its place in the global batch
+            poison = self.pgd.per_batch(one, self.loss, steps=cfg.pgd_steps, step_size=cfg.alpha, init="uniform",
                                         inputs=self.eot_views, desc=None)
             lr = cfg.step_lr((r - 1) * len(batches) + b, steps)
-            train = self.surrogate.fit([idx], self.perturbed_inputs(transform=self.adversarial_view), lr=lr,
+            train = self.surrogate.fit(one, self.perturbed_inputs(transform=self.adversarial_view), lr=lr,
                                        desc=None)
-            loss += train["train_loss"] * len(idx)
-            acc += train["train_acc"] * len(idx)
-            ploss += poison["poison_loss"] * len(idx)
+            size = batches.size(b)  # the means are over the global batch
+            loss += train["train_loss"] * size
+            acc += train["train_acc"] * size
+            ploss += poison["poison_loss"] * size
+            seen += size
             train_s, poison_s = train_s + train["train_s"], poison_s + poison["poison_s"]
             bar.update(len(idx))
         bar.close()
-        seen = sum(len(b) for b in batches)
         return dict(lr=lr, step_size=cfg.alpha, train_loss=loss / seen, train_acc=acc / seen, train_s=train_s,
                     poison_loss=ploss / seen, poison_s=poison_s)
 
@@ -154,7 +158,7 @@ class REM(SurrogateMethod):
 
     def adversarial_view(self, xd: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training input ``T(x + delta) + rho`` [B, C, H, W] for xd = x + delta."""
-        v = random_crop_flip(xd.clamp(0, 1), self.padding, self.data.gen)
+        v = random_crop_flip(xd.clamp(0, 1), self.padding, self.data.draws())
         return v + self.adversary(v, y)
 
     def eot_views(self, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -162,8 +166,8 @@ class REM(SurrogateMethod):
         the k-th block holding the k-th draw of every sample; differentiable in delta through T_k."""
         k = self.config.eot_samples
         xd = (x + delta).clamp(0, 1)
-        views = torch.cat([random_crop_flip(xd, self.padding, self.data.gen) for _ in range(k)])
-        return views + self.adversary(views, y.repeat(k))
+        views = torch.cat([random_crop_flip(xd, self.padding, self.data.draws()) for _ in range(k)])
+        return views + self.adversary(views, y.repeat(k), views=k)
 
     @staticmethod
     def loss(features, logits, labels):
