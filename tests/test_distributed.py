@@ -213,9 +213,12 @@ METHOD_FLAGS = {  # each method's parts that differ under torchrun
     # a Gaussian start and shift-flip augmentation drawn per sample; the best restart's twin store on disk
     "ap": ["--method", "ap", *SMALL, "--pgd-steps", "3", "--set", "pretrain_epochs=1", "--set", "restarts=2",
            "--store", "disk"],
-    # crops and adversaries drawn per sample; 2 views of every sample gathered as view-major blocks
+    # the Bayes-error estimate over the whole set's gathered features, AdamW per process; fresh surrogates
+    "bayes": ["--method", "bayes", *SMALL, "--epochs", "2", "--set", "retrain_epochs=1", "--set", "adam_lr=0.002"],
+    # crops and adversaries drawn per sample; 2 views of every sample gathered as view-major blocks;
+    # SALM's saliency masks (--sparse), per process
     "rem": ["--method", "rem", *SMALL, "--epochs", "1", "--pgd-steps", "2", "--set", "adv_steps=1",
-            "--set", "eot_samples=2"],
+            "--set", "eot_samples=2", "--sparse", "30"],
 }
 
 
@@ -281,9 +284,9 @@ def test_resume_needs_the_same_number_of_processes(tmp_path, src):
 
 
 def test_methods_not_split_yet_are_refused_under_torchrun(tmp_path, src):
-    r = _cli(["protect", str(src), str(tmp_path / "o"), "--method", "bayes", "--arch", "cnn-small", "--device", "cpu",
-              "--no-progress"], nproc=2, check=False)
-    assert r.returncode != 0 and "does not run under torchrun yet" in r.stderr
+    r = _cli(["protect", str(src), str(tmp_path / "o"), "--method", "lsp", "--device", "cpu", "--no-progress"],
+             nproc=2, check=False)
+    assert r.returncode != 0 and "does not run under torchrun yet" in r.stderr and "nothing to split" in r.stderr
 
 
 _ARRAYS_SCRIPT = """

@@ -23,7 +23,7 @@ import torch
 
 from ..ops import pgd_step_
 from .batches import Batches, streamed
-from .distributed import global_batch
+from .distributed import gather_rows, global_batch
 from .context import RunContext, widened
 from .store import PerturbationStore
 from .surrogate import Surrogate
@@ -49,6 +49,7 @@ class PGD:
         self.ctx, self.surrogate, self.data, self.store, self.eps = ctx, surrogate, data, store, eps
         self.mask: torch.Tensor | None = None
         self.mask_source: Callable[[], torch.Tensor] | None = None
+        self._labels_all: torch.Tensor | None = None  # under torchrun: every shard's labels (whole-set passes)
 
     def _mask(self, idx: torch.Tensor) -> torch.Tensor | None:
         return None if self.mask is None else self.mask[idx.to(self.data.place)].to(self.ctx.device)
@@ -173,7 +174,10 @@ class PGD:
         w.r.t. them, then per batch the features again with a graph, back-propagated with that
         gradient to the batch's perturbation, which takes its step. The surrogate is in eval
         mode and ``inputs`` must be deterministic, so both passes agree. Memory: [N, F]
-        features plus one batch's graph; ``batch_size`` only bounds it. With ``adam`` each
+        features plus one batch's graph; ``batch_size`` only bounds it. Under torchrun each
+        process computes its shard's features and all-gathers them (the shards are contiguous
+        and in rank order: the whole set's order), so every process computes one process's
+        loss and keeps its own rows of the gradient. With ``adam`` each
         step is that optimiser's on ``x + delta`` (then projected) instead of a sign step.
         Returns the last step's ``poison_loss`` (the loss before that step) and ``poison_s``.
         """
@@ -196,7 +200,10 @@ class PGD:
                     with timer("loss"):
                         features = torch.cat(parts).requires_grad_(True)
                         del parts
-                        value = loss(features, None, data.labels)
+                        if self.ctx.dist is None:
+                            value = loss(features, None, data.labels)
+                        else:  # every process's shard, in order: the whole set's [N, F], with gradients
+                            value = loss(gather_rows(features), None, self._all_labels())
                         (grad_features,) = torch.autograd.grad(value, features)
                         del features
                     for idx in batches:
@@ -220,6 +227,12 @@ class PGD:
             finally:
                 bar.close()
         return dict(poison_loss=float(value.detach()), poison_s=time.perf_counter() - t0)
+
+    def _all_labels(self) -> torch.Tensor:
+        """The labels of every process's shard, in the whole set's order (gathered once)."""
+        if self._labels_all is None:
+            self._labels_all = gather_rows(self.data.labels)
+        return self._labels_all
 
     def state_dict(self) -> dict:
         return {} if self.mask is None else {"mask": self.mask.cpu()}

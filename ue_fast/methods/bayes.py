@@ -135,7 +135,7 @@ class Bayes(SurrogateMethod):
     config_class = BayesConfig
     streams = False
     streams_why = "its loss and AdamW state span the whole set at once"
-    distributed_why = "its Bayes-error estimate and AdamW state span the whole set at once"
+    distributed = True
     presets = {"paper": {}, "cpu-small": dict(arch="cnn-small", epochs=16, retrain_epochs=8, adam_lr=2e-3,
                                               batch_size=64)}
 

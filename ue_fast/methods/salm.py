@@ -31,7 +31,6 @@ class Sparse:
 
         m = self.method
         m.streams, m.streams_why = False, "SALM's saliency mask is held in memory, N x H x W bytes"
-        m.distributed, m.distributed_why = False, "SALM's saliency pass is not split over processes"
         m.setup(ctx, images, labels, num_classes)
         m.pgd.mask_source = lambda: dataset_saliency(m.surrogate, m.data, self.percent, m.config.poison_batch_size)
 
