@@ -149,7 +149,6 @@ def test_auto_goes_to_disk_over_the_memory_budget(tmp_path, src):
 
 @pytest.mark.parametrize("method,kw,why", [
     ("bayes", {}, "whole set"),
-    ("ops", {}, "at once"),
     ("miue", dict(sparse=10), "saliency"),
 ])
 def test_methods_that_need_memory_refuse_the_disk_clearly(tmp_path, src, method, kw, why):

@@ -129,3 +129,30 @@ def test_bad_settings(src, tmp_path):
         ue_fast.protect(src, tmp_path / "y", method="lsp", patch=0, **QUIET)
     with pytest.raises(ValueError, match="no setting"):  # no surrogate settings
         ue_fast.protect(src, tmp_path / "z", method="ops", arch="resnet18", **QUIET)
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+@pytest.mark.parametrize("method", ["ops", "lsp", "ar"])
+def test_chunks_give_one_call_bit_for_bit(src, tmp_path, monkeypatch, method, store):
+    """Generation runs by chunks of 16 rows (here; about 4 M noise values in a run), reading
+    the images from memory or disk: the result is that of one call on the whole set, bit for
+    bit, with a short last chunk (53 images: 16 + 16 + 16 + 5)."""
+    from ue_fast.generation import Runner
+    from ue_fast.methods import METHODS
+    from ue_fast.methods.base import TrainingFreeMethod
+
+    data = read_image_folder(src, progress=False)
+    images, labels = data.images[:53], data.labels[:53]
+    cls = METHODS[method]
+    whole = cls(cls.config_class(), 4).generate(images, labels, torch.Generator().manual_seed(cls.config_class().seed),
+                                                torch.device("cpu")).clamp(-cls.config_class().eps,
+                                                                           cls.config_class().eps)
+    monkeypatch.setattr(TrainingFreeMethod, "chunk", lambda self: 16)
+    calls = []
+    rows = cls.rows
+    monkeypatch.setattr(cls, "rows", lambda self, x, *a: calls.append(len(x)) or rows(self, x, *a))
+    r = Runner(cls(), images, labels, 4, "cpu", progress=False, store=store, work_dir=tmp_path)
+    assert r.method.data.on_disk == (store == "disk")
+    res = r.run()
+    assert calls == [16, 16, 16, 5]
+    assert torch.equal(res.read(0, 53), whole.float()) and float(whole.abs().max()) > 0

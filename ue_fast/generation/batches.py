@@ -145,6 +145,12 @@ class Batches:
     def local_n(self) -> int:
         return self.hi - self.lo
 
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """uint8 images of this process's samples start..stop-1, on their place (the CPU from disk)."""
+        if self.on_disk:
+            return self.file.read_range(start + self.file_offset, stop + self.file_offset)
+        return self.images[start:stop]
+
     def batch_size(self, idx: torch.Tensor) -> int:
         """The size of the (global) batch ``idx`` belongs to."""
         return self.part.size if self.part is not None else len(idx)

@@ -158,28 +158,58 @@ class SurrogateMethod(Method):
 
 
 class TrainingFreeMethod(Method):
-    """A generator with no surrogate: ``generate`` makes every perturbation at once."""
+    """A generator with no surrogate, in two parts: :meth:`begin` makes what the whole set
+    shares (class patterns, a search over chunks of the images), then :meth:`rows` the
+    perturbations of consecutive chunks of images, drawing their per-sample noise from the
+    run's generator in order. Chunks are a multiple of 16 rows (torch draws normal noise in
+    blocks of 16 values), so the draws, and the result, are those of one call on the whole
+    set, in memory or streamed from disk."""
 
-    streams = False
-    streams_why = "it draws every perturbation at once from the whole set"
-    distributed_why = "it draws every perturbation at once, with no surrogate to train: nothing to split"
+    distributed_why = "it has no surrogate to train: nothing to split"
 
     def setup(self, ctx, images, labels, num_classes):
+        self.shape = tuple(images.shape)
         self._data_and_store(ctx, images, labels, num_classes)
 
     def stages(self):
         return [Stage("generation", 1, self._generation)]
 
+    def chunk(self) -> int:
+        """Rows per chunk: a multiple of 16, about 4 M noise values (AR's canvas is the largest)."""
+        _, c, h, w = self.shape
+        return max(16, (2 ** 22 // (c * (h + 4) * (w + 4))) // 16 * 16)
+
+    def _chunks(self):
+        data, step = self.data, self.chunk()
+        for s in range(0, data.local_n, step):
+            yield s, data.read(s, min(s + step, data.local_n)), data.labels[s:s + step]
+
     def _generation(self, i: int) -> dict:
         t0 = time.perf_counter()
+        device, gen = self.ctx.device, self.data.gen
+        bar = self.ctx.bar(self.data.local_n, f"{self.name}: generation")
         with self.ctx.timer("generation"):
-            d = self.generate(self.data.images.to(self.ctx.device), self.data.labels, self.data.gen, self.ctx.device)
-            d = d.clamp(-self.config.eps, self.config.eps)
-        self.store.begin_pass()
-        self.store.put(torch.arange(self.data.n), d)
+            self.begin(lambda: ((x, y) for _, x, y in self._chunks()), gen, device)
+            self.store.begin_pass()
+            for s, x, y in self._chunks():
+                d = self.rows(x.to(device), y, gen, device).clamp_(-self.config.eps, self.config.eps)
+                self.store.put(torch.arange(s, s + len(y)), d)
+                bar.update(len(y))
+        bar.close()
         return dict(train_s=0.0, poison_s=time.perf_counter() - t0)
+
+    def begin(self, chunks, gen: torch.Generator, device: torch.device) -> None:
+        """What every chunk shares; ``chunks()`` iterates (uint8 images, labels) over the whole set."""
+
+    def rows(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
+             device: torch.device) -> torch.Tensor:
+        """float perturbations [B, 3, H, W] (clipped to eps afterwards) of uint8 images [B, 3, H, W]
+        on ``device``, the set's next rows after :meth:`begin`."""
+        raise NotImplementedError
 
     def generate(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
                  device: torch.device) -> torch.Tensor:
-        """float perturbations [N, 3, H, W] (clipped to eps afterwards) for uint8 images on ``device``."""
-        raise NotImplementedError
+        """Every perturbation of ``images`` at once (:meth:`begin`, then :meth:`rows` of all of them)."""
+        self.shape = tuple(images.shape)
+        self.begin(lambda: [(images, labels)], gen, device)
+        return self.rows(images, labels, gen, device)

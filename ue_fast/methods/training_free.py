@@ -62,16 +62,32 @@ def ops_search(images: torch.Tensor, labels: torch.Tensor, num_classes: int, pix
     only: with v in {0, 1}, |v - x| is x or 1 - x, so mean and std over the class's
     images and channels follow from sum x and sum x^2 per pixel and channel.
     """
+    return ops_choose(*ops_moments(images, labels, num_classes), pixels)
+
+
+def ops_moments(images: torch.Tensor, labels: torch.Tensor, num_classes: int, moments=None):
+    """Per class the sums of x and x^2 per channel and pixel (float64 [C, 3, HW] each) and the
+    image counts (float64 [C]) of uint8 ``images`` [N, 3, H, W], added to ``moments`` (those
+    of earlier chunks of the same set; the sums run in the images' order, so chunks give the
+    sums of the whole set bit for bit)."""
     n, c, h, w = images.shape
-    hw = h * w
     x = images.flatten(2).float().div_(255)  # [N, 3, HW]
-    s1 = torch.zeros(num_classes, c, hw, dtype=torch.float64, device=x.device)
-    s2 = torch.zeros_like(s1)
+    if moments is None:
+        s1 = torch.zeros(num_classes, c, h * w, dtype=torch.float64, device=x.device)
+        moments = (s1, torch.zeros_like(s1), torch.zeros(num_classes, dtype=torch.float64, device=x.device))
+    s1, s2, cnt = moments
     s1.index_add_(0, labels, x.double())
     s2.index_add_(0, labels, x.double().square())
-    cnt = torch.bincount(labels, minlength=num_classes).double()[:, None, None]  # [C, 1, 1]
+    cnt += torch.bincount(labels, minlength=num_classes).double()
+    return moments
+
+
+def ops_choose(s1: torch.Tensor, s2: torch.Tensor, count: torch.Tensor, pixels: int = 1):
+    """:func:`ops_search`'s choice from the class moments of :func:`ops_moments`."""
+    num_classes, c, hw = s1.shape
+    cnt = count[:, None, None]  # [C, 1, 1]
     colours = torch.tensor([[(v >> 2) & 1, (v >> 1) & 1, v & 1] for v in range(8)], dtype=torch.float64,
-                           device=x.device)  # [8, 3]
+                           device=s1.device)  # [8, 3]
     vc = colours[:, None, :, None]  # [8, 1, 3, 1]
     # Per class, colour, channel, pixel: sum of |v - x| and of its square over the class's images.
     m1 = torch.where(vc > 0, cnt - s1[None], s1[None])  # [8, C, 3, HW]
@@ -81,9 +97,9 @@ def ops_search(images: torch.Tensor, labels: torch.Tensor, num_classes: int, pix
     var = (m2.sum(2, keepdim=True) / total - mean.square()).clamp_min(0)
     score = (mean / var.sqrt().clamp_min(1e-12)).squeeze(2)  # [8, C, HW]
     score = score.permute(1, 2, 0).reshape(num_classes, hw * 8)  # [C, HW * 8], index = p * 8 + v
-    taken = torch.zeros(hw * 8, dtype=torch.bool, device=x.device)
-    pos = torch.empty(num_classes, pixels, dtype=torch.long, device=x.device)
-    col = torch.empty(num_classes, pixels, 3, dtype=torch.float32, device=x.device)
+    taken = torch.zeros(hw * 8, dtype=torch.bool, device=s1.device)
+    pos = torch.empty(num_classes, pixels, dtype=torch.long, device=s1.device)
+    col = torch.empty(num_classes, pixels, 3, dtype=torch.float32, device=s1.device)
     for k in range(num_classes):  # classes in order: a (p, v) pair taken by one is barred for the next
         s = score[k].masked_fill(taken, -math.inf)
         best = s.topk(pixels).indices
@@ -98,13 +114,18 @@ class OPS(TrainingFreeMethod):
     name = "ops"
     config_class = OPSConfig
 
-    def generate(self, images, labels, gen, device):
+    def begin(self, chunks, gen, device):
+        moments = None
+        for images, labels in chunks():  # the class moments, chunk by chunk
+            moments = ops_moments(images.to(device), labels.to(device), self.num_classes, moments)
+        self.pos, self.col = ops_choose(*moments, self.config.pixels)
+
+    def rows(self, images, labels, gen, device):
         n, c, h, w = images.shape
-        pos, col = ops_search(images, labels, self.num_classes, self.config.pixels)
         x = images.flatten(2).float().div(255)  # [N, 3, HW]
         delta = torch.zeros_like(x)
-        p = pos[labels]  # [N, pixels]
-        target = col[labels].transpose(1, 2)  # [N, 3, pixels]
+        p = self.pos[labels]  # [N, pixels]
+        target = self.col[labels].transpose(1, 2)  # [N, 3, pixels]
         idx = p[:, None, :].expand(-1, c, -1)
         delta.scatter_(2, idx, target - x.gather(2, idx))
         return delta.view(n, c, h, w)
@@ -133,19 +154,26 @@ class LSP(TrainingFreeMethod):
     name = "lsp"
     config_class = LSPConfig
 
-    def generate(self, images, labels, gen, device):
-        n, c, h, w = images.shape
-        cfg = self.config
-        patch = cfg.patch or (8 if max(h, w) <= 64 else 32)
-        gh, gw = math.ceil(h / patch), math.ceil(w / patch)
+    def _grid(self, h: int, w: int) -> tuple[int, int, int]:
+        patch = self.config.patch or (8 if max(h, w) <= 64 else 32)
+        return patch, math.ceil(h / patch), math.ceil(w / patch)
+
+    def begin(self, chunks, gen, device):
+        _, c, h, w = self.shape
+        _, gh, gw = self._grid(h, w)
         dim = c * gh * gw
         # Distinct random hypercube vertices as class centres (distinct while 2^dim >= C).
         centres = torch.empty(0, dim)
         while len(centres) < self.num_classes:
             cand = torch.randint(0, 2, (self.num_classes, dim), generator=gen).float() * 2 - 1
             centres = torch.unique(torch.cat([centres, cand]), dim=0)
-        centres = centres[torch.randperm(len(centres), generator=gen)[: self.num_classes]] * cfg.class_sep
-        feats = centres[labels.cpu()] + torch.randn(n, dim, generator=gen)  # [N, dim]
+        self.centres = centres[torch.randperm(len(centres), generator=gen)[: self.num_classes]] * self.config.class_sep
+
+    def rows(self, images, labels, gen, device):
+        n, c, h, w = images.shape
+        cfg = self.config
+        patch, gh, gw = self._grid(h, w)
+        feats = self.centres[labels.cpu()] + torch.randn(n, c * gh * gw, generator=gen)  # [N, dim]
         grid = feats.view(n, c, gh, gw).to(device)
         noise = grid.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[:, :, :h, :w]  # [N, 3, H, W]
         norm = noise.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
@@ -220,9 +248,12 @@ class AR(TrainingFreeMethod):
                 return out
         raise RuntimeError(f"no stable AR process found in {self.config.max_tries} draws")
 
-    def generate(self, images, labels, gen, device):
+    def begin(self, chunks, gen, device):
+        self.weights = self._class_weights(gen).to(device)  # [C, 3, 8]
+
+    def rows(self, images, labels, gen, device):
         n, c, h, w = images.shape
-        weights = self._class_weights(gen).to(device)  # [C, 3, 8]
+        weights = self.weights
         start = torch.randn(n, c, h + 4, w + 4, generator=gen).to(device)
         chunk = max(1, 2 ** 22 // ((h + 4) * (w + 4) * c))  # bound the [chunk, 3, 8, P] gathers
         parts = []
