@@ -175,17 +175,25 @@ def _losses(out: Path) -> list[tuple[float, float]]:
     return [(h["train_loss"], h["poison_loss"]) for h in m["history"]]
 
 
-def test_torchrun_two_processes_end_to_end(tmp_path, src, single):
+@pytest.fixture(scope="module")
+def two(src, tmp_path_factory):
+    """2-process runs of FLAGS with --sync-bn, on the memory and the disk store (work folders kept)."""
+    runs = {}
+    for store in ("memory", "disk"):
+        out = tmp_path_factory.mktemp("two") / store
+        r = _cli(["protect", str(src), str(out), *FLAGS, "--sync-bn", "--store", store], nproc=2, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[store] = out
+    return runs
+
+
+def test_torchrun_two_processes_end_to_end(two, single):
     """torchrun with 2 processes, memory and disk stores: the two give the same result bit for
     bit, and one process's losses to the tolerance SGD leaves in float32: its steps agree to
     float tolerance (test above), which a few epochs of SGD amplify, as a change of thread
     count in one process does (see the README; in float64, the next test, they agree)."""
-    runs = {}
-    for store in ("memory", "disk"):
-        out = tmp_path / store
-        r = _cli(["protect", str(src), str(out), *FLAGS, "--sync-bn", "--store", store], nproc=2, check=False)
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs[store] = out
+    runs = two
+    for store, out in runs.items():
         m = json.loads((out / "manifest.json").read_text())
         assert m["distributed"] == {"world": 2, "backend": "gloo", "sync_bn": True}
         assert m["delta_store"]["on"] == ("cpu" if store == "memory" else "disk")
@@ -275,11 +283,13 @@ def test_torchrun_killed_and_resumed_gives_the_uninterrupted_result(tmp_path, sr
     assert _losses(out) == _losses(whole)
 
 
-def test_resume_needs_the_same_number_of_processes(tmp_path, src):
+def test_resume_needs_the_same_number_of_processes(tmp_path, src, two):
+    import shutil
+
     out = tmp_path / "o"
-    assert _cli(["protect", str(src), str(out), *FLAGS], nproc=2, check=False).returncode == 0
+    shutil.copytree(two["memory"], out)  # a 2-process run with its checkpoint
     (out / "manifest.json").unlink()  # as if interrupted before the end
-    r = _cli(["protect", str(src), str(out), *FLAGS, "--resume"], check=False)
+    r = _cli(["protect", str(src), str(out), *FLAGS, "--sync-bn", "--resume"], check=False)
     assert r.returncode != 0 and "2 process(es)" in r.stderr and "nproc_per_node" in r.stderr
 
 
@@ -304,7 +314,7 @@ dist.destroy_process_group()
 """
 
 
-def test_torchrun_with_arrays_and_the_disk_store(tmp_path, src):
+def test_torchrun_with_arrays_and_the_disk_store(tmp_path, src, two):
     """Arrays in (each process writes its own shard's images to disk): the same result, bit for bit,
     as the same images given as a folder, both with 2 processes."""
     script = tmp_path / "run.py"
@@ -314,9 +324,5 @@ def test_torchrun_with_arrays_and_the_disk_store(tmp_path, src):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script), str(src), str(tmp_path / "arrays")], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    folder = tmp_path / "folder"
-    r = _cli(["protect", str(src), str(folder), *[f for f in FLAGS if f != "--keep-checkpoint"], "--sync-bn",
-              "--store", "disk"], nproc=2, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
     assert np.array_equal(np.load(tmp_path / "arrays" / "perturbation_int8.npy"),
-                          np.load(folder / "perturbation_int8.npy"))
+                          np.load(two["disk"] / "perturbation_int8.npy"))
