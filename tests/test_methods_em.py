@@ -62,6 +62,23 @@ def test_em_classwise_one_perturbation_per_class(runs, src):
     assert int(d.abs().max()) > 0
 
 
+def test_em_classwise_writes_its_rows(runs, src):
+    """poison_classwise.pt: the [C, 3, H, W] rows, row c for class c; each image's 8-bit difference
+    is its class's row rounded, wherever its pixel clip did not bite. Sample-wise EM writes none."""
+    clean = read_image_folder(src, progress=False)
+    out, m = runs["em-classwise"]
+    rows = torch.load(out / "poison_classwise.pt", weights_only=True)
+    assert rows.dtype == torch.float32 and rows.shape == (len(clean.classes), 3, 32, 32)
+    assert float(rows.abs().max()) <= 8 / 255 + 1e-7 and float(rows.abs().max()) > 0
+    assert m["outputs"]["poison_classwise.pt"]["written"] is True
+    d = load_delta_npy(out / "perturbation_int8.npy").to(torch.float32)
+    x = clean.images.to(torch.int16)
+    free = (x >= 8) & (x <= 247)
+    gap = (d - rows[clean.labels] * 255).abs()
+    assert float(gap[free].max()) < 1 + 1e-4  # one rounding, down or up
+    assert not (runs["em"][0] / "poison_classwise.pt").exists() and "poison_classwise.pt" not in runs["em"][1]["outputs"]
+
+
 def test_em_defaults_and_validation(src, tmp_path):
     cfg = EMConfig()
     assert (cfg.pgd_steps, round(cfg.alpha * 255, 6), round(cfg.eps * 255, 6)) == (20, 0.8, 8)

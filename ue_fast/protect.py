@@ -9,6 +9,8 @@ Outputs in OUTPUT_DIR:
   protected = clean + poison, exactly, at 8 bits), when it fits the memory budget;
 - ``perturbation_int8.npy``: the same in units of 1/255, int8 (``perturbation_int16.npy``
   when the budget exceeds 127/255, as the one-pixel ``ops``'s does);
+- ``poison_classwise.pt`` (class-wise methods): float32 [C, 3, H, W] in [-eps, eps], row c
+  the perturbation of class c of the manifest's ``classes``;
 - ``manifest.json``: method, every setting, seed, versions, per-file L-inf, counts,
   time per stage, images per second, which outputs were written and why. It is
   written last: its presence marks a complete output.
@@ -316,6 +318,11 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         barrier()
         return _broadcast(None)
     out = _write_outputs(output_dir, data, result, eps, rounding, cfg.seed, cls.classwise, budget, progress)
+    if cls.classwise:  # the rows themselves too: the layout class-wise readers take
+        save_poison_pt(output_dir / "poison_classwise.pt", gen.store.all().cpu())
+        out["outputs"]["poison_classwise.pt"] = {
+            "written": True, "why": f"the {len(data.classes)} class-wise perturbations [C, 3, H, W], float32 in "
+            "[-eps, eps], row c for class c of `classes` (before each image's 8-bit rounding)"}
     if out["unchanged"]:
         warnings.warn(_unchanged_message(out["unchanged"], len(data), out["mean_abs_255"], method, cfg, rounding),
                       UnchangedImagesWarning, stacklevel=2)
