@@ -26,7 +26,7 @@ def shift_flip(x: torch.Tensor, u: torch.Tensor, max_shift: float) -> torch.Tens
     Pixels from outside are the CIFAR-10 mean colour.
     """
     b, c, h, w = x.shape
-    dt = widened(x[:0]).dtype  # float64 stays float64 (the grid is float32 otherwise)
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # the grid's (float32 under bf16)
     u = u.to(device=x.device, dtype=dt)
     # affine_grid works in [-1, 1] with align_corners=True: one pixel is 2 / (size - 1).
     tx = (2 * u[:, 0] - 1) * max_shift * 2 / max(w - 1, 1)
