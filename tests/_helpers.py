@@ -1,7 +1,9 @@
 """Shared helpers of the tests: op assertions, small real image folders."""
+import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from conftest import TOL
@@ -93,3 +95,22 @@ def protect_killed_after_checkpoint(monkeypatch, src, out: Path, die_at: int = 1
             ue_fast.protect(src, out, **settings)
     finally:
         monkeypatch.setattr(runner, "save_checkpoint", real)
+
+
+def write_cifar10(root, images, labels, classes, test_n=20):
+    """CIFAR-10's python distribution as torchvision downloads it: five pickled training batches
+    (dicts of 'data' uint8 [n, 3072] in R, G, B planes, 'labels', 'filenames', 'batch_label'),
+    'test_batch' and 'batches.meta'; protocol 2, as the original Python 2 files."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    x = images.reshape(len(images), -1)
+    for i, idx in enumerate(np.array_split(np.arange(len(images)), 5), 1):
+        with open(d / f"data_batch_{i}", "wb") as f:
+            pickle.dump({"batch_label": f"training batch {i} of 5", "labels": labels[idx].tolist(), "data": x[idx],
+                         "filenames": [f"img_{j}.png" for j in idx]}, f, protocol=2)
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump({"batch_label": "testing batch 1 of 1", "labels": labels[:test_n].tolist(), "data": x[:test_n],
+                     "filenames": []}, f, protocol=2)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(classes), "num_cases_per_batch": 10000, "num_vis": 3072}, f, protocol=2)
+    return d

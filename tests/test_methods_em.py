@@ -63,19 +63,20 @@ def test_em_classwise_one_perturbation_per_class(runs, src):
 
 
 def test_em_classwise_writes_its_rows(runs, src):
-    """poison_classwise.pt: the [C, 3, H, W] rows, row c for class c; each image's 8-bit difference
-    is its class's row rounded, wherever its pixel clip did not bite. Sample-wise EM writes none."""
+    """poison_classwise.pt: the [C, 3, H, W] rows in whole grey levels, row c for class c, such that
+    every protected image is exactly clip(clean + row of its class), the way class-wise readers (the
+    MI-UE and EM evaluation code) rebuild it. Sample-wise EM writes none."""
     clean = read_image_folder(src, progress=False)
     out, m = runs["em-classwise"]
     rows = torch.load(out / "poison_classwise.pt", weights_only=True)
     assert rows.dtype == torch.float32 and rows.shape == (len(clean.classes), 3, 32, 32)
     assert float(rows.abs().max()) <= 8 / 255 + 1e-7 and float(rows.abs().max()) > 0
     assert m["outputs"]["poison_classwise.pt"]["written"] is True
-    d = load_delta_npy(out / "perturbation_int8.npy").to(torch.float32)
-    x = clean.images.to(torch.int16)
-    free = (x >= 8) & (x <= 247)
-    gap = (d - rows[clean.labels] * 255).abs()
-    assert float(gap[free].max()) < 1 + 1e-4  # one rounding, down or up
+    levels = rows * 255
+    assert torch.equal(levels, levels.round())
+    d = load_delta_npy(out / "perturbation_int8.npy").to(torch.int16)
+    rebuilt = (clean.images.to(torch.int16) + levels.round().to(torch.int16)[clean.labels]).clamp(0, 255)
+    assert torch.equal(clean.images.to(torch.int16) + d, rebuilt)
     assert not (runs["em"][0] / "poison_classwise.pt").exists() and "poison_classwise.pt" not in runs["em"][1]["outputs"]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .data.apbench import APBENCH_DATASETS, APBENCH_TYPES
 from .evaluate.defenses import DEFENSES
 from .generation import COMPILE_MODES, DELTA_DTYPES
 from .generation.store import STORES, parse_size
@@ -115,7 +116,8 @@ def _cmd_protect(args) -> int:
                            keep_checkpoint=args.keep_checkpoint, compile=args.compile or False, sparse=args.sparse,
                            rounding=args.rounding, preset=args.preset, delta_dtype=args.delta_dtype,
                            store=args.store, memory_budget=args.memory_budget, workers=args.workers,
-                           sync_bn=args.sync_bn, float64=args.float64, **_settings(args))
+                           sync_bn=args.sync_bn, float64=args.float64, order=args.order, split=args.split,
+                           **_settings(args))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Leave the group before exiting: a process that exits inside it may abort in gloo's threads.
         torch.distributed.barrier()
@@ -134,8 +136,13 @@ def _cmd_evaluate(args) -> int:
 
     r = evaluate(args.train, args.test, arch=args.arch, epochs=args.epochs, defense=args.defense,
                  adv_eps=args.adv_eps, batch_size=args.batch_size, device=args.device, seed=args.seed,
-                 resize=args.resize, mi=args.mi, clean=args.clean, out=args.out, progress=not args.no_progress)
+                 resize=args.resize, mi=args.mi, clean=args.clean, order=args.order, out=args.out,
+                 progress=not args.no_progress)
     s = r["settings"]
+    src = r.get("train_source") or {}
+    if src.get("format") in ("apbench", "tensor"):
+        print(f"read {src['path']} ({src['layout']}) against the clean base set {src['base']['path']}: "
+              f"{r['num_train']} images, max |protected - clean| {src['linf_255']}/255")
     print(f"victim {s['arch']} trained {s['epochs']} epochs on {r['num_train']} images of {r['train']} "
           f"(defense: {s['defense']}); clean test accuracy on {r['num_test']} images: "
           f"best {100 * r['best']:.2f}%, last {100 * r['last']:.2f}%")
@@ -157,12 +164,17 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_export_apbench(args) -> int:
-    from .data.apbench import export_apbench
+    from .data.apbench import APBenchExportWarning, export_apbench
 
-    out = export_apbench(args.protected_dir, args.root, method=args.method, dataset=args.dataset, order=args.order,
-                         overwrite=args.overwrite)
-    print(f"wrote {len(list(out.glob('*.png')))} PNGs named by data-set index to {out} "
-          f"(index -> source and label: {out.parent / 'index.json'})")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", APBenchExportWarning)
+        out = export_apbench(args.protected_dir, args.root, poison_type=args.type, dataset=args.dataset,
+                             order=args.order, allow_folder_order=args.allow_folder_order, overwrite=args.overwrite)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    n = sum(1 for _ in out.rglob("*.png"))
+    where = out.parent / "index.json" if out.name == "data" else out / "index.json"
+    print(f"wrote {n} PNGs named by data-set index to {out} (index -> source and label: {where})")
     return 0
 
 
@@ -225,8 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Protect INPUT_DIR (class sub-folders of images) into OUTPUT_DIR: a PNG "
                         "copy of the tree with bounded perturbations, perturbation_int8.npy, poison.pt (when it fits the "
                         "memory budget) and manifest.json. Defaults are each method's published CIFAR-10 settings.")
-    pr.add_argument("input_dir", type=Path)
+    pr.add_argument("input_dir", type=Path, help="a folder of class sub-folders of images, or a data set in its "
+                    "authors' distribution, read in its own index order: cifar-10-batches-py/, "
+                    "cifar-100-python/, an SVHN .mat, a .npz with x (uint8 NHWC) and y")
     pr.add_argument("output_dir", type=Path)
+    pr.add_argument("--order", type=Path, default=None, metavar="FILE",
+                    help="for a folder input: a text file listing its images' relative paths, one per line, in "
+                    "the data set's order (e.g. CIFAR-10's index order); every output follows it")
+    pr.add_argument("--split", default="train", choices=["train", "test", "extra"],
+                    help="which split of a CIFAR or SVHN distribution to protect (default train)")
     pr.add_argument("--method", default="miue", choices=sorted(METHODS))
     pr.add_argument("--arch", default=None, choices=ARCHS, help="surrogate network (default: the method's, resnet18)")
     pr.add_argument("--eps", type=float, default=None,
@@ -290,8 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train a victim on TRAIN with the standard recipe (SGD 0.1, momentum 0.9, "
                         "weight decay 5e-4, crop + flip, cosine schedule, batch 128), optionally under a "
                         "defence, and report clean test accuracy after every epoch (JSON + PNG curves).")
-    ev.add_argument("--train", type=Path, required=True, help="training folder (class sub-folders), e.g. protected")
-    ev.add_argument("--test", type=Path, required=True, help="clean test folder with the same classes")
+    ev.add_argument("--train", type=Path, required=True,
+                    help="training set: a folder of class sub-folders (e.g. a protect output), a data set "
+                    "(cifar-10-batches-py/, ...), or another tool's poisons against --clean: an APBench poison "
+                    "folder (<type>_poisons/<dataset>/data/<index>.png) or a poison.pt/.npy tensor (sample-wise "
+                    "[N,3,H,W] or class-wise [C,3,H,W])")
+    ev.add_argument("--test", type=Path, required=True,
+                    help="clean test set with the same classes: a folder, or a data set (its test split)")
     ev.add_argument("--arch", default="resnet18", choices=ARCHS, help="victim network (default resnet18)")
     ev.add_argument("--epochs", type=_positive_int, default=40, help="training epochs (default 40)")
     ev.add_argument("--defense", default="none", choices=DEFENSES, help="defence during training (default none)")
@@ -303,7 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mi", action="store_true", help="also report the MI gap and feature statistics "
                     "(trains a second victim on the clean counterparts)")
     ev.add_argument("--clean", type=Path, default=None,
-                    help="clean counterparts of --train for --mi (default: the input named in its manifest.json)")
+                    help="the clean base set, in its own order, of another tool's poisons (required for them): a "
+                    "data set such as cifar-10-batches-py/, or a folder with --order; for --mi, the clean "
+                    "counterparts of --train (default: the input named in its manifest.json)")
+    ev.add_argument("--order", type=Path, default=None, metavar="FILE",
+                    help="order file of a --clean image folder: its relative paths, one per line, in index order")
     ev.add_argument("--out", type=Path, default=None, help="results JSON (the curves go beside it as .png)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
@@ -314,13 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_plot)
 
     ex = sub.add_parser("export-apbench", help="copy a protected folder into APBench's layout",
-                        description="Write PROTECTED_DIR's PNGs as ROOT/<method>_poisons/<dataset>/data/<index>.png "
-                        "for APBench's train.py; the index is the manifest's order unless --order is given.")
+                        description="Write PROTECTED_DIR's PNGs as ROOT/<type>_poisons/<dataset>/data/<index>.png "
+                        "(imagenet100: ROOT/<type>_poisons/imagenet100/<class>/<index>.png) for APBench's train.py, "
+                        "ROOT being the dataset/ folder it reads. The index is the data set's order recorded in the "
+                        "manifest (a CIFAR/SVHN distribution's own, or protect --order's); a folder protected in "
+                        "its sorted order needs --order or --allow-folder-order.")
     ex.add_argument("protected_dir", type=Path)
     ex.add_argument("root", type=Path, help="APBench's dataset folder")
-    ex.add_argument("--method", default=None, help="method name in the folder name (default: the manifest's)")
-    ex.add_argument("--dataset", default="c10", help="APBench data-set key (default c10)")
+    ex.add_argument("--type", default=None, metavar="NAME",
+                    help="poison type in the folder name (default: the method's name); APBench's train.py "
+                    f"accepts only {', '.join(APBENCH_TYPES)} (a warning says so otherwise)")
+    ex.add_argument("--method", dest="type", default=None, help=argparse.SUPPRESS)  # the flag's former name
+    ex.add_argument("--dataset", default="c10", choices=list(APBENCH_DATASETS), help="APBench data-set key "
+                    "(default c10)")
     ex.add_argument("--order", type=Path, default=None, help="text file: the source paths in the data set's order")
+    ex.add_argument("--allow-folder-order", action="store_true",
+                    help="export a folder protected in its sorted order as if that were the data set's order")
     ex.add_argument("--overwrite", action="store_true")
     ex.set_defaults(func=_cmd_export_apbench)
 

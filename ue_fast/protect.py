@@ -1,16 +1,23 @@
-"""``protect``: read an image folder, generate the perturbations, write the protected copy.
+"""``protect``: read an image folder or data set, generate the perturbations, write the protected copy.
+
+The data set's order: a folder's images sorted (class folders, then files), or the
+order of its ``order`` file; a CIFAR/SVHN distribution's or an array's own index order.
+Every output below and the manifest's ``files`` follow it (``dataset`` in the manifest
+says which it is).
 
 Outputs in OUTPUT_DIR:
 
 - the input tree mirrored as PNG (``cat/0001.jpg`` -> ``cat/0001.png``; a JPEG could
-  not hold an 8-bit perturbation), every pixel within eps of its input;
-- ``poison.pt``: float32 perturbations [N, 3, H, W] in [-eps, eps], in the order of
-  the manifest's ``files`` (the layout the MI-UE and EM evaluation scripts read:
+  not hold an 8-bit perturbation), every pixel within eps of its input; a data set read
+  from arrays is written as ``<class>/<index>.png``;
+- ``poison.pt``: float32 perturbations [N, 3, H, W] in [-eps, eps], row i for image i of
+  the data set's order (the layout the MI-UE and EM evaluation scripts read:
   protected = clean + poison, exactly, at 8 bits), when it fits the memory budget;
 - ``perturbation_int8.npy``: the same in units of 1/255, int8 (``perturbation_int16.npy``
   when the budget exceeds 127/255, as the one-pixel ``ops``'s does);
 - ``poison_classwise.pt`` (class-wise methods): float32 [C, 3, H, W] in [-eps, eps], row c
-  the perturbation of class c of the manifest's ``classes``;
+  the perturbation of class c of the manifest's ``classes`` in whole grey levels (rounded
+  once per class), so that ``clip(clean + row of its class)`` is each PNG, exactly;
 - ``manifest.json``: method, every setting, seed, versions, per-file L-inf, counts,
   time per stage, images per second, which outputs were written and why. It is
   written last: its presence marks a complete output.
@@ -46,7 +53,8 @@ import torch
 from . import __version__
 from .data import ImageSet, images_from_arrays, write_image_folder
 from .data.exports import read_json, save_poison_pt, write_json_atomic
-from .data.folders import output_paths, scan_image_folder
+from .data.canonical import detect, load_dataset
+from .data.folders import ordered_listing, output_paths
 from .data.ingest import ingest_folder
 from .generation import COMPILE_MODES, Runner
 from .generation.distributed import from_env
@@ -148,16 +156,31 @@ class _Rounder:
             self.shared_u = torch.rand((int(shared.max()) + 1, *row_shape), generator=self.gen)
 
     def __call__(self, clean, delta, eps_255: float, shared=None) -> torch.Tensor:
+        u = None
+        if self.rounding == "stochastic":
+            u = torch.rand(delta.shape, generator=self.gen) if self.shared_u is None else self.shared_u[shared]
+        c = clean.to(torch.int16)
+        return (c + self._levels(delta, u, eps_255)).clamp_(0, 255).to(torch.uint8)
+
+    def class_levels(self, rows: torch.Tensor, eps_255: float) -> torch.Tensor:
+        """int16 [C, 3, H, W]: the grey levels every image of class c gets (before clipping to
+        [0, 255]) from the class-wise perturbations ``rows`` (rounding made with ``shared``)."""
+        u = None
+        if self.rounding == "stochastic":
+            u = torch.full(rows.shape, 0.5)  # a class without images: rounded to nearest
+            k = min(rows.shape[0], self.shared_u.shape[0])
+            u[:k] = self.shared_u[:k]
+        return self._levels(rows, u, eps_255)
+
+    def _levels(self, delta, u, eps_255: float) -> torch.Tensor:
         v = delta.float() * 255  # [B, 3, H, W], grey levels
-        if self.rounding == "nearest":
+        if u is None:
             q = torch.round(v)
         else:
             near = torch.round(v)
-            u = torch.rand(v.shape, generator=self.gen) if self.shared_u is None else self.shared_u[shared]
             q = torch.where((v - near).abs() <= 0.01, near, torch.floor(v + u))
         lim = math.floor(eps_255 + 1e-6)
-        c = clean.to(torch.int16)
-        return (c + q.clamp_(-lim, lim).to(torch.int16)).clamp_(0, 255).to(torch.uint8)
+        return q.clamp_(-lim, lim).to(torch.int16)
 
 
 def protect(source, output_dir, *, method: str = "miue", eps: float | None = None, epochs: int | None = None,
@@ -168,12 +191,20 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             keep_checkpoint: bool = False, compile: bool | str = False, sparse: float | None = None,
             rounding: str = "stochastic", preset: str | None = None, delta_dtype: str = "auto",
             store: str = "auto", memory_budget=None, workers: int | None = None, sync_bn: bool = False,
-            float64: bool = False, **settings) -> dict:
+            float64: bool = False, order=None, split: str = "train", **settings) -> dict:
     """Protect an image folder (or arrays) with ``method``; write the outputs; return the manifest.
 
     Args:
-        source: a folder of class sub-folders of images, or a tuple ``(images, labels)``
-            or ``(images, labels, classes)`` of arrays (see ``ue_fast.data.images_from_arrays``).
+        source: a folder of class sub-folders of images; a data set in its authors'
+            distribution, read in its own index order (``cifar-10-batches-py/``,
+            ``cifar-100-python/``, an SVHN ``.mat``, a ``.npz`` with ``x`` and ``y``: see
+            ``ue_fast.data.canonical``); or a tuple ``(images, labels)`` or ``(images, labels,
+            classes)`` of arrays (see ``ue_fast.data.images_from_arrays``). Every output
+            (``poison.pt``, the ``.npy``, the manifest's ``files``) follows the data set's order.
+        order: for a folder source, a text file (or list) of its images' relative paths, one
+            per line: the data set's order, used for every output instead of the sorted one.
+        split: which split of a CIFAR or SVHN distribution to protect ("train", "test",
+            "extra" for SVHN); a single ``.mat``/``.npz`` file is its own split.
         output_dir: where the protected copy goes; must be empty unless ``overwrite``
             (which deletes it first) or ``resume``, and then must be an earlier ue_fast
             output (its manifest.json or work folder present): anything else is refused.
@@ -242,6 +273,13 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     budget = parse_size(memory_budget) if memory_budget is not None else None
     output_dir = Path(output_dir)
     input_dir = None if isinstance(source, (tuple, list)) else Path(source)
+    fmt = detect(input_dir) if input_dir is not None else None
+    if order is not None and (input_dir is None or fmt is not None):
+        raise ValueError("order applies to an image-folder source; "
+                         + ("arrays are in their own order already" if input_dir is None else
+                            f"{input_dir} is a {fmt} data set, read in its own index order"))
+    if fmt is not None and resize is not None:
+        raise ValueError(f"resize applies to image folders; {input_dir} is a {fmt} data set, kept at its size")
     dist, dist_device = from_env(device)
     main = dist is None or dist.main
     if main:
@@ -269,8 +307,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         gen = Sparse(gen, sparse)
     eps = round(cfg.eps * 255, 6)
 
-    if input_dir is not None:
-        scan_image_folder(input_dir)  # a bad input fails here, before an output is replaced
+    if input_dir is not None and fmt is None:
+        ordered_listing(input_dir, order)  # a bad input (or order) fails here, before an output is replaced
     work = output_dir / CHECKPOINT_DIR
     ckpt = work / "checkpoint.pt"
     created = False
@@ -288,13 +326,15 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     ingest: dict = {}
     if input_dir is None:
         data: ImageSet = images_from_arrays(*source)
+    elif fmt is not None:  # a distribution's arrays: small, read by every process
+        data = load_dataset(input_dir, split, fmt)
     elif not main:  # rank 0 ingests; the others open its array
         barrier()
-        data = ingest_folder(input_dir, work, resize=resize, progress=False, skip_bad=skip_bad)
+        data = ingest_folder(input_dir, work, resize=resize, progress=False, skip_bad=skip_bad, order=order)
     else:
         try:
             data = ingest_folder(input_dir, work, resize=resize, skip_bad=skip_bad, workers=workers,
-                                 progress=progress, stats=ingest)
+                                 progress=progress, stats=ingest, order=order)
         except BaseException:
             if not ckpt.exists():  # nothing to resume: leave no half-read array behind
                 shutil.rmtree(work, ignore_errors=True)
@@ -317,12 +357,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             result.read(a, min(len(data), a + _output_step(data.images.shape[1:])))
         barrier()
         return _broadcast(None)
-    out = _write_outputs(output_dir, data, result, eps, rounding, cfg.seed, cls.classwise, budget, progress)
-    if cls.classwise:  # the rows themselves too: the layout class-wise readers take
-        save_poison_pt(output_dir / "poison_classwise.pt", gen.store.all().cpu())
-        out["outputs"]["poison_classwise.pt"] = {
-            "written": True, "why": f"the {len(data.classes)} class-wise perturbations [C, 3, H, W], float32 in "
-            "[-eps, eps], row c for class c of `classes` (before each image's 8-bit rounding)"}
+    out = _write_outputs(output_dir, data, result, eps, rounding, cfg.seed,
+                         gen.store.all().cpu() if cls.classwise else None, budget, progress)
     if out["unchanged"]:
         warnings.warn(_unchanged_message(out["unchanged"], len(data), out["mean_abs_255"], method, cfg, rounding),
                       UnchangedImagesWarning, stacklevel=2)
@@ -342,6 +378,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         "versions": _versions(),
         "input": str(input_dir) if input_dir is not None else "arrays",
         "input_abs": str(input_dir.resolve()) if input_dir is not None else None,
+        "dataset": data.origin or {"format": "arrays", "order": "index"},
         "output": str(output_dir),
         "num_images": len(data),
         "image_size": list(data.images.shape[2:]),
@@ -361,8 +398,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         "float64": float64,
         "perturbation_npy": npy_name,
         "outputs": out["outputs"],
-        "files": [{"source": p, "output": w, "label": int(y), "linf_255": int(l)}
-                  for p, w, y, l in zip(data.paths, written, data.labels.tolist(), linf.tolist())],
+        "files": [{"index": i, "source": p, "output": w, "label": int(y), "linf_255": int(l)}
+                  for i, (p, w, y, l) in enumerate(zip(data.paths, written, data.labels.tolist(), linf.tolist()))],
         "history": result.history,
         "resumed_from_epoch": result.resumed_from,
         "timings_s": timings,
@@ -405,10 +442,12 @@ def _budget_default():
 
 
 def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding: str, seed: int,
-                   classwise: bool, budget, progress: bool) -> dict:
-    """The PNG tree, the perturbation .npy and (when it fits the memory budget) poison.pt,
+                   class_rows: torch.Tensor | None, budget, progress: bool) -> dict:
+    """The PNG tree, the perturbation .npy, (when it fits the memory budget) poison.pt, and for a
+    class-wise method (``class_rows``: its [C, 3, H, W] perturbations) poison_classwise.pt,
     written by chunks of rows: memory stays bounded whatever N. Returns the statistics the
     manifest reports."""
+    classwise = class_rows is not None
     n, shape = len(data), tuple(data.images.shape[1:])
     row_elems = math.prod(shape)
     lim = math.floor(eps + 1e-6)
@@ -461,6 +500,13 @@ def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, roundin
     outputs = {"images": {"written": True, "why": f"{n} PNG files mirroring the input tree"},
                npy_name: {"written": True, "why": "the perturbations in 1/255, a .npy (np.load(mmap_mode='r'))"},
                "poison.pt": pt_note}
+    if classwise:  # the layout class-wise readers take: clean image + row of its class = its PNG
+        levels = rounder.class_levels(class_rows, eps)
+        save_poison_pt(output_dir / "poison_classwise.pt", levels.float() / 255)
+        outputs["poison_classwise.pt"] = {
+            "written": True, "why": f"the {len(data.classes)} class-wise perturbations [C, 3, H, W], float32 in "
+            "[-eps, eps], row c for class c of `classes`, in whole grey levels: clip(clean + row of its class) "
+            "is each PNG"}
     unchanged = int((linf == 0).sum())
     return dict(linf=linf, written=outs, npy_name=npy_name, unchanged=unchanged, outputs=outputs,
                 mean_abs_255=abs_sum / (n * row_elems) * 255, changed_fraction=changed / (n * row_elems))

@@ -40,6 +40,9 @@ class ImageSet:
     skipped: {"path": ..., "reason": ...} for each unreadable file skipped with skip_bad
     file:    a uint8 ``.npy`` [N, 3, H, W] holding ``images`` (an ingested folder, whose
              ``images`` is then a memory map of it), or None
+    origin:  where index i comes from: {"format": "image-folder", "order": "sorted" or
+             "order-file", ...} for a folder, {"format": "cifar10", "order": "index", ...} for
+             a data set read in its own order (``ue_fast.data.canonical``); None for arrays
     """
 
     images: torch.Tensor
@@ -48,6 +51,7 @@ class ImageSet:
     paths: list[str]
     skipped: list[dict] = field(default_factory=list)
     file: Path | None = None
+    origin: dict | None = None
 
     def __post_init__(self):
         im, lb = self.images, self.labels
@@ -194,15 +198,59 @@ def scan_image_folder(root) -> tuple[list[str], list[list[str]]]:
     return classes, files
 
 
+def read_order(order) -> list[str]:
+    """The paths of an order file (one POSIX path relative to the folder per line; blank
+    lines ignored), or of a list given directly."""
+    if isinstance(order, (list, tuple)):
+        return [str(p) for p in order]
+    path = Path(order)
+    if not path.is_file():
+        raise FileNotFoundError(f"order file not found: {path}")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def ordered_listing(root, order=None) -> tuple[list[str], list[str], list[int]]:
+    """(classes, relative paths, labels) of the image folder ``root`` in the data set's order.
+
+    Without ``order``: classes sorted, then paths sorted within each (what
+    :func:`scan_image_folder` lists). With ``order`` (a file or a list of relative paths,
+    see :func:`read_order`): exactly those paths in that order, which must name every image
+    of the folder once; labels still come from the class folders.
+    """
+    classes, files = scan_image_folder(root)
+    rels = [r for f in files for r in f]
+    label_of = {r: i for i, f in enumerate(files) for r in f}
+    if order is None:
+        return classes, rels, [label_of[r] for r in rels]
+    paths = read_order(order)
+    unknown = [p for p in paths if p not in label_of]
+    if unknown:
+        raise ValueError(f"{len(unknown)} path(s) of the order are not images of {root} (e.g. {unknown[0]!r}); "
+                         "paths are relative to the folder, e.g. 'cat/0001.jpg'")
+    seen, dup = set(), []
+    for p in paths:
+        if p in seen:
+            dup.append(p)
+        seen.add(p)
+    if dup:
+        raise ValueError(f"{len(dup)} path(s) appear more than once in the order (e.g. {dup[0]!r})")
+    if len(paths) != len(rels):
+        missing = [r for r in rels if r not in seen]
+        raise ValueError(f"the order lists {len(paths)} of the {len(rels)} images of {root}; it must list every "
+                         f"one (e.g. missing {missing[0]!r})")
+    return classes, paths, [label_of[p] for p in paths]
+
+
 def read_image_folder(root, *, resize: int | tuple[int, int] | None = None, skip_bad: bool = False,
-                      progress: bool = True) -> ImageSet:
+                      progress: bool = True, order=None) -> ImageSet:
     """Read ``root/<class>/<files>`` into an :class:`ImageSet`.
 
     Each immediate, non-hidden sub-folder of ``root`` is a class; its image files
     (extensions in ``IMAGE_EXTENSIONS``, any case) are found recursively and keep
     their relative path. Files directly in ``root``, hidden files and folders, and
     other extensions are ignored. Classes are sorted by name (label i = classes[i]);
-    images are ordered by class, then by relative path.
+    images are ordered by class, then by relative path, unless ``order`` (an order file or
+    a list, see :func:`ordered_listing`) gives the data set's own order.
 
     Every image is converted to RGB (alpha composited onto black, see ``_to_rgb``)
     with its EXIF orientation applied. All images must share one size unless
@@ -221,47 +269,59 @@ def read_image_folder(root, *, resize: int | tuple[int, int] | None = None, skip
     """
     size = _check_resize(resize)
     root = Path(root)
-    classes, files = scan_image_folder(root)
-    n = sum(len(f) for f in files)
+    classes, rels, rel_labels = ordered_listing(root, order)
+    n = len(rels)
 
     images = None  # [N, 3, H, W] uint8, allocated once the first image gives H and W
     labels, paths, skipped = [], [], []
     first = None  # (path, (H, W)) of the first image, named in size errors
     with _progress(n, "reading images", "img", enabled=progress) as bar:
-        for label, rels in enumerate(files):
-            for rel in rels:
-                bar.update(1)
-                try:
-                    arr = _load_rgb(root / rel, size)
-                except MemoryError:
-                    raise
-                except Exception as e:  # any decoder failure means "unreadable file"
-                    if not skip_bad:
-                        raise ValueError(f"cannot read image {root / rel}: {_decode_error(e)} "
-                                         "(pass skip_bad=True / --skip-bad to skip unreadable files)") from e
-                    skipped.append({"path": rel, "reason": _decode_error(e)})
-                    continue
-                hw = arr.shape[:2]
-                if images is None:
-                    first = (rel, hw)
-                    images = torch.empty((n, 3, *hw), dtype=torch.uint8)
-                elif hw != first[1]:
-                    raise ValueError(
-                        f"images of different sizes in {root}: {first[0]} is {first[1][0]}x{first[1][1]} "
-                        f"but {rel} is {hw[0]}x{hw[1]} (HxW); pass resize=(H, W) (--resize) to resize all")
-                images[len(paths)] = torch.from_numpy(arr).permute(2, 0, 1)
-                labels.append(label)
-                paths.append(rel)
+        for label, rel in zip(rel_labels, rels):
+            bar.update(1)
+            try:
+                arr = _load_rgb(root / rel, size)
+            except MemoryError:
+                raise
+            except Exception as e:  # any decoder failure means "unreadable file"
+                if not skip_bad:
+                    raise ValueError(f"cannot read image {root / rel}: {_decode_error(e)} "
+                                     "(pass skip_bad=True / --skip-bad to skip unreadable files)") from e
+                skipped.append({"path": rel, "reason": _decode_error(e)})
+                continue
+            hw = arr.shape[:2]
+            if images is None:
+                first = (rel, hw)
+                images = torch.empty((n, 3, *hw), dtype=torch.uint8)
+            elif hw != first[1]:
+                raise ValueError(
+                    f"images of different sizes in {root}: {first[0]} is {first[1][0]}x{first[1][1]} "
+                    f"but {rel} is {hw[0]}x{hw[1]} (HxW); pass resize=(H, W) (--resize) to resize all")
+            images[len(paths)] = torch.from_numpy(arr).permute(2, 0, 1)
+            labels.append(label)
+            paths.append(rel)
     if images is None:
         raise ValueError(f"no readable images in {root}: all {n} files failed to decode "
                          f"(first: {skipped[0]['path']}: {skipped[0]['reason']})")
+    if skipped and order is not None:
+        raise ValueError(f"{len(skipped)} image(s) of {root} could not be read (first: {skipped[0]['path']}: "
+                         f"{skipped[0]['reason']}); with an order file every index must hold its image, so "
+                         "none can be skipped: fix or replace them")
     if skipped:
         kept = set(labels)
         gone = [c for i, c in enumerate(classes) if i not in kept]
         if gone:
             raise ValueError(f"no readable images left in class folder(s) {', '.join(gone)} of {root}")
         images = images[: len(paths)]
-    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes, paths, skipped)
+    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes, paths, skipped,
+                    origin=folder_origin(root, order))
+
+
+def folder_origin(root, order) -> dict:
+    """``ImageSet.origin`` of an image folder read in sorted order or in an order file's."""
+    out = {"format": "image-folder", "order": "sorted" if order is None else "order-file", "path": str(root)}
+    if order is not None and not isinstance(order, (list, tuple)):
+        out["order_file"] = str(order)
+    return out
 
 
 # ----------------------------------------------------------------------------- arrays

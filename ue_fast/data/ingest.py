@@ -29,7 +29,7 @@ import torch
 
 from ..progress import progress as _progress
 from .exports import write_json_atomic
-from .folders import ImageSet, _check_resize, _decode_error, _load_rgb, scan_image_folder
+from .folders import ImageSet, _check_resize, _decode_error, _load_rgb, folder_origin, ordered_listing
 
 IMAGES_FILE, INDEX_FILE = "images.npy", "images.json"
 CHUNK = 64  # images per task: large enough to amortise the inter-process call
@@ -92,7 +92,7 @@ def _load_index(work_dir: Path, signature: str):
     return meta
 
 
-def _image_set(work_dir: Path, meta: dict) -> ImageSet:
+def _image_set(work_dir: Path, meta: dict, origin: dict) -> ImageSet:
     arr = np.load(work_dir / IMAGES_FILE, mmap_mode="r")
     if list(arr.shape) != meta["shape"] or arr.dtype != np.uint8:
         raise ValueError(f"{work_dir / IMAGES_FILE} does not match {work_dir / INDEX_FILE}: ingest anew")
@@ -102,15 +102,17 @@ def _image_set(work_dir: Path, meta: dict) -> ImageSet:
         warnings.simplefilter("ignore", UserWarning)
         images = torch.from_numpy(arr)
     return ImageSet(images, torch.tensor(meta["labels"], dtype=torch.int64), meta["classes"], meta["paths"],
-                    meta["skipped"], file=work_dir / IMAGES_FILE)
+                    meta["skipped"], file=work_dir / IMAGES_FILE, origin=origin)
 
 
 def ingest_folder(root, work_dir, *, resize=None, skip_bad: bool = False, workers: int | None = None,
-                  progress: bool = True, stats: dict | None = None) -> ImageSet:
+                  progress: bool = True, stats: dict | None = None, order=None) -> ImageSet:
     """Decode ``root`` into ``work_dir/images.npy`` (or reuse a complete earlier ingest of the
     same unchanged folder) and return its :class:`ImageSet` (see the module docstring).
 
-    ``workers``: decoding processes (default :func:`default_workers`; 1 decodes in this
+    ``order``: an order file (or list) of the folder's relative paths, the data set's own
+    order (see :func:`~ue_fast.data.folders.ordered_listing`); default: classes sorted, then
+    paths. ``workers``: decoding processes (default :func:`default_workers`; 1 decodes in this
     process). ``stats``, if given, receives ``images``, ``seconds``, ``images_per_s``,
     ``workers`` and ``reused``. Raises what :func:`read_image_folder` raises.
     """
@@ -120,17 +122,16 @@ def ingest_folder(root, work_dir, *, resize=None, skip_bad: bool = False, worker
     workers = workers or default_workers()
     root, work_dir = Path(root), Path(work_dir)
     t0 = time.perf_counter()
-    classes, files = scan_image_folder(root)
-    rels = [r for f in files for r in f]
-    label_of = [i for i, f in enumerate(files) for _ in f]
+    classes, rels, label_of = ordered_listing(root, order)
     n = len(rels)
+    origin = folder_origin(root, order)
     signature = _signature(root, rels, size)
     meta = _load_index(work_dir, signature)
     if meta is not None:
         if stats is not None:
             stats.update(images=len(meta["paths"]), seconds=time.perf_counter() - t0, images_per_s=None,
                          workers=0, reused=True)
-        return _image_set(work_dir, meta)
+        return _image_set(work_dir, meta, origin)
 
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / INDEX_FILE).unlink(missing_ok=True)
@@ -197,6 +198,11 @@ def ingest_folder(root, work_dir, *, resize=None, skip_bad: bool = False, worker
                         f.cancel()
                     raise
     keep = [i for i in range(n) if i not in skipped]
+    if skipped and order is not None:
+        first_bad = skipped[min(skipped)]
+        raise ValueError(f"{len(skipped)} image(s) of {root} could not be read (first: {first_bad['path']}: "
+                         f"{first_bad['reason']}); with an order file every index must hold its image, so "
+                         "none can be skipped: fix or replace them")
     if skipped:
         kept = {label_of[i] for i in keep}
         gone = [c for i, c in enumerate(classes) if i not in kept]
@@ -216,7 +222,7 @@ def ingest_folder(root, work_dir, *, resize=None, skip_bad: bool = False, worker
     if stats is not None:
         stats.update(images=len(keep), seconds=seconds, images_per_s=len(keep) / max(seconds, 1e-9), workers=used,
                      reused=False)
-    return _image_set(work_dir, meta)
+    return _image_set(work_dir, meta, origin)
 
 
 def _compact(path: Path, keep: list[int], shape) -> None:

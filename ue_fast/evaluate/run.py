@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..data import ImageSet, read_image_folder, read_json, write_json_atomic
+from ..data import ImageSet, read_json, write_json_atomic
+from ..data.canonical import detect, read_dataset
+from ..data.poisons import kind_of, load_poisoned
 from ..models import ARCHS
 from .defenses import DEFENSES, get_defense
 from .victim import train_victim
@@ -24,13 +26,14 @@ from .victim import train_victim
 FORMAT = "ue_fast.evaluate/1"  # the results document's format; plots refuse others
 
 
-def _load(source, what: str, resize) -> ImageSet:
+def _load(source, what: str, resize, split: str = "train", order=None) -> ImageSet:
     if isinstance(source, ImageSet):
         return source
     path = Path(source)
-    if not path.is_dir():
-        raise ValueError(f"{what} folder {path} does not exist or is not a folder")
-    return read_image_folder(path, resize=resize, progress=False)
+    if not path.is_dir() and detect(path) is None:
+        raise ValueError(f"{what} folder {path} does not exist or is not a folder (or a data set: "
+                         "cifar-10-batches-py/, cifar-100-python/, an SVHN .mat, a .npz)")
+    return read_dataset(path, split, order=order, resize=resize)
 
 
 def _clean_counterpart(train_dir: Path | None, protected: ImageSet, clean, resize) -> ImageSet:
@@ -48,11 +51,14 @@ def _clean_counterpart(train_dir: Path | None, protected: ImageSet, clean, resiz
         doc = read_json(manifest)
         # "input" is the path as typed (maybe relative to where protect ran); "input_abs" is resolved.
         src = doc.get("input_abs") or doc.get("input")
-        if not src or src == "arrays" or not Path(src).is_dir():
+        if not src or src == "arrays" or not (Path(src).is_dir() or detect(src) is not None):
             raise ValueError(f"the manifest of {train_dir} names input {src!r}, which is not a folder here: "
                              "pass clean=DIR (--clean DIR)")
         clean = src
-    data = _load(clean, "clean", resize)
+        split = (doc.get("dataset") or {}).get("split") or "train"
+    else:
+        split = "train"
+    data = _load(clean, "clean", resize, split)
     if data.classes != protected.classes:
         raise ValueError(f"clean and protected folders have different classes: {data.classes} vs {protected.classes}")
     by_stem = {str(Path(p).with_suffix("")): i for i, p in enumerate(data.paths)}
@@ -69,12 +75,21 @@ def _clean_counterpart(train_dir: Path | None, protected: ImageSet, clean, resiz
 def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: str = "none",
              adv_eps: float = 8, batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4,
              device: str | None = None, seed: int = 0, resize=None, mi: bool = False, clean=None,
-             out=None, plot: bool = True, progress: bool = True, label: str | None = None) -> dict:
+             order=None, out=None, plot: bool = True, progress: bool = True, label: str | None = None) -> dict:
     """Train a victim on ``train``, test it on clean ``test`` after every epoch; return the results.
 
     Args:
-        train: the (protected) training folder (class sub-folders) or an ``ImageSet``.
-        test: the clean test folder or ``ImageSet``, with the same classes.
+        train: the (protected) training set: a folder of class sub-folders (e.g. a ``protect``
+            output), a data set (``cifar-10-batches-py/``, ...: its train split), an ``ImageSet``,
+            or another tool's poisons against the clean base set ``clean``: an APBench poison
+            folder (``<type>_poisons/<dataset>/data/<index>.png``) or a ``poison.pt`` / ``.npy``
+            perturbation tensor, sample-wise or class-wise (see ``ue_fast.data.poisons``).
+        test: the clean test set (a folder, a data set's test split, or an ``ImageSet``), with the
+            same classes.
+        clean: the clean base set of another tool's poisons (required for them), in its own order:
+            a data set (``cifar-10-batches-py/``, an SVHN ``.mat``, ...) or a folder with ``order``;
+            for ``mi``, the clean counterparts of a protected folder.
+        order: an order file for a ``clean`` image folder (one relative path per line).
         arch: victim network, one of ``ue_fast.models.ARCHS``.
         epochs: training epochs (cosine schedule over them).
         defense: one of ``DEFENSES``; ``adv_eps`` (units of 1/255) is the radius of
@@ -101,8 +116,19 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
     train_dir = None if isinstance(train, ImageSet) else Path(train)
-    tr = _load(train, "training", resize)
-    te = _load(test, "test", resize)
+    base = None
+    if train_dir is not None and kind_of(train_dir) in ("apbench", "tensor"):
+        if clean is None:
+            raise ValueError(f"{train_dir} holds another tool's poisons ({kind_of(train_dir)}): pass the clean base set "
+                             "they were made from, in its own order (clean=..., --clean CIFAR_DIR or --clean FOLDER "
+                             "--order FILE)")
+        base = _load(clean, "clean base", resize, "train", order)
+        tr = load_poisoned(train_dir, base)
+    else:
+        if train_dir is not None and not train_dir.exists():
+            raise ValueError(f"training folder {train_dir} does not exist")
+        tr = _load(train, "training", resize)
+    te = _load(test, "test", resize, "test")
     if tr.classes != te.classes:
         raise ValueError(f"training and test folders have different classes: {tr.classes} vs {te.classes}")
     if tr.image_size != te.image_size:
@@ -120,6 +146,7 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         "label": label or f"{train_dir.name if train_dir else 'train'} ({defense})",
         "train": str(train_dir) if train_dir else "ImageSet",
         "test": str(test) if not isinstance(test, ImageSet) else "ImageSet",
+        "train_source": tr.origin,
         "num_train": len(tr), "num_test": len(te), "classes": tr.classes, "image_size": list(tr.image_size),
         "settings": dict(arch=arch, epochs=epochs, defense=defense, adv_eps_255=adv_eps if defense == "adv-train"
                          else None, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
@@ -134,7 +161,7 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         from ..metrics import mi_report
 
         t1 = time.perf_counter()
-        cl = _clean_counterpart(train_dir, tr, clean, resize)
+        cl = base if base is not None else _clean_counterpart(train_dir, tr, clean, resize)
         ref = train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes), return_model=True, **common)
         results["mi"] = mi_report(ref.model, cl.images, tr.images, tr.labels, len(tr.classes), device=dev)
         results["mi"]["reference_model_test_acc"] = ref.last
