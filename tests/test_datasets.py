@@ -149,6 +149,10 @@ def test_protect_cifar_batches_writes_outputs_in_index_order(cifar, tmp_path):
     assert torch.equal(back.images, pngs) and back.origin["layout"] == "sample-wise"
     with pytest.raises(ValueError, match="order applies"):
         ue_fast.protect(d, tmp_path / "q", method="lsp", progress=False, device="cpu", order=["x"])
+    # evaluate finds the clean counterparts of the PNG tree in the distribution the manifest names
+    r = ue_fast.evaluate.evaluate(tmp_path / "p", d, arch="cnn-small", epochs=1, device="cpu", progress=False,
+                                  mi=True)
+    assert r["num_train"] == 300 and r["num_test"] == 20 and "mi" in r
 
 
 def test_order_file_sets_the_data_set_order(tmp_path, capsys):

@@ -278,6 +278,10 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         raise ValueError("order applies to an image-folder source; "
                          + ("arrays are in their own order already" if input_dir is None else
                             f"{input_dir} is a {fmt} data set, read in its own index order"))
+    if split != "train" and fmt is None:
+        raise ValueError(f"split {split!r} applies to a CIFAR or SVHN distribution; "
+                         f"{'arrays' if input_dir is None else input_dir} {'are' if input_dir is None else 'is'} "
+                         "read whole")
     if fmt is not None and resize is not None:
         raise ValueError(f"resize applies to image folders; {input_dir} is a {fmt} data set, kept at its size")
     dist, dist_device = from_env(device)

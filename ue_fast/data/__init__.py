@@ -1,4 +1,5 @@
-"""Image folders in, protected image folders and perturbation files out."""
+"""Image folders and the field's data sets in, protected image folders and perturbation files out."""
+from .canonical import load_dataset, read_dataset
 from .cifar import load_cifar_subset
 from .exports import (
     atomic_write_bytes,
@@ -25,8 +26,10 @@ __all__ = [
     "demo_dir",
     "images_from_arrays",
     "load_cifar_subset",
+    "load_dataset",
     "load_delta_npy",
     "load_poison_pt",
+    "read_dataset",
     "read_image_folder",
     "read_json",
     "save_delta_npy",
