@@ -341,3 +341,29 @@ def test_gpu_triton_vs_torch(shape, norm, dtype):
         else:
             assert_matches(a, b.double(), norm, f"gpu {shape} {norm}")
         assert_bounds(a, clean, eps, norm)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_in_for_the_miue_authors_update(backend, triton_device, gen):
+    """The README's drop-in: in the MI-UE authors' gen_miue.py the update after ``loss.backward()``
+    is a sign step, ``delta.grad = None``, the L-inf clamp and the pixel-range clamp;
+    ``pgd_step_(delta.data, delta.grad, data, eps=eps, step_size=alpha)`` then ``delta.grad = None``
+    gives the same float32 values bit for bit."""
+    device = dev(backend, triton_device)
+    data = torch.rand(32, 3, 8, 8, generator=gen).to(device)
+    start = ((torch.rand(32, 3, 8, 8, generator=gen) * 2 - 1) * 8 / 255).to(device)
+    grad = torch.randn(32, 3, 8, 8, generator=gen).to(device)
+    grad[0, 0, 0] = 0.0  # sign(0) = 0
+    data[1] = 1.0  # the pixel-range clamp bites
+    eps, alpha = 8 / 255, 0.4 / 255
+    theirs = torch.nn.Parameter(start.clone())
+    theirs.grad = grad.clone()
+    theirs.data = theirs.data - alpha * theirs.grad.sign()
+    theirs.grad = None
+    theirs.data = torch.clamp(theirs.data, min=-eps, max=eps)
+    theirs.data = torch.clamp(data + theirs.data, min=0, max=1) - data
+    ours = torch.nn.Parameter(start.clone())
+    ours.grad = grad.clone()
+    pgd_step_(ours.data, ours.grad, data, eps=eps, step_size=alpha, backend=backend)
+    ours.grad = None
+    assert torch.equal(ours.data, theirs.data)
