@@ -234,9 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("protect", help="turn an image folder into its unlearnable copy",
-                        description="Protect INPUT_DIR (class sub-folders of images) into OUTPUT_DIR: a PNG "
-                        "copy of the tree with bounded perturbations, perturbation_int8.npy, poison.pt (when it fits the "
-                        "memory budget) and manifest.json. Defaults are each method's published CIFAR-10 settings.")
+                        description="Protect INPUT_DIR (class sub-folders of images, or a CIFAR/SVHN/array data set "
+                        "in its own index order) into OUTPUT_DIR: a PNG copy of the tree with bounded perturbations, "
+                        "perturbation_int8.npy, poison.pt (when it fits the memory budget) and manifest.json, all in "
+                        "the data set's order. Defaults are each method's published CIFAR-10 settings.")
     pr.add_argument("input_dir", type=Path, help="a folder of class sub-folders of images, or a data set in its "
                     "authors' distribution, read in its own index order: cifar-10-batches-py/, "
                     "cifar-100-python/, an SVHN .mat, a .npz with x (uint8 NHWC) and y")
