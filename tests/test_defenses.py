@@ -14,12 +14,19 @@ from conftest import HAS_CUDA
 from ue_fast.data import demo_dir, read_image_folder
 from ue_fast.evaluate.augment import PHOTOMETRIC, trivial_augment
 from ue_fast.evaluate.defenses import (
-    DEFENSES, AdversarialTraining, CutMix, Cutout, Defense, Grayscale, JPEG, Mixup, UEraser, get_defense,
+    DEFENSES, AdversarialTraining, BitDepthReduction, CutMix, Cutout, Defense, GaussianBlur, Grayscale, JPEG, Mixup,
+    UEraser, get_defense,
 )
 from ue_fast.models import build_model
 
-DATA_LEVEL = ("none", "jpeg", "grayscale")
-BATCH_LEVEL = ("cutout", "cutmix", "mixup", "adv-train", "ueraser")
+DATA_LEVEL = ("none", "jpeg", "grayscale", "gaussian", "bdr")
+BATCH_LEVEL = ("cutout", "cutmix", "mixup", "adv-train", "ueraser-lite", "ueraser", "ueraser-max")
+UERASERS = ("ueraser-lite", "ueraser", "ueraser-max")
+
+
+def small(name):
+    """The defence ``name`` with UEraser's repeats cut to 2 (tests' time)."""
+    return get_defense(name, repeats=2) if name in UERASERS else get_defense(name)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +67,8 @@ def ce(model, x, y):
 # --- registry and validation ------------------------------------------------
 
 def test_registry_builds_every_defense():
-    assert DEFENSES == ("none", "jpeg", "grayscale", "cutout", "cutmix", "mixup", "adv-train", "ueraser")
+    assert DEFENSES == ("none", "jpeg", "grayscale", "gaussian", "bdr", "cutout", "cutmix", "mixup", "adv-train",
+                        "ueraser-lite", "ueraser", "ueraser-max")
     for name in DEFENSES:
         d = get_defense(name)
         assert isinstance(d, Defense) and d.name == name
@@ -82,6 +90,11 @@ def test_unknown_defense_names_the_choices():
     ("adv-train", {"eps": 2.0}, ValueError, "got 2.0"),
     ("adv-train", {"steps": 0}, ValueError, "steps"),
     ("ueraser", {"repeats": 0}, ValueError, "repeats"),
+    ("ueraser", {"max_epochs": -1}, ValueError, "max_epochs"),
+    ("gaussian", {"kernel_size": 4}, ValueError, "odd"),
+    ("gaussian", {"sigma": 0}, ValueError, "sigma"),
+    ("bdr", {"bits": 9}, ValueError, "bits"),
+    ("adv-train", {"norm": "l1"}, ValueError, "norm"),
     ("cutmix", {"quality": 10}, TypeError, "'quality'"),
     ("none", {"eps": 0.1}, TypeError, "'eps'"),
 ])
@@ -171,6 +184,46 @@ def test_grayscale_matches_pillow_luma(demo, gen):
     # Pillow's integer formula is reproduced, so exactly (the brief asks for within 1).
     assert torch.equal(out[:, 0], pil)
     assert (out[:20].int() - images[:20].int()).abs().float().mean() > 5  # the colour is gone
+
+
+def blur_reference(image: np.ndarray, sigma: float, k: int) -> np.ndarray:
+    """Independent reference: a k x k Gaussian blur of one uint8 [H, W, 3] image, written
+    plainly in float64 (reflected borders, the 2-D kernel summed pixel by pixel), rounded."""
+    half = (k - 1) / 2
+    t = np.linspace(-half, half, k)
+    g = np.exp(-0.5 * (t / sigma) ** 2)
+    g = np.outer(g, g) / np.outer(g, g).sum()
+    p = k // 2
+    padded = np.pad(image.astype(np.float64), ((p, p), (p, p), (0, 0)), mode="reflect")
+    out = np.zeros(image.shape, dtype=np.float64)
+    for dy in range(k):
+        for dx in range(k):
+            out += g[dy, dx] * padded[dy:dy + image.shape[0], dx:dx + image.shape[1]]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def test_gaussian_blur_matches_a_direct_computation(demo, gen):
+    images = demo[0]
+    hwc = images.permute(0, 2, 3, 1).numpy()
+    for sigma, k in ((1.0, 3), (0.8, 5)):
+        out = GaussianBlur(kernel_size=k, sigma=sigma).prepare(images, gen)
+        ref = torch.from_numpy(np.stack([blur_reference(im, sigma, k) for im in hwc])).permute(0, 3, 1, 2)
+        diff = (out.to(torch.int16) - ref.to(torch.int16)).abs()
+        # float32 against float64: a value within rounding distance of a half may round the other way
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3, (sigma, k)
+        assert (out != images).float().mean() > 0.5  # it does blur
+    # APBench's setting (3 x 3, sigma 0.1): the neighbours weigh exp(-50) of the centre, no pixel changes
+    assert torch.equal(get_defense("gaussian").prepare(images, gen), images)
+
+
+def test_bit_depth_reduction_is_pillow_posterize(demo, gen):
+    images = demo[0]
+    for bits in (2, 5):
+        out = BitDepthReduction(bits=bits).prepare(images, gen)
+        for i in range(len(images)):
+            pil = ImageOps.posterize(Image.fromarray(images[i].permute(1, 2, 0).numpy()), bits)
+            assert torch.equal(out[i], torch.from_numpy(np.array(pil)).permute(2, 0, 1))
+    assert torch.unique(get_defense("bdr").prepare(images, gen)).tolist() == [0, 64, 128, 192]
 
 
 # --- batch level --------------------------------------------------------------
@@ -329,12 +382,63 @@ def test_ueraser_trains_on_the_worst_of_k(batch, model, gen):
     assert loss > per.mean() + 1e-3  # the max, not the mean, over augmentations
 
 
+def test_l2_adversarial_training_stays_in_the_l2_ball(batch, model, gen):
+    x, y = batch
+    model.eval()
+    d = get_defense("adv-train", eps=0.5, norm="l2")
+    assert d.step_size == pytest.approx(0.125)
+    x_adv = d.perturb(model, x, y, gen)
+    norms = (x_adv - x).flatten(1).norm(dim=1)
+    assert float(norms.max()) <= 0.5 + 1e-5 and float(norms.min()) > 0.1
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        assert ce(model, x_adv, y) > ce(model, x, y) + 0.01
+
+
+def test_adversarial_step_is_pgd_step(batch, model, gen):
+    """One attack step equals ue_fast.pgd_step_ (maximising) from the same start, in both norms."""
+    from ue_fast.ops import pgd_step_
+
+    x, y = batch
+    model.eval()
+    for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):
+        d = AdversarialTraining(eps=eps, steps=1, norm=norm)
+        twin = clone(gen)
+        if norm == "linf":
+            start = (2 * torch.rand(x.shape, generator=twin) - 1) * eps
+        else:
+            r = torch.randn(x.shape, generator=twin)
+            start = r * (min(d.step_size, eps) / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+        delta = ((x + start).clamp(0, 1) - x).requires_grad_(True)
+        (grad,) = torch.autograd.grad(ce(model, x + delta, y), delta)
+        delta = delta.detach()
+        pgd_step_(delta, grad, x, eps=eps, step_size=d.step_size, norm=norm, maximize=True)
+        torch.testing.assert_close(d.perturb(model, x, y, gen), (x + delta).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_ueraser_strengths_are_max_loss_phases(batch, model, gen):
+    """ueraser-lite / ueraser / ueraser-max: the worst of K for 0 / 50 / 300 epochs, then one
+    augmentation per batch (APBench's --repeat_epoch)."""
+    assert [get_defense(n).max_epochs for n in UERASERS] == [0, 50, 300]
+    for name, last_max in (("ueraser-lite", -1), ("ueraser", 49), ("ueraser-max", 299)):
+        d = get_defense(name)
+        assert d.at_epoch(last_max + 1).repeats == 1 and d.at_epoch(last_max + 1).name == name
+        if last_max >= 0:
+            assert d.at_epoch(last_max) is d and d.repeats == 5
+    assert UEraser(max_epochs=None).at_epoch(10**6).repeats == 5
+    # after the phase, the loss is the cross-entropy of one augmentation
+    x, y = batch
+    one = get_defense("ueraser-lite").at_epoch(0)
+    expected = ce(model, one.augment(x, clone(gen)), y)
+    torch.testing.assert_close(one.loss(model, x, y, gen)[0], expected)
+
+
 # --- every defence: reproducible and trainable --------------------------------
 
 @pytest.mark.parametrize("name", DEFENSES)
 def test_same_seed_same_result(name, demo, batch, model):
     x, y = batch
-    d = get_defense(name, repeats=2) if name == "ueraser" else get_defense(name)
+    d = small(name)
     runs = [(d.prepare(demo[0], torch.Generator().manual_seed(s)),
              d.loss(model, x, y, torch.Generator().manual_seed(s))[0]) for s in (3, 3, 4)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
@@ -345,7 +449,7 @@ def test_same_seed_same_result(name, demo, batch, model):
 @pytest.mark.parametrize("name", DEFENSES)
 def test_loss_is_differentiable(name, batch, model, gen):
     x, y = batch
-    d = get_defense(name, repeats=2) if name == "ueraser" else get_defense(name)
+    d = small(name)
     model.zero_grad(set_to_none=True)
     loss, logits = d.loss(model, x, y, gen)
     assert loss.dim() == 0 and math.isfinite(loss.item()) and logits.shape == (len(x), 10)
@@ -359,7 +463,7 @@ def test_defenses_run_under_bf16_autocast(batch, model, gen):
     # The victim loop calls ``loss`` under bf16 autocast on CUDA; CPU autocast takes the same paths.
     x, y = batch
     for name in DEFENSES:
-        d = get_defense(name, repeats=2) if name == "ueraser" else get_defense(name)
+        d = small(name)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, logits = d.loss(model, x.contiguous(memory_format=torch.channels_last), y, gen)
         assert math.isfinite(loss.item()) and logits.shape == (len(x), 10), name

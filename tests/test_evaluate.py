@@ -119,3 +119,44 @@ def test_every_defense_runs_through_evaluate(folders):
         r = ue_fast.evaluate(train, test, arch="cnn-small", epochs=1, batch_size=15, defense=d, device="cpu",
                              progress=False, adv_eps=4)
         assert r["settings"]["defense"] == d and len(r["test_acc"]) == 1
+
+
+def test_defense_options_reach_the_defense(folders, monkeypatch):
+    train, test, _ = folders
+    seen = []
+    real = ue_fast.evaluate.run.get_defense
+
+    def spy(name, **options):
+        seen.append((name, options))
+        return real(name, **options)
+
+    monkeypatch.setattr(ue_fast.evaluate.run, "get_defense", spy)
+    r = ue_fast.evaluate(train, test, arch="cnn-small", epochs=1, batch_size=15, defense="adv-train", adv_eps=127.5,
+                         adv_norm="l2", device="cpu", progress=False)
+    assert seen[-1] == ("adv-train", {"eps": 0.5, "norm": "l2"})
+    assert r["settings"]["adv_norm"] == "l2" and r["settings"]["adv_eps_255"] == 127.5
+    r = ue_fast.evaluate(train, test, arch="cnn-small", epochs=1, batch_size=15, defense="jpeg", jpeg_quality=50,
+                         device="cpu", progress=False)
+    assert seen[-1] == ("jpeg", {"quality": 50}) and r["settings"]["jpeg_quality"] == 50
+    with pytest.raises(ValueError, match="jpeg_quality applies to defense 'jpeg'"):
+        ue_fast.evaluate(train, test, defense="none", jpeg_quality=50, epochs=1, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="adv_norm applies"):
+        ue_fast.evaluate(train, test, defense="jpeg", adv_norm="l2", epochs=1, device="cpu", progress=False)
+
+
+def test_victim_loop_takes_each_epochs_defense(folders):
+    """UEraser's max-loss phase ends with an epoch: the loop asks the defence for every epoch's."""
+    from ue_fast.data import read_image_folder
+    from ue_fast.evaluate import Defense, train_victim
+
+    calls = []
+
+    class Phased(Defense):
+        def at_epoch(self, epoch):
+            calls.append(epoch)
+            return self
+
+    data = read_image_folder(folders[0], progress=False)
+    train_victim(data.images, data.labels, data.images, data.labels, len(data.classes), arch="cnn-small", epochs=3,
+                 defense=Phased())
+    assert calls == [0, 1, 2]

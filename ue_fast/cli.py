@@ -135,7 +135,8 @@ def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
     r = evaluate(args.train, args.test, arch=args.arch, epochs=args.epochs, defense=args.defense,
-                 adv_eps=args.adv_eps, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                 adv_eps=args.adv_eps, adv_norm=args.adv_norm, jpeg_quality=args.jpeg_quality,
+                 batch_size=args.batch_size, device=args.device, seed=args.seed,
                  resize=args.resize, mi=args.mi, clean=args.clean, order=args.order, out=args.out,
                  progress=not args.no_progress)
     s = r["settings"]
@@ -320,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--arch", default="resnet18", choices=ARCHS, help="victim network (default resnet18)")
     ev.add_argument("--epochs", type=_positive_int, default=40, help="training epochs (default 40)")
     ev.add_argument("--defense", default="none", choices=DEFENSES, help="defence during training (default none)")
-    ev.add_argument("--adv-eps", type=float, default=8, help="adv-train radius in units of 1/255 (default 8)")
+    ev.add_argument("--adv-eps", type=float, default=8, help="adv-train radius in units of 1/255 (default 8; "
+                    "with --adv-norm l2 the L2 norm of the whole perturbation: 127.5 is 0.5)")
+    ev.add_argument("--adv-norm", default="linf", choices=["linf", "l2"], help="adv-train's norm (default linf)")
+    ev.add_argument("--jpeg-quality", type=int, default=10, metavar="Q",
+                    help="quality (1-100) of --defense jpeg (default 10, as ISS and APBench)")
     ev.add_argument("--batch-size", type=_positive_int, default=128)
     ev.add_argument("--device", default=default_device, help=f"cpu, cuda or cuda:N (default {default_device})")
     ev.add_argument("--seed", type=int, default=0)

@@ -7,16 +7,25 @@ jpeg, grayscale) or on every cropped and flipped float batch (``loss``: the rest
     images = defense.prepare(images, gen)             # [N, 3, H, W] uint8; identity here
     loss, logits = defense.loss(model, x, y, gen)     # x [B, 3, H, W] in [0, 1], y [B]
 
-=========  =================================================================
-none       plain cross-entropy
-jpeg       Pillow JPEG round trip at ``quality`` 10 (ISS, Liu et al. 2023)
-grayscale  ITU-R 601 luma as Pillow's ``convert("L")``, 3 channels (ISS)
-cutout     one ``size`` 16 zero square per image (DeVries & Taylor 2017)
-cutmix     Beta(``alpha`` 1) box pasted from a shuffled batch (Yun et al. 2019)
-mixup      Beta(``alpha`` 1) convex combination (Zhang et al. 2018)
-adv-train  PGD-``steps`` 10 L-inf AT, ``eps`` 8/255, step eps/4 (Madry et al. 2018)
-ueraser    worst of ``repeats`` 5 strong augmentations (Qin et al. 2023)
-=========  =================================================================
+============  ==============================================================
+none          plain cross-entropy
+jpeg          Pillow JPEG round trip at ``quality`` 10 (ISS, Liu et al. 2023)
+grayscale     ITU-R 601 luma as Pillow's ``convert("L")``, 3 channels (ISS)
+gaussian      ``kernel_size`` 3 Gaussian blur, ``sigma`` 0.1 (APBench's setting)
+bdr           bit-depth reduction to ``bits`` 2 (posterize; APBench's setting)
+cutout        one ``size`` 16 zero square per image (DeVries & Taylor 2017)
+cutmix        Beta(``alpha`` 1) box pasted from a shuffled batch (Yun et al. 2019)
+mixup         Beta(``alpha`` 1) convex combination (Zhang et al. 2018)
+adv-train     PGD-``steps`` 10 AT in ``norm`` linf (or l2), ``eps`` 8/255, step eps/4
+              (Madry et al. 2018), the step by ``ue_fast.pgd_step_``
+ueraser-lite  one strong augmentation per batch (Qin et al. 2023; ``max_epochs`` 0)
+ueraser       worst of ``repeats`` 5 strong augmentations for the first ``max_epochs``
+              50 epochs, then one (APBench's ``--repeat_epoch 50``)
+ueraser-max   the same for ``max_epochs`` 300 epochs (APBench's default)
+============  ==============================================================
+
+A defence that changes with the epoch (UEraser's max-loss phase) gives the victim loop
+the defence of each epoch through ``at_epoch(epoch)``.
 
 Randomness: per-sample parameters come from ``gen`` (a CPU generator) and are
 moved to x's device, as in ``crop_flip``; per-pixel noise (PGD's random start,
@@ -25,6 +34,7 @@ noise crosses the bus. A seed fixes the result on a given device.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import numbers
@@ -36,11 +46,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..ops import pgd_step_
 from ..ops._checks import check_int
 from .augment import GEOMETRIC, PHOTOMETRIC, plasma, trivial_augment
 
-__all__ = ["DEFENSES", "Defense", "MixedBatch", "get_defense", "JPEG", "Grayscale", "Cutout", "CutMix", "Mixup",
-           "AdversarialTraining", "UEraser"]
+__all__ = ["DEFENSES", "Defense", "MixedBatch", "get_defense", "JPEG", "Grayscale", "GaussianBlur",
+           "BitDepthReduction", "Cutout", "CutMix", "Mixup", "AdversarialTraining", "UEraser", "UEraserLite",
+           "UEraserMax"]
 
 
 def _float_option(name: str, value, lo: float, hi: float) -> float:
@@ -114,6 +126,10 @@ class Defense:
         _check_batch(x, y, gen)
         return self._loss(model, x, y, gen)
 
+    def at_epoch(self, epoch: int) -> "Defense":
+        """The defence for training epoch ``epoch`` (0-based): itself, unless it has phases."""
+        return self
+
     def _prepare(self, images, gen):
         return images
 
@@ -164,6 +180,66 @@ class Grayscale(Defense):
             luma = ((chunk * weights).sum(1, keepdim=True) + 32768) >> 16  # [n, 1, H, W]
             out[i:i + 4096] = luma.to(torch.uint8)
         return out
+
+
+@dataclass(frozen=True)
+class GaussianBlur(Defense):
+    """Blur every image once with a ``kernel_size`` x ``kernel_size`` Gaussian of standard deviation
+    ``sigma`` pixels, as torchvision's ``GaussianBlur`` (APBench: ``GaussianBlur(3, sigma=0.1)``):
+    the 1-D kernel exp(-t^2 / (2 sigma^2)) at t = -(k-1)/2 .. (k-1)/2, normalised, applied along
+    both axes in float32 with reflected borders, rounded to 8 bits.
+
+    At APBench's sigma of 0.1 the neighbours' weight is exp(-50) ~ 2e-22 of the centre's: on 8-bit
+    images the blur changes no pixel (the tests check it). A larger sigma does blur."""
+
+    kernel_size: int = 3
+    sigma: float = 0.1
+    name: ClassVar[str] = "gaussian"
+
+    def __post_init__(self):
+        k = check_int("kernel_size", self.kernel_size, 1)
+        if k % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {k}")
+        object.__setattr__(self, "kernel_size", k)
+        object.__setattr__(self, "sigma", _float_option("sigma", self.sigma, 0.0, math.inf))
+
+    def kernel(self) -> torch.Tensor:
+        """The normalised 1-D kernel, float32 [kernel_size]."""
+        half = (self.kernel_size - 1) * 0.5
+        t = torch.linspace(-half, half, self.kernel_size)
+        pdf = torch.exp(-0.5 * (t / self.sigma).pow(2))
+        return pdf / pdf.sum()
+
+    def _prepare(self, images, gen):
+        k = self.kernel().to(images.device)
+        pad = self.kernel_size // 2
+        out = torch.empty_like(images)
+        for i in range(0, len(images), 4096):  # chunks bound the float32 copy
+            x = images[i:i + 4096].float()
+            n, c, h, w = x.shape
+            if pad:
+                if pad >= min(h, w):
+                    raise ValueError(f"kernel_size {self.kernel_size} needs images larger than {pad} pixels, got {h}x{w}")
+                x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+            x = x.reshape(n * c, 1, *x.shape[2:])
+            x = F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))  # along W, then H
+            out[i:i + 4096] = x.reshape(n, c, h, w).round_().clamp_(0, 255).to(torch.uint8)
+        return out
+
+
+@dataclass(frozen=True)
+class BitDepthReduction(Defense):
+    """Keep the ``bits`` most significant bits of every 8-bit value (posterize, Pillow's
+    ``ImageOps.posterize`` and torchvision's ``RandomPosterize(bits, p=1)``; APBench: 2 bits)."""
+
+    bits: int = 2
+    name: ClassVar[str] = "bdr"
+
+    def __post_init__(self):
+        object.__setattr__(self, "bits", check_int("bits", self.bits, 1, 8))
+
+    def _prepare(self, images, gen):
+        return images & (0xFF << (8 - self.bits) & 0xFF)
 
 
 @dataclass(frozen=True)
@@ -263,41 +339,59 @@ class CutMix(_Mix):
 @dataclass(frozen=True)
 class AdversarialTraining(Defense):
     """PGD adversarial training (Madry et al. 2018): cross-entropy on
-    x_adv ~ argmax_{|d|_inf <= eps, x + d in [0, 1]} CE(model(x + d), y), found by
-    ``steps`` signed-gradient ascent steps of ``step_size`` (default eps / 4: 2/255
-    at 8/255, as Rice et al. 2020; 1/255 at 4/255) from a uniform random start.
+    x_adv ~ argmax_{|d| <= eps, x + d in [0, 1]} CE(model(x + d), y), found by ``steps``
+    ascent steps of ``step_size`` (default eps / 4: 2/255 at 8/255, as Rice et al. 2020 and
+    APBench's ``MadrysLoss``; 1/255 at 4/255), each one ``ue_fast.pgd_step_``.
 
-    The attack runs in the model's current mode, train mode in the victim loop, as
-    the PyTorch PGD-AT recipes of UE papers do (Rice et al.'s ``attack_pgd``): its
-    batch statistics then match the outer step's, which trains on the same batch
-    (its forwards also update BN running statistics, as there). Gradients are
-    taken w.r.t. the input only, so no parameter ``.grad`` is touched."""
+    ``norm``: "linf" (signed-gradient steps, from a uniform random start in the ball) or "l2"
+    (steps along the normalised gradient, the perturbation's L2 norm over the whole image kept
+    within ``eps``, from a random direction of length ``step_size``, as APBench's L_2 branch).
+    ``eps`` is a fraction of the pixel range in both (8/255 by default; an L2 radius of 0.5,
+    common on CIFAR, is eps=0.5).
+
+    The attack runs in the model's current mode, train mode in the victim loop, as the
+    PyTorch PGD-AT recipes of UE papers do (Rice et al.'s ``attack_pgd``): its batch
+    statistics then match the outer step's, which trains on the same batch (its forwards
+    also update BN running statistics, as there). APBench's ``MadrysLoss`` attacks in eval
+    mode instead. Gradients are taken w.r.t. the input only, so no parameter ``.grad`` is
+    touched."""
 
     eps: float = 8 / 255
     steps: int = 10
     step_size: float | None = None
+    norm: str = "linf"
     name: ClassVar[str] = "adv-train"
 
     def __post_init__(self):
-        object.__setattr__(self, "eps", _float_option("eps", self.eps, 0.0, 1.0))
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+        top = 1.0 if self.norm == "linf" else math.inf
+        object.__setattr__(self, "eps", _float_option("eps", self.eps, 0.0, top))
         object.__setattr__(self, "steps", check_int("steps", self.steps, 1))
-        step = self.eps / 4 if self.step_size is None else _float_option("step_size", self.step_size, 0.0, 1.0)
+        step = self.eps / 4 if self.step_size is None else _float_option("step_size", self.step_size, 0.0, top)
         object.__setattr__(self, "step_size", step)
 
     def perturb(self, model, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """x [B, 3, H, W] in [0, 1] -> x_adv [B, 3, H, W], |x_adv - x| <= eps, in [0, 1]."""
+        """x [B, 3, H, W] in [0, 1] -> x_adv [B, 3, H, W] in [0, 1], |x_adv - x| <= eps in ``norm``."""
         _check_batch(x, y, gen)
         x = x.detach()
-        start = torch.rand(x.shape, generator=_device_gen(gen, x.device), device=x.device, dtype=x.dtype)
-        x_adv = (x + (2 * start - 1) * self.eps).clamp_(0, 1)
-        lo, hi = (x - self.eps).clamp_(min=0), (x + self.eps).clamp_(max=1)
+        noise_gen = _device_gen(gen, x.device)
+        if self.norm == "linf":
+            start = torch.rand(x.shape, generator=noise_gen, device=x.device, dtype=x.dtype)
+            delta = (2 * start - 1) * self.eps
+        else:
+            start = torch.randn(x.shape, generator=noise_gen, device=x.device, dtype=x.dtype)
+            norms = start.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta = start * (min(self.step_size, self.eps) / norms)
+        delta = (x + delta).clamp_(0, 1) - x
         with torch.enable_grad():
             for _ in range(self.steps):
-                x_adv.requires_grad_(True)
-                _, logits = model(x_adv)
-                (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), x_adv)
-                x_adv = torch.minimum(torch.maximum(x_adv.detach() + self.step_size * grad.sign(), lo), hi)
-        return x_adv.detach()
+                delta.requires_grad_(True)
+                _, logits = model(x + delta)
+                (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), delta)
+                delta = delta.detach()
+                pgd_step_(delta, grad, x, eps=self.eps, step_size=self.step_size, norm=self.norm, maximize=True)
+        return (x + delta).clamp_(0, 1)
 
     def _loss(self, model, x, y, gen):
         _, logits = model(self.perturb(model, x, y, gen))
@@ -306,8 +400,10 @@ class AdversarialTraining(Defense):
 
 @dataclass(frozen=True)
 class UEraser(Defense):
-    """UEraser-Max (Qin et al. 2023): per batch, ``repeats`` independent strong
-    augmentations; train on the mean over samples of the largest per-sample CE.
+    """UEraser (Qin et al. 2023): per batch, ``repeats`` independent strong augmentations;
+    train on the mean over samples of the largest per-sample CE, for the first ``max_epochs``
+    epochs (the max-loss phase: APBench's ``--repeat_epoch``, 50 for UEraser, 0 for -Lite, 300
+    for -Max; None: every epoch), then on a single augmentation per batch.
 
     Each augmentation, per sample: plasma brightness x + i (2P - 1), i ~ U(0, 1), and
     plasma contrast (x - 1/2) 4P + 1/2, P a fractal map per channel with roughness
@@ -324,10 +420,20 @@ class UEraser(Defense):
     """
 
     repeats: int = 5
+    max_epochs: int | None = 50
     name: ClassVar[str] = "ueraser"
 
     def __post_init__(self):
         object.__setattr__(self, "repeats", check_int("repeats", self.repeats, 1))
+        if self.max_epochs is not None:
+            object.__setattr__(self, "max_epochs", check_int("max_epochs", self.max_epochs, 0))
+
+    def at_epoch(self, epoch: int) -> "Defense":
+        """Worst of ``repeats`` during the first ``max_epochs`` epochs (None: always), then a
+        single augmentation per batch, as APBench's ``--repeat_epoch``."""
+        if self.max_epochs is None or epoch < self.max_epochs or self.repeats == 1:
+            return self
+        return dataclasses.replace(self, repeats=1)
 
     @torch.no_grad()
     def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -356,8 +462,25 @@ class UEraser(Defense):
         return worst.mean(), torch.stack(logits)[which, torch.arange(len(x), device=x.device)]
 
 
-_REGISTRY = {cls.name: cls for cls in (Defense, JPEG, Grayscale, Cutout, CutMix, Mixup, AdversarialTraining, UEraser)}
-DEFENSES = tuple(_REGISTRY)  # ("none", "jpeg", "grayscale", "cutout", "cutmix", "mixup", "adv-train", "ueraser")
+@dataclass(frozen=True)
+class UEraserLite(UEraser):
+    """UEraser-Lite: one strong augmentation per batch from the first epoch (``max_epochs`` 0)."""
+
+    max_epochs: int | None = 0
+    name: ClassVar[str] = "ueraser-lite"
+
+
+@dataclass(frozen=True)
+class UEraserMax(UEraser):
+    """UEraser-Max: the worst of ``repeats`` for ``max_epochs`` 300 epochs (APBench's default)."""
+
+    max_epochs: int | None = 300
+    name: ClassVar[str] = "ueraser-max"
+
+
+_REGISTRY = {cls.name: cls for cls in (Defense, JPEG, Grayscale, GaussianBlur, BitDepthReduction, Cutout, CutMix,
+                                       Mixup, AdversarialTraining, UEraserLite, UEraser, UEraserMax)}
+DEFENSES = tuple(_REGISTRY)
 
 
 def get_defense(name: str, **options) -> Defense:

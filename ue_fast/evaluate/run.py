@@ -73,7 +73,8 @@ def _clean_counterpart(train_dir: Path | None, protected: ImageSet, clean, resiz
 
 
 def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: str = "none",
-             adv_eps: float = 8, batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4,
+             adv_eps: float = 8, adv_norm: str = "linf", jpeg_quality: int = 10, batch_size: int = 128,
+             lr: float = 0.1, weight_decay: float = 5e-4,
              device: str | None = None, seed: int = 0, resize=None, mi: bool = False, clean=None,
              order=None, out=None, plot: bool = True, progress: bool = True, label: str | None = None) -> dict:
     """Train a victim on ``train``, test it on clean ``test`` after every epoch; return the results.
@@ -93,7 +94,8 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         arch: victim network, one of ``ue_fast.models.ARCHS``.
         epochs: training epochs (cosine schedule over them).
         defense: one of ``DEFENSES``; ``adv_eps`` (units of 1/255) is the radius of
-            ``adv-train``.
+            ``adv-train`` in the norm ``adv_norm`` ("linf" or "l2": an L2 radius of 0.5 is
+            127.5); ``jpeg_quality`` (1-100) the quality of ``jpeg``.
         mi: also compute the feature statistics of ``ue_fast.metrics`` from a victim
             of the same recipe trained on the clean counterparts (``clean``: a folder
             or ImageSet; None reads the input named in ``train``'s manifest.json).
@@ -112,6 +114,12 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if not (0 < adv_eps <= 255):
         raise ValueError(f"adv_eps must be in (0, 255] (units of 1/255), got {adv_eps!r}")
+    if adv_norm not in ("linf", "l2"):
+        raise ValueError(f"adv_norm must be 'linf' or 'l2', got {adv_norm!r}")
+    if adv_norm != "linf" and defense != "adv-train":
+        raise ValueError(f"adv_norm applies to defense 'adv-train', not {defense!r}")
+    if jpeg_quality != 10 and defense != "jpeg":
+        raise ValueError(f"jpeg_quality applies to defense 'jpeg', not {defense!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
@@ -133,7 +141,7 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         raise ValueError(f"training and test folders have different classes: {tr.classes} vs {te.classes}")
     if tr.image_size != te.image_size:
         raise ValueError(f"training images are {tr.image_size}, test images {te.image_size}: pass resize")
-    options = {"eps": adv_eps / 255} if defense == "adv-train" else {}
+    options = {"adv-train": {"eps": adv_eps / 255, "norm": adv_norm}, "jpeg": {"quality": jpeg_quality}}.get(defense, {})
     common = dict(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                   device=dev, progress=progress)
     victim = train_victim(tr.images, tr.labels, te.images, te.labels, len(tr.classes),
@@ -149,7 +157,8 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         "train_source": tr.origin,
         "num_train": len(tr), "num_test": len(te), "classes": tr.classes, "image_size": list(tr.image_size),
         "settings": dict(arch=arch, epochs=epochs, defense=defense, adv_eps_255=adv_eps if defense == "adv-train"
-                         else None, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                         else None, adv_norm=adv_norm if defense == "adv-train" else None,
+                         jpeg_quality=jpeg_quality if defense == "jpeg" else None, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                          momentum=0.9, augmentation="crop 4 px padding + horizontal flip", schedule="cosine"),
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         "versions": {"ue_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},

@@ -103,6 +103,7 @@ def train_victim(train_images: torch.Tensor, train_labels: torch.Tensor, test_im
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         model.train()
+        phase = defense.at_epoch(epoch)  # UEraser's max-loss phase ends after its epochs
         perm = torch.randperm(n, generator=gen).to(dev)
         correct = torch.zeros((), dtype=torch.int64, device=dev)
         for i in range(0, n - 1 if n % batch_size == 1 else n, batch_size):  # no batch of one for BN
@@ -111,7 +112,7 @@ def train_victim(train_images: torch.Tensor, train_labels: torch.Tensor, test_im
             if x.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                loss, logits = defense.loss(model, x, ys[idx], gen)
+                loss, logits = phase.loss(model, x, ys[idx], gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
