@@ -50,6 +50,7 @@ import torch
 import ue_fast
 from ue_fast.data import ImageSet, load_cifar_subset, read_image_folder, write_json_atomic
 from ue_fast.evaluate import DEFENSES
+from ue_fast.evaluate.run import protected_mask
 from ue_fast.methods import METHODS
 from ue_fast.methods.settings import parse_value
 
@@ -101,12 +102,7 @@ def _mixed_sets(train: ImageSet, protected: dict[str, ImageSet], fraction: float
     Per class a fixed random ``fraction`` of the images (seed 0) is protected; the
     same images for every method.
     """
-    gen = torch.Generator().manual_seed(0)
-    clean = torch.zeros(len(train), dtype=torch.bool)
-    for c in range(len(train.classes)):
-        idx = torch.nonzero(train.labels == c)[:, 0]
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        clean[idx[: len(idx) - round(fraction * len(idx))]] = True
+    clean = ~protected_mask(train.labels, len(train.classes), fraction, seed=0)
     keep = torch.nonzero(clean)[:, 0].tolist()
     out = {"clean part": ImageSet(train.images[clean], train.labels[clean], train.classes,
                                   [train.paths[i] for i in keep])}

@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import ue_fast
@@ -160,3 +161,46 @@ def test_victim_loop_takes_each_epochs_defense(folders):
     train_victim(data.images, data.labels, data.images, data.labels, len(data.classes), arch="cnn-small", epochs=3,
                  defense=Phased())
     assert calls == [0, 1, 2]
+
+
+def test_protected_mask_is_class_balanced_and_seeded():
+    from ue_fast.evaluate.run import protected_mask
+
+    labels = torch.arange(3).repeat_interleave(torch.tensor([10, 7, 4]))
+    m = protected_mask(labels, 3, 0.5, seed=0)
+    assert [int(m[labels == c].sum()) for c in range(3)] == [5, 4, 2]  # round(0.5 n_c) of every class
+    assert torch.equal(m, protected_mask(labels, 3, 0.5, seed=0))
+    assert not torch.equal(m, protected_mask(labels, 3, 0.5, seed=1))
+    assert bool(protected_mask(labels, 3, 1.0).all()) and not bool(protected_mask(labels, 3, 0.04).any())
+
+
+def test_poison_ratio_mixes_protected_and_clean_and_trains_the_reference(folders, monkeypatch, capsys):
+    from ue_fast.data import read_image_folder
+    from ue_fast.evaluate.run import protected_mask
+
+    train, test, prot = folders
+    calls = []
+    real = ue_fast.evaluate.run.train_victim
+
+    def spy(images, labels, *args, **kwargs):
+        calls.append((images.clone(), labels.clone()))
+        return real(images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(ue_fast.evaluate.run, "train_victim", spy)
+    assert cli_main(["evaluate", "--train", str(prot), "--test", str(test), "--arch", "cnn-small", "--epochs", "1",
+                     "--device", "cpu", "--no-progress", "--poison-ratio", "0.3", "--out",
+                     str(prot.parent / "ratio.json")]) == 0
+    out = capsys.readouterr().out
+    assert "9 of 30 images protected (0.3)" in out and "the 21 clean images alone" in out
+    r = json.loads((prot.parent / "ratio.json").read_text())
+    part = r["poison_ratio"]
+    assert (part["ratio"], part["protected"], part["clean"]) == (0.3, 9, 21)
+    assert len(part["clean_part"]["test_acc"]) == 1 and r["settings"]["poison_ratio"] == 0.3
+    # what each victim saw: the clean part alone, then protected where the mask says, clean elsewhere
+    p, c = read_image_folder(prot, progress=False), read_image_folder(train, progress=False)
+    mask = protected_mask(p.labels, 3, 0.3, seed=0)
+    assert torch.equal(calls[0][0], c.images[~mask]) and torch.equal(calls[0][1], c.labels[~mask])
+    assert torch.equal(calls[1][0], torch.where(mask[:, None, None, None], p.images, c.images))
+    assert not torch.equal(p.images[mask], c.images[mask])
+    with pytest.raises(ValueError, match="fraction in"):
+        ue_fast.evaluate(prot, test, poison_ratio=30, epochs=1, device="cpu", progress=False)

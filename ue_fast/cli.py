@@ -137,8 +137,8 @@ def _cmd_evaluate(args) -> int:
     r = evaluate(args.train, args.test, arch=args.arch, epochs=args.epochs, defense=args.defense,
                  adv_eps=args.adv_eps, adv_norm=args.adv_norm, jpeg_quality=args.jpeg_quality,
                  batch_size=args.batch_size, device=args.device, seed=args.seed,
-                 resize=args.resize, mi=args.mi, clean=args.clean, order=args.order, out=args.out,
-                 progress=not args.no_progress)
+                 resize=args.resize, mi=args.mi, clean=args.clean, order=args.order, poison_ratio=args.poison_ratio,
+                 out=args.out, progress=not args.no_progress)
     s = r["settings"]
     src = r.get("train_source") or {}
     if src.get("format") in ("apbench", "tensor"):
@@ -147,6 +147,12 @@ def _cmd_evaluate(args) -> int:
     print(f"victim {s['arch']} trained {s['epochs']} epochs on {r['num_train']} images of {r['train']} "
           f"(defense: {s['defense']}); clean test accuracy on {r['num_test']} images: "
           f"best {100 * r['best']:.2f}%, last {100 * r['last']:.2f}%")
+    part = r.get("poison_ratio")
+    if part and part["clean_part"]:
+        print(f"partial protection: {part['protected']} of {r['num_train']} images protected ({part['ratio']:g}); "
+              f"the victim above trained on them plus the {part['clean']} clean others. Reference, the "
+              f"{part['clean']} clean images alone: best {100 * part['clean_part']['best']:.2f}%, last "
+              f"{100 * part['clean_part']['last']:.2f}%")
     if "mi" in r:
         m = r["mi"]
         print("feature statistics (model trained on the clean counterparts): "
@@ -338,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "counterparts of --train (default: the input named in its manifest.json)")
     ev.add_argument("--order", type=Path, default=None, metavar="FILE",
                     help="order file of a --clean image folder: its relative paths, one per line, in index order")
+    ev.add_argument("--poison-ratio", type=float, default=None, metavar="P",
+                    help="partial protection: only a class-balanced, seeded fraction P in (0, 1] of the training "
+                    "set is protected, the rest clean (needs the clean counterparts: --clean, or the input a "
+                    "protect manifest names); a second victim trains on the clean part alone, the reference")
     ev.add_argument("--out", type=Path, default=None, help="results JSON (the curves go beside it as .png)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)

@@ -72,11 +72,26 @@ def _clean_counterpart(train_dir: Path | None, protected: ImageSet, clean, resiz
                     paths=[data.paths[i] for i in idx.tolist()])
 
 
+def protected_mask(labels: torch.Tensor, num_classes: int, ratio: float, seed: int = 0) -> torch.Tensor:
+    """bool [N]: which images a partial protection of ``ratio`` protects. Per class, in label
+    order, a permutation of its images drawn from one generator seeded with ``seed``; the last
+    ``round(ratio * n_c)`` of it are protected, the rest stay clean. Seeded and class-balanced:
+    the same images whatever the method."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c)[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        mask[idx[len(idx) - round(ratio * len(idx)):]] = True
+    return mask
+
+
 def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: str = "none",
              adv_eps: float = 8, adv_norm: str = "linf", jpeg_quality: int = 10, batch_size: int = 128,
              lr: float = 0.1, weight_decay: float = 5e-4,
              device: str | None = None, seed: int = 0, resize=None, mi: bool = False, clean=None,
-             order=None, out=None, plot: bool = True, progress: bool = True, label: str | None = None) -> dict:
+             order=None, poison_ratio: float | None = None, out=None, plot: bool = True, progress: bool = True,
+             label: str | None = None) -> dict:
     """Train a victim on ``train``, test it on clean ``test`` after every epoch; return the results.
 
     Args:
@@ -91,6 +106,12 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
             a data set (``cifar-10-batches-py/``, an SVHN ``.mat``, ...) or a folder with ``order``;
             for ``mi``, the clean counterparts of a protected folder.
         order: an order file for a ``clean`` image folder (one relative path per line).
+        poison_ratio: partial protection: only a fraction in (0, 1] of the training set, the same
+            share of every class drawn with ``seed`` (:func:`protected_mask`), is the protected
+            images; the rest are their clean counterparts (``clean``, the base set of another
+            tool's poisons, or the input a ``protect`` manifest names). A second victim trains on
+            the clean part alone, the reference the partial protection must be compared to: the
+            results' ``poison_ratio`` holds its curve.
         arch: victim network, one of ``ue_fast.models.ARCHS``.
         epochs: training epochs (cosine schedule over them).
         defense: one of ``DEFENSES``; ``adv_eps`` (units of 1/255) is the radius of
@@ -120,6 +141,9 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         raise ValueError(f"adv_norm applies to defense 'adv-train', not {defense!r}")
     if jpeg_quality != 10 and defense != "jpeg":
         raise ValueError(f"jpeg_quality applies to defense 'jpeg', not {defense!r}")
+    if poison_ratio is not None:
+        if isinstance(poison_ratio, bool) or not isinstance(poison_ratio, (int, float)) or not 0 < poison_ratio <= 1:
+            raise ValueError(f"poison_ratio must be a fraction in (0, 1] (0.2 for 20%), got {poison_ratio!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
@@ -144,7 +168,19 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
     options = {"adv-train": {"eps": adv_eps / 255, "norm": adv_norm}, "jpeg": {"quality": jpeg_quality}}.get(defense, {})
     common = dict(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                   device=dev, progress=progress)
-    victim = train_victim(tr.images, tr.labels, te.images, te.labels, len(tr.classes),
+    partial, train_set = None, tr
+    if poison_ratio is not None and poison_ratio < 1:
+        cl = base if base is not None else _clean_counterpart(train_dir, tr, clean, resize)
+        mask = protected_mask(tr.labels, len(tr.classes), poison_ratio, seed)
+        train_set = ImageSet(torch.where(mask[:, None, None, None], tr.images, cl.images), tr.labels, tr.classes,
+                             tr.paths, origin=tr.origin)
+        keep = (~mask).nonzero()[:, 0]
+        ref = train_victim(cl.images[keep], cl.labels[keep], te.images, te.labels, len(tr.classes),
+                           defense=get_defense(defense, **options), **common)
+        partial = {"ratio": poison_ratio, "protected": int(mask.sum()), "clean": len(keep), "seed": seed,
+                   "clean_part": {"test_acc": ref.test_acc, "train_acc": ref.train_acc, "best": ref.best,
+                                  "last": ref.last}}
+    victim = train_victim(train_set.images, train_set.labels, te.images, te.labels, len(tr.classes),
                           defense=get_defense(defense, **options), **common)
     t_victim = time.perf_counter() - t0
 
@@ -158,14 +194,17 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         "num_train": len(tr), "num_test": len(te), "classes": tr.classes, "image_size": list(tr.image_size),
         "settings": dict(arch=arch, epochs=epochs, defense=defense, adv_eps_255=adv_eps if defense == "adv-train"
                          else None, adv_norm=adv_norm if defense == "adv-train" else None,
-                         jpeg_quality=jpeg_quality if defense == "jpeg" else None, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-                         momentum=0.9, augmentation="crop 4 px padding + horizontal flip", schedule="cosine"),
+                         jpeg_quality=jpeg_quality if defense == "jpeg" else None, poison_ratio=poison_ratio,
+                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, momentum=0.9, augmentation="crop 4 px padding + horizontal flip", schedule="cosine"),
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         "versions": {"ue_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "test_acc": victim.test_acc, "train_acc": victim.train_acc,
         "best": victim.best, "last": victim.last,
         "timings_s": {"victim": t_victim},
     }
+    if poison_ratio is not None:
+        results["poison_ratio"] = partial or {"ratio": poison_ratio, "protected": len(tr), "clean": 0, "seed": seed,
+                                              "clean_part": None}
     if mi:
         from ..metrics import mi_report
 
