@@ -12,14 +12,15 @@ from torch import nn
 
 from ue_fast.models import ARCHS, CIFAR10_MEAN, CIFAR10_STD, build_model, count_parameters
 
-FEATURE_DIM = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "cnn-small": 128}
+FEATURE_DIM = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "vgg19": 512, "cnn-small": 128}
 
 # Exact counts for 10 classes. ResNets: torchvision's resnet18 / resnet50
 # (11,689,512 / 25,557,032) less the 7x7 stem (9,408 -> 1,728) and with a
 # 10-way head (512*10+10 / 2048*10+10). VGG-16-BN: torchvision's 13 conv-BN
 # layers (14,723,136, conv biases included) plus a 512*10+10 head.
 # cnn-small: conv 3-32, 32-64, 64-128, 128-128 (no bias) + BN + 128*10+10.
-PARAMS_10 = {"resnet18": 11_173_962, "resnet50": 23_520_842, "vgg16": 14_728_266, "cnn-small": 242_474}
+PARAMS_10 = {"resnet18": 11_173_962, "resnet50": 23_520_842, "vgg16": 14_728_266, "vgg19": 20_040_522,
+             "cnn-small": 242_474}
 
 
 def _build(arch, num_classes=10, seed=0, **kw):
@@ -295,6 +296,9 @@ def test_vgg_structure(models):
     assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 256] + [512] * 6
     assert len(pools) == 5
     assert isinstance(models["vgg16"].classifier, nn.Linear)
+    convs = [m for m in models["vgg19"].modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 128] + [256] * 4 + [512] * 8
+    assert len([m for m in models["vgg19"].modules() if isinstance(m, nn.MaxPool2d)]) == 5
 
 
 # ----------------------------------------------------------------------------- validation
@@ -302,7 +306,7 @@ def test_vgg_structure(models):
 
 @pytest.mark.parametrize("arch", ["resnet19", "ResNet18", "", None, 18])
 def test_bad_arch(arch):
-    with pytest.raises(ValueError, match=r"arch.*resnet18, resnet50, vgg16, cnn-small") as info:
+    with pytest.raises(ValueError, match=r"arch.*resnet18, resnet50, vgg16, vgg19, cnn-small") as info:
         build_model(arch, 10)
     assert repr(arch) in str(info.value)
 
@@ -347,3 +351,25 @@ def test_resnets_take_the_imagenet_stem_above_64_px(arch):
         assert logits.shape == (1, 3)
     assert seen == {64: (64, 64), 65: (17, 17), 224: (56, 56)}
     assert build_model(arch, 3, image_size=64).stem == "cifar" and build_model(arch, 3, image_size=65).stem == "imagenet"
+
+
+@pytest.mark.parametrize("arch", ["vgg19"])  # APBench's victims, as they are added
+def test_victim_learns_a_tiny_real_subset(arch):
+    """Trained with the victim recipe's optimiser (SGD, momentum 0.9) on 20 real CIFAR-10 images,
+    the network fits them: the loss falls to under half its start within 15 steps."""
+    from _helpers import demo_sets
+
+    train, _ = demo_sets()
+    pick = torch.arange(0, 1000, 50)  # 2 images of each class
+    x, y = train.images[pick].float() / 255, train.labels[pick]
+    torch.manual_seed(0)
+    model = build_model(arch, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(model(x)[1], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses

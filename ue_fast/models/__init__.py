@@ -18,16 +18,16 @@ from ..ops._checks import check_int
 from ._layers import CIFAR10_MEAN, CIFAR10_STD, Normalize
 from .resnet import ResNet, resnet18, resnet50
 from .small import SmallCNN, cnn_small
-from .vgg import VGG, vgg16
+from .vgg import VGG, vgg16, vgg19
 
 __all__ = [
     "ARCHS", "build_model", "count_parameters",
     "ResNet", "VGG", "SmallCNN", "Normalize", "CIFAR10_MEAN", "CIFAR10_STD",
 ]
 
-ARCHS = ("resnet18", "resnet50", "vgg16", "cnn-small")
+ARCHS = ("resnet18", "resnet50", "vgg16", "vgg19", "cnn-small")
 
-_BUILDERS = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16, "cnn-small": cnn_small}
+_BUILDERS = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16, "vgg19": vgg19, "cnn-small": cnn_small}
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 IMAGENET_STEM_ABOVE = 64  # px: larger images get the ImageNet stem in ResNets

@@ -1,5 +1,6 @@
-"""VGG-16 with batch norm, in the CIFAR form: thirteen 3x3 conv-BN-ReLU layers,
-five max-pools, global average pool and one linear layer (no 4096-wide MLP)."""
+"""VGG-16 and VGG-19 with batch norm, in the CIFAR form: thirteen (sixteen) 3x3
+conv-BN-ReLU layers, five max-pools, global average pool and one linear layer (no
+4096-wide MLP), as the CIFAR VGGs the UE literature and APBench evaluate on."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,7 @@ from ._layers import Normalize, init_weights
 
 # Channel widths; "M" is a 2x2 max-pool.
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 
 
 class VGG(nn.Module):
@@ -54,3 +56,8 @@ class VGG(nn.Module):
 def vgg16(num_classes: int = 10) -> VGG:
     """VGG-16-BN, CIFAR form; 14,728,266 parameters for 10 classes."""
     return VGG(VGG16_CFG, num_classes)
+
+
+def vgg19(num_classes: int = 10) -> VGG:
+    """VGG-19-BN, CIFAR form; 20,040,522 parameters for 10 classes."""
+    return VGG(VGG19_CFG, num_classes)
