@@ -8,18 +8,23 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ue_fast.models import ARCHS, CIFAR10_MEAN, CIFAR10_STD, build_model, count_parameters
 
-FEATURE_DIM = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "vgg19": 512, "cnn-small": 128}
+FEATURE_DIM = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "vgg19": 512, "mobilenetv2": 1280, "densenet121": 1024,
+               "senet18": 512, "wrn34-10": 640, "cnn-small": 128}
 
 # Exact counts for 10 classes. ResNets: torchvision's resnet18 / resnet50
 # (11,689,512 / 25,557,032) less the 7x7 stem (9,408 -> 1,728) and with a
 # 10-way head (512*10+10 / 2048*10+10). VGG-16-BN: torchvision's 13 conv-BN
 # layers (14,723,136, conv biases included) plus a 512*10+10 head.
 # cnn-small: conv 3-32, 32-64, 64-128, 128-128 (no bias) + BN + 128*10+10.
+# VGG-19-BN, MobileNetV2, DenseNet-121, SENet-18 and WRN-34-10: the counts of the CIFAR
+# forms APBench and the adversarial-training literature train (their nets/ definitions).
 PARAMS_10 = {"resnet18": 11_173_962, "resnet50": 23_520_842, "vgg16": 14_728_266, "vgg19": 20_040_522,
+             "mobilenetv2": 2_296_922, "densenet121": 6_956_298, "senet18": 11_260_354, "wrn34-10": 46_160_474,
              "cnn-small": 242_474}
 
 
@@ -172,8 +177,11 @@ def test_channels_last(model, gen):
         f_ref, l_ref = model(x)
         model = model.to(memory_format=torch.channels_last)
         f, logits = model(x.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(f, f_ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(logits, l_ref, rtol=1e-4, atol=1e-4)
+    # Relative to the norm: in eval mode at initialisation (unit running variances) a deep
+    # net's features reach 1e7 (DenseNet-121), where elementwise tolerances mean nothing;
+    # float32 rounding stays near 1e-6 of the norm, a layout bug gives errors of order 1.
+    for a, b in ((f, f_ref), (logits, l_ref)):
+        assert torch.isfinite(a).all() and float((a - b).norm()) <= 1e-4 * float(b.norm())
 
 
 # Loose on purpose: fp32 input gradients sit up to ~5e-3 (relative) from float64
@@ -306,7 +314,7 @@ def test_vgg_structure(models):
 
 @pytest.mark.parametrize("arch", ["resnet19", "ResNet18", "", None, 18])
 def test_bad_arch(arch):
-    with pytest.raises(ValueError, match=r"arch.*resnet18, resnet50, vgg16, vgg19, cnn-small") as info:
+    with pytest.raises(ValueError, match=r"arch.*resnet18, resnet50, vgg16, vgg19, mobilenetv2, .*cnn-small") as info:
         build_model(arch, 10)
     assert repr(arch) in str(info.value)
 
@@ -353,7 +361,7 @@ def test_resnets_take_the_imagenet_stem_above_64_px(arch):
     assert build_model(arch, 3, image_size=64).stem == "cifar" and build_model(arch, 3, image_size=65).stem == "imagenet"
 
 
-@pytest.mark.parametrize("arch", ["vgg19"])  # APBench's victims, as they are added
+@pytest.mark.parametrize("arch", ["vgg19", "mobilenetv2", "densenet121", "senet18", "wrn34-10"])
 def test_victim_learns_a_tiny_real_subset(arch):
     """Trained with the victim recipe's optimiser (SGD, momentum 0.9) on 20 real CIFAR-10 images,
     the network fits them: the loss falls to under half its start within 15 steps."""
@@ -362,14 +370,28 @@ def test_victim_learns_a_tiny_real_subset(arch):
     train, _ = demo_sets()
     pick = torch.arange(0, 1000, 50)  # 2 images of each class
     x, y = train.images[pick].float() / 255, train.labels[pick]
+    if arch in ("wrn34-10", "densenet121"):  # the two heaviest: 10 images at 16 px keep it to seconds
+        x = F.interpolate(x[::2], size=16, mode="bilinear", antialias=True, align_corners=False)
+        y = y[::2]
     torch.manual_seed(0)
     model = build_model(arch, 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     losses = []
     for _ in range(15):
-        loss = torch.nn.functional.cross_entropy(model(x)[1], y)
+        loss = F.cross_entropy(model(x)[1], y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv2", "densenet121", "senet18", "wrn34-10"])
+def test_imagenet_stem_above_64_px(arch, gen):
+    """Above 64 px the CIFAR forms take their ImageNet forms' early down-sampling: 4x smaller
+    maps into the body, the same features out."""
+    small, large = _build(arch, image_size=64), _build(arch, image_size=96)
+    assert (small.stem, large.stem) == ("cifar", "imagenet")
+    with torch.no_grad():
+        features, logits = large.eval()(images(gen, 1, 96))
+    assert features.shape == (1, FEATURE_DIM[arch]) and torch.isfinite(logits).all()

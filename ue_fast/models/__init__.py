@@ -16,18 +16,22 @@ from torch import nn
 
 from ..ops._checks import check_int
 from ._layers import CIFAR10_MEAN, CIFAR10_STD, Normalize
+from .cifar_cnns import DenseNet, MobileNetV2, SENet, WideResNet, densenet121, mobilenetv2, senet18, wrn34_10
 from .resnet import ResNet, resnet18, resnet50
 from .small import SmallCNN, cnn_small
 from .vgg import VGG, vgg16, vgg19
 
 __all__ = [
     "ARCHS", "build_model", "count_parameters",
-    "ResNet", "VGG", "SmallCNN", "Normalize", "CIFAR10_MEAN", "CIFAR10_STD",
+    "ResNet", "VGG", "SmallCNN", "MobileNetV2", "DenseNet", "SENet", "WideResNet", "Normalize", "CIFAR10_MEAN",
+    "CIFAR10_STD",
 ]
 
-ARCHS = ("resnet18", "resnet50", "vgg16", "vgg19", "cnn-small")
+ARCHS = ("resnet18", "resnet50", "vgg16", "vgg19", "mobilenetv2", "densenet121", "senet18", "wrn34-10", "cnn-small")
 
-_BUILDERS = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16, "vgg19": vgg19, "cnn-small": cnn_small}
+_BUILDERS = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16, "vgg19": vgg19, "mobilenetv2": mobilenetv2,
+             "densenet121": densenet121, "senet18": senet18, "wrn34-10": wrn34_10, "cnn-small": cnn_small}
+_STEMMED = ("resnet18", "resnet50", "mobilenetv2", "densenet121", "senet18", "wrn34-10")
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 IMAGENET_STEM_ABOVE = 64  # px: larger images get the ImageNet stem in ResNets
@@ -51,13 +55,15 @@ def build_model(arch: str, num_classes: int, *, image_size: int = 32) -> nn.Modu
     as ``model.image_size`` for callers (checkpoints, input checks) to read.
     ResNets take torchvision's ImageNet stem (7x7 stride-2 convolution and max-pool)
     above ``IMAGENET_STEM_ABOVE`` = 64 px, the CIFAR stem otherwise (see
-    ``ue_fast.models.resnet``); the other models do not change with the size.
+    ``ue_fast.models.resnet``), and so do MobileNetV2, DenseNet-121, SENet-18 and
+    WRN-34-10 their ImageNet forms' early down-sampling (``ue_fast.models.cifar_cnns``);
+    VGG and cnn-small do not change with the size.
     """
     if not isinstance(arch, str) or arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     num_classes = _check_int("num_classes", num_classes, 2)
     image_size = _check_int("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
-    if arch in ("resnet18", "resnet50"):
+    if arch in _STEMMED:
         model = _BUILDERS[arch](num_classes, stem="imagenet" if image_size > IMAGENET_STEM_ABOVE else "cifar")
     else:
         model = _BUILDERS[arch](num_classes)
