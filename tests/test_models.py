@@ -375,7 +375,9 @@ def test_victim_learns_a_tiny_real_subset(arch):
         y = y[::2]
     torch.manual_seed(0)
     model = build_model(arch, 10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # lr 0.05: at 0.01 MobileNetV2 halves its loss only around step 15, too close to call
+    # (measured 1.10 in one run, 1.43 in another, against 1.14)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for _ in range(15):
         loss = F.cross_entropy(model(x)[1], y)
