@@ -27,8 +27,28 @@ def _check_stem(stem: str) -> None:
         raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
 
 
+def _stem(stem: str, planes: int) -> tuple[nn.Module, nn.Module]:
+    """(conv1, pool1): a 3x3 stride-1 convolution and no pool (CIFAR), or a 7x7 stride-2
+    convolution and a 3x3 stride-2 max-pool (ImageNet), into ``planes`` channels."""
+    _check_stem(stem)
+    if stem == "cifar":
+        return nn.Conv2d(3, planes, 3, padding=1, bias=False), nn.Identity()
+    return nn.Conv2d(3, planes, 7, stride=2, padding=3, bias=False), nn.MaxPool2d(3, stride=2, padding=1)
+
+
 class _Classifier(nn.Module):
     """Shared tail: ``forward_features`` from the subclass, then the linear head ``classifier``."""
+
+    def _head(self, planes: int, num_classes: int) -> None:
+        """The final BN, the feature width, the linear head, then the weights' initialisation."""
+        self.bn = nn.BatchNorm2d(planes)
+        self.feature_dim = planes
+        self.classifier = nn.Linear(planes, num_classes)
+        init_weights(self)
+
+    def _pool_features(self, out: torch.Tensor) -> torch.Tensor:
+        """BN-ReLU, global average pool, flatten."""
+        return torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1), 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.forward_features(x)
@@ -138,16 +158,10 @@ class DenseNet(_Classifier):
 
     def __init__(self, blocks=(6, 12, 24, 16), growth: int = 32, num_classes: int = 10, stem: str = "cifar"):
         super().__init__()
-        _check_stem(stem)
         self.stem = stem
         self.normalize = Normalize()
         planes = 2 * growth
-        if stem == "cifar":
-            self.conv1 = nn.Conv2d(3, planes, 3, padding=1, bias=False)
-            self.pool1 = nn.Identity()
-        else:
-            self.conv1 = nn.Conv2d(3, planes, 7, stride=2, padding=3, bias=False)
-            self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv1, self.pool1 = _stem(stem, planes)
         stages = []
         for i, n in enumerate(blocks):
             layers = []
@@ -159,14 +173,10 @@ class DenseNet(_Classifier):
                 planes //= 2
             stages.append(nn.Sequential(*layers))
         self.dense = nn.Sequential(*stages)
-        self.bn = nn.BatchNorm2d(planes)
-        self.feature_dim = planes
-        self.classifier = nn.Linear(planes, num_classes)
-        init_weights(self)
+        self._head(planes, num_classes)
 
     def forward_features(self, x):
-        out = self.dense(self.pool1(self.conv1(self.normalize(x))))
-        return torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1), 1)
+        return self._pool_features(self.dense(self.pool1(self.conv1(self.normalize(x)))))
 
 
 # ----------------------------------------------------------------------------- SENet-18
@@ -203,15 +213,9 @@ class SENet(_Classifier):
 
     def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, stem: str = "cifar"):
         super().__init__()
-        _check_stem(stem)
         self.stem = stem
         self.normalize = Normalize()
-        if stem == "cifar":
-            self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
-            self.pool1 = nn.Identity()
-        else:
-            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-            self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv1, self.pool1 = _stem(stem, 64)
         self.bn1 = nn.BatchNorm2d(64)
         stages, in_planes = [], 64
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks)):
@@ -261,33 +265,23 @@ class WideResNet(_Classifier):
 
     def __init__(self, depth: int = 34, widen: int = 10, num_classes: int = 10, stem: str = "cifar"):
         super().__init__()
-        _check_stem(stem)
         if (depth - 4) % 6:
             raise ValueError(f"depth must be 6n + 4, got {depth}")
         self.stem = stem
         self.normalize = Normalize()
         n = (depth - 4) // 6
         widths = (16, 16 * widen, 32 * widen, 64 * widen)
-        if stem == "cifar":
-            self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-            self.pool1 = nn.Identity()
-        else:
-            self.conv1 = nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False)
-            self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv1, self.pool1 = _stem(stem, widths[0])
         groups, in_planes = [], widths[0]
         for planes, stride in zip(widths[1:], (1, 2, 2)):
             groups.append(nn.Sequential(*[WideBlock(in_planes if b == 0 else planes, planes, stride if b == 0 else 1)
                                           for b in range(n)]))
             in_planes = planes
         self.groups = nn.Sequential(*groups)
-        self.bn = nn.BatchNorm2d(in_planes)
-        self.feature_dim = in_planes
-        self.classifier = nn.Linear(in_planes, num_classes)
-        init_weights(self)
+        self._head(in_planes, num_classes)
 
     def forward_features(self, x):
-        out = self.groups(self.pool1(self.conv1(self.normalize(x))))
-        return torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1), 1)
+        return self._pool_features(self.groups(self.pool1(self.conv1(self.normalize(x)))))
 
 
 def mobilenetv2(num_classes: int = 10, stem: str = "cifar") -> MobileNetV2:
