@@ -204,3 +204,31 @@ def test_poison_ratio_mixes_protected_and_clean_and_trains_the_reference(folders
     assert not torch.equal(p.images[mask], c.images[mask])
     with pytest.raises(ValueError, match="fraction in"):
         ue_fast.evaluate(prot, test, poison_ratio=30, epochs=1, device="cpu", progress=False)
+
+
+def test_each_arch_trains_with_its_recipe(folders, monkeypatch):
+    """The CNNs train with SGD (0.1, 5e-4), the transformers with AdamW (1e-3, 0.05); --lr and
+    --weight-decay override either, and the settings say which ran."""
+    from ue_fast.evaluate import victim as victim_mod
+
+    train, test, _ = folders
+    made = []
+    real = victim_mod.make_optimizer
+
+    def spy(params, arch, **kw):
+        opt = real(params, arch, **kw)
+        made.append((arch, type(opt).__name__, opt.param_groups[0]["weight_decay"]))
+        return opt
+
+    monkeypatch.setattr(victim_mod, "make_optimizer", spy)
+    r = ue_fast.evaluate(train, test, arch="vit-small", epochs=1, device="cpu", progress=False)
+    s = r["settings"]
+    assert (s["optimizer"], s["lr"], s["weight_decay"], s["momentum"]) == ("adamw", 1e-3, 0.05, None)
+    r = ue_fast.evaluate(train, test, arch="cnn-small", epochs=1, device="cpu", progress=False, lr=0.02,
+                         weight_decay=0)
+    s = r["settings"]
+    assert (s["optimizer"], s["lr"], s["weight_decay"], s["momentum"]) == ("sgd", 0.02, 0, 0.9)
+    assert made == [("vit-small", "AdamW", 0.05), ("cnn-small", "SGD", 0)]
+    for bad in (dict(lr=0), dict(lr=-1), dict(weight_decay=-1e-4), dict(lr=float("nan"))):
+        with pytest.raises(ValueError, match="lr|weight_decay"):
+            ue_fast.evaluate(train, test, arch="cnn-small", epochs=1, device="cpu", progress=False, **bad)

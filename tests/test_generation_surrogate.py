@@ -107,3 +107,19 @@ def test_float64_computes_in_double_and_refuses_autocast(data):
     assert r64["train_loss"] == pytest.approx(r32["train_loss"], rel=1e-4) and r64["train_loss"] != r32["train_loss"]
     with pytest.raises(ValueError, match="autocast"):
         RunContext("cpu", amp=True, float64=True)
+
+
+def test_a_transformer_surrogate_takes_adamw_with_the_methods_schedule_scaled(data):
+    """SGD at the methods' rates does not train a ViT: its surrogate runs AdamW (weight decay
+    0.05) at the method's learning rates x 1e-3 / the method's base lr, and learns."""
+    b = Batches(data.images[:12], data.labels[:12], CPU, CPU, 0)
+    s = Surrogate(RunContext("cpu", progress=False), "vit-small", 3, 32, seed=0, lr=0.1, momentum=0.9,
+                  weight_decay=5e-4)
+    assert isinstance(s.optimizer, torch.optim.AdamW) and s.optimizer.param_groups[0]["weight_decay"] == 0.05
+    first = s.fit(b.shuffled(6), _clean(b), lr=0.05)
+    assert s.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 1e-3 / 0.1)
+    for _ in range(8):
+        last = s.fit(b.shuffled(6), _clean(b), lr=0.1)
+    assert last["train_loss"] < 0.3 * first["train_loss"] and last["train_acc"] == 1, (first, last)
+    s.reinit(1)
+    assert not s.optimizer.state

@@ -28,6 +28,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return v
+
+
 def _resize(text: str):
     parts = text.lower().split("x")
     try:
@@ -136,8 +146,8 @@ def _cmd_evaluate(args) -> int:
 
     r = evaluate(args.train, args.test, arch=args.arch, epochs=args.epochs, defense=args.defense,
                  adv_eps=args.adv_eps, adv_norm=args.adv_norm, jpeg_quality=args.jpeg_quality,
-                 batch_size=args.batch_size, device=args.device, seed=args.seed,
-                 resize=args.resize, mi=args.mi, clean=args.clean, order=args.order, poison_ratio=args.poison_ratio,
+                 batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, device=args.device,
+                 seed=args.seed, resize=args.resize, mi=args.mi, clean=args.clean, order=args.order, poison_ratio=args.poison_ratio,
                  out=args.out, progress=not args.no_progress)
     s = r["settings"]
     src = r.get("train_source") or {}
@@ -315,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="train a victim on a (protected) folder and test it on clean data",
                         description="Train a victim on TRAIN with the standard recipe (SGD 0.1, momentum 0.9, "
-                        "weight decay 5e-4, crop + flip, cosine schedule, batch 128), optionally under a "
+                        "weight decay 5e-4, crop + flip, cosine schedule, batch 128; AdamW 1e-3, weight decay "
+                        "0.05 for vit-small and cait-small), optionally under a "
                         "defence, and report clean test accuracy after every epoch (JSON + PNG curves).")
     ev.add_argument("--train", type=Path, required=True,
                     help="training set: a folder of class sub-folders (e.g. a protect output), a data set "
@@ -333,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--jpeg-quality", type=int, default=10, metavar="Q",
                     help="quality (1-100) of --defense jpeg (default 10, as ISS and APBench)")
     ev.add_argument("--batch-size", type=_positive_int, default=128)
+    ev.add_argument("--lr", type=_positive_float, default=None,
+                    help="peak learning rate (default: the arch's recipe, 0.1 SGD; 1e-3 AdamW for the transformers)")
+    ev.add_argument("--weight-decay", type=float, default=None,
+                    help="weight decay (default: the arch's recipe, 5e-4; 0.05 for the transformers)")
     ev.add_argument("--device", default=default_device, help=f"cpu, cuda or cuda:N (default {default_device})")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--resize", type=_resize, default=None, help="resize every image to N or HxW")

@@ -19,7 +19,7 @@ from .. import __version__
 from ..data import ImageSet, read_json, write_json_atomic
 from ..data.canonical import detect, read_dataset
 from ..data.poisons import kind_of, load_poisoned
-from ..models import ARCHS
+from ..models import ARCHS, recipe
 from .defenses import DEFENSES, get_defense
 from .victim import train_victim
 
@@ -88,7 +88,7 @@ def protected_mask(labels: torch.Tensor, num_classes: int, ratio: float, seed: i
 
 def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: str = "none",
              adv_eps: float = 8, adv_norm: str = "linf", jpeg_quality: int = 10, batch_size: int = 128,
-             lr: float = 0.1, weight_decay: float = 5e-4,
+             lr: float | None = None, weight_decay: float | None = None,
              device: str | None = None, seed: int = 0, resize=None, mi: bool = False, clean=None,
              order=None, poison_ratio: float | None = None, out=None, plot: bool = True, progress: bool = True,
              label: str | None = None) -> dict:
@@ -114,6 +114,8 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
             results' ``poison_ratio`` holds its curve.
         arch: victim network, one of ``ue_fast.models.ARCHS``.
         epochs: training epochs (cosine schedule over them).
+        lr, weight_decay: default the victim's recipe (``ue_fast.models.RECIPES``): SGD at 0.1
+            with 5e-4 for the CNNs, AdamW at 1e-3 with 0.05 for ``vit-small`` and ``cait-small``.
         defense: one of ``DEFENSES``; ``adv_eps`` (units of 1/255) is the radius of
             ``adv-train`` in the norm ``adv_norm`` ("linf" or "l2": an L2 radius of 0.5 is
             127.5); ``jpeg_quality`` (1-100) the quality of ``jpeg``.
@@ -133,6 +135,10 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         raise ValueError(f"unknown defense {defense!r}; choose one of {', '.join(DEFENSES)}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    for name, v in (("lr", lr), ("weight_decay", weight_decay)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")
+                              or (name == "lr" and v == 0)):
+            raise ValueError(f"{name} must be a {'positive' if name == 'lr' else 'non-negative'} number, got {v!r}")
     if not (0 < adv_eps <= 255):
         raise ValueError(f"adv_eps must be in (0, 255] (units of 1/255), got {adv_eps!r}")
     if adv_norm not in ("linf", "l2"):
@@ -165,6 +171,9 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         raise ValueError(f"training and test folders have different classes: {tr.classes} vs {te.classes}")
     if tr.image_size != te.image_size:
         raise ValueError(f"training images are {tr.image_size}, test images {te.image_size}: pass resize")
+    rec = recipe(arch)
+    lr = rec["lr"] if lr is None else lr
+    weight_decay = rec["weight_decay"] if weight_decay is None else weight_decay
     options = {"adv-train": {"eps": adv_eps / 255, "norm": adv_norm}, "jpeg": {"quality": jpeg_quality}}.get(defense, {})
     common = dict(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                   device=dev, progress=progress)
@@ -195,7 +204,9 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         "settings": dict(arch=arch, epochs=epochs, defense=defense, adv_eps_255=adv_eps if defense == "adv-train"
                          else None, adv_norm=adv_norm if defense == "adv-train" else None,
                          jpeg_quality=jpeg_quality if defense == "jpeg" else None, poison_ratio=poison_ratio,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, momentum=0.9, augmentation="crop 4 px padding + horizontal flip", schedule="cosine"),
+                         batch_size=batch_size, optimizer=rec["optimizer"], lr=lr, weight_decay=weight_decay, seed=seed,
+                         momentum=rec.get("momentum"), augmentation="crop 4 px padding + horizontal flip",
+                         schedule="cosine"),
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         "versions": {"ue_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "test_acc": victim.test_acc, "train_acc": victim.train_acc,

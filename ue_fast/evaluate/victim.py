@@ -2,7 +2,9 @@
 
 The standard recipe of the unlearnable-examples literature: SGD (lr 0.1, momentum
 0.9, weight decay 5e-4), cosine schedule over the epochs, batch 128, random crop
-with 4-pixel zero padding and horizontal flip. The images stay on the device as
+with 4-pixel zero padding and horizontal flip; the transformers (``vit-small``,
+``cait-small``) train with AdamW instead (lr 1e-3, weight decay 0.05: their
+``ue_fast.models.RECIPES``), with the same schedule and augmentation. The images stay on the device as
 uint8 and the augmentation is vectorised there. A defence (``ue_fast.evaluate.defenses``)
 may transform the training set once (JPEG, grayscale) and/or replace the batch
 loss (cutout, cutmix, mixup, adversarial training, UEraser). On CUDA the victim
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..models import build_model
+from ..models import build_model, make_optimizer, recipe
 from ..progress import progress as _progress
 
 
@@ -70,13 +72,15 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int 
 
 def train_victim(train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
                  test_labels: torch.Tensor, num_classes: int, *, arch: str = "resnet18", epochs: int = 15,
-                 batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4, seed: int = 0,
+                 batch_size: int = 128, lr: float | None = None, weight_decay: float | None = None, seed: int = 0,
                  device: str | torch.device = "cpu", progress: bool = False, defense=None,
                  amp: bool | None = None, return_model: bool = False) -> VictimResult:
     """Train ``arch`` on uint8 train images [N, 3, H, W]; test accuracy on clean test images after each epoch.
 
     defense: None, a name of ``ue_fast.evaluate.defenses.DEFENSES`` or a ``Defense``; its
     ``prepare`` runs once on the training images, its ``loss`` on every batch.
+    lr, weight_decay: the peak learning rate and the weight decay (default: ``arch``'s recipe,
+    ``ue_fast.models.RECIPES``: 0.1 and 5e-4 with SGD, 1e-3 and 0.05 with AdamW for the transformers).
     amp: bf16 autocast (default: on CUDA). return_model: keep the trained model in
     ``result.model`` (for feature statistics).
     """
@@ -91,7 +95,8 @@ def train_victim(train_images: torch.Tensor, train_labels: torch.Tensor, test_im
     model = build_model(arch, num_classes, image_size=max(train_images.shape[2:])).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=False)
+    lr = recipe(arch)["lr"] if lr is None else lr
+    opt = make_optimizer(model.parameters(), arch, lr=lr, weight_decay=weight_decay)
     xs = defense.prepare(train_images.to(dev), gen)
     ys = train_labels.to(dev, torch.int64)
     xt, yt = test_images.to(dev), test_labels.to(dev, torch.int64)

@@ -1,10 +1,16 @@
-"""The surrogate network of a bi-level method: model, compiled forward, SGD, autocast.
+"""The surrogate network of a bi-level method: model, compiled forward, optimiser, autocast.
 
 ``fit`` trains it on the batches a method gives it, with the options the papers
 need (inputs built per batch by the method: clean or perturbed, augmented or not;
 gradient-norm clipping; any number of batches); ``reinit`` draws fresh weights from
 a seed; ``frozen`` holds it in eval mode with its weights out of the graph (the PGD
 passes); ``accuracy`` scores it on inputs the method builds.
+
+The methods' recipes are SGD. A transformer surrogate (``vit-small``, ``cait-small``),
+which SGD at the methods' rates does not train, takes its architecture's optimiser
+instead (``ue_fast.models.RECIPES``: AdamW, lr 1e-3, weight decay 0.05), and the
+method's learning rates are scaled by 1e-3 / the method's base lr, so its schedule
+keeps its shape.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ..models import build_model
+from ..models import build_model, make_optimizer, recipe
 from .batches import Plan, streamed
 from .context import RunContext, widened
 
@@ -32,7 +38,8 @@ Inputs = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # index ba
 
 
 class Surrogate:
-    """A ``build_model(arch)`` network (weights seeded by ``seed``) with SGD and the run's options.
+    """A ``build_model(arch)`` network (weights seeded by ``seed``) with SGD (or, for a transformer,
+    AdamW: see the module docstring) and the run's options.
 
     ``forward`` is the network as called in the loops (``torch.compile``'d on request);
     parameters and ``state_dict`` are those of ``model``.
@@ -58,8 +65,14 @@ class Surrogate:
             ddp = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
                                           else None)
             self.train_forward = compiled(ddp, ctx.compile)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum,
-                                         weight_decay=weight_decay, nesterov=nesterov)
+        r = recipe(arch)
+        if r["optimizer"] == "sgd":
+            self.lr_scale = 1.0
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum,
+                                             weight_decay=weight_decay, nesterov=nesterov)
+        else:
+            self.lr_scale = r["lr"] / lr
+            self.optimizer = make_optimizer(self.model.parameters(), arch)
 
     def reinit(self, seed: int) -> None:
         """Fresh weights drawn from ``seed`` (the global RNG is left as it was) and no momentum."""
@@ -81,7 +94,7 @@ class Surrogate:
         t0 = time.perf_counter()
         timer = self.ctx.timer
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * self.lr_scale
         self.model.train()
         loss_sum = torch.zeros((), device=self.ctx.device, dtype=self.ctx.dtype)
         correct = torch.zeros((), device=self.ctx.device, dtype=torch.int64)

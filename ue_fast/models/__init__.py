@@ -12,6 +12,7 @@ features being the pooled penultimate representation that feature-space losses
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..ops._checks import check_int
@@ -19,19 +20,31 @@ from ._layers import CIFAR10_MEAN, CIFAR10_STD, Normalize
 from .cifar_cnns import DenseNet, MobileNetV2, SENet, WideResNet, densenet121, mobilenetv2, senet18, wrn34_10
 from .resnet import ResNet, resnet18, resnet50
 from .small import SmallCNN, cnn_small
+from .transformers import CaiT, ViT, cait_small, vit_small
 from .vgg import VGG, vgg16, vgg19
 
 __all__ = [
-    "ARCHS", "build_model", "count_parameters",
-    "ResNet", "VGG", "SmallCNN", "MobileNetV2", "DenseNet", "SENet", "WideResNet", "Normalize", "CIFAR10_MEAN",
+    "ARCHS", "RECIPES", "build_model", "count_parameters", "make_optimizer", "recipe",
+    "ResNet", "VGG", "SmallCNN", "MobileNetV2", "DenseNet", "SENet", "WideResNet", "ViT", "CaiT", "Normalize",
+    "CIFAR10_MEAN",
     "CIFAR10_STD",
 ]
 
-ARCHS = ("resnet18", "resnet50", "vgg16", "vgg19", "mobilenetv2", "densenet121", "senet18", "wrn34-10", "cnn-small")
+ARCHS = ("resnet18", "resnet50", "vgg16", "vgg19", "mobilenetv2", "densenet121", "senet18", "wrn34-10", "vit-small",
+         "cait-small", "cnn-small")
 
 _BUILDERS = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16, "vgg19": vgg19, "mobilenetv2": mobilenetv2,
-             "densenet121": densenet121, "senet18": senet18, "wrn34-10": wrn34_10, "cnn-small": cnn_small}
+             "densenet121": densenet121, "senet18": senet18, "wrn34-10": wrn34_10, "vit-small": vit_small, "cait-small": cait_small, "cnn-small": cnn_small}
 _STEMMED = ("resnet18", "resnet50", "mobilenetv2", "densenet121", "senet18", "wrn34-10")
+_SIZED = ("vit-small", "cait-small")  # built for a patch grid: take image_size
+
+# How each architecture is trained as a victim (``ue_fast.evaluate.train_victim``) and the base of a
+# surrogate's optimiser (``ue_fast.generation.surrogate``): the CNNs with SGD (momentum 0.9, weight
+# decay 5e-4, lr 0.1), the field's recipe; the transformers with AdamW (lr 1e-3, weight decay 0.05),
+# on which SGD at 0.1 does not train them (APBench's train.py uses Adam for them).
+_SGD = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9}
+_ADAMW = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "betas": (0.9, 0.999)}
+RECIPES = {arch: dict(_ADAMW if arch in _SIZED else _SGD) for arch in ARCHS}
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 IMAGENET_STEM_ABOVE = 64  # px: larger images get the ImageNet stem in ResNets
@@ -57,7 +70,9 @@ def build_model(arch: str, num_classes: int, *, image_size: int = 32) -> nn.Modu
     above ``IMAGENET_STEM_ABOVE`` = 64 px, the CIFAR stem otherwise (see
     ``ue_fast.models.resnet``), and so do MobileNetV2, DenseNet-121, SENet-18 and
     WRN-34-10 their ImageNet forms' early down-sampling (``ue_fast.models.cifar_cnns``);
-    VGG and cnn-small do not change with the size.
+    ViT-small and CaiT-small cut 16-px patches there instead of 4-px ones and learn a
+    position embedding for ``image_size``'s grid, resized for other sizes
+    (``ue_fast.models.transformers``); VGG and cnn-small do not change with the size.
     """
     if not isinstance(arch, str) or arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -65,12 +80,34 @@ def build_model(arch: str, num_classes: int, *, image_size: int = 32) -> nn.Modu
     image_size = _check_int("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     if arch in _STEMMED:
         model = _BUILDERS[arch](num_classes, stem="imagenet" if image_size > IMAGENET_STEM_ABOVE else "cifar")
+    elif arch in _SIZED:
+        model = _BUILDERS[arch](num_classes, image_size=image_size)
     else:
         model = _BUILDERS[arch](num_classes)
     model.arch = arch
     model.num_classes = num_classes
     model.image_size = image_size
     return model
+
+
+def recipe(arch: str) -> dict:
+    """A copy of ``RECIPES[arch]``: the optimiser (``"sgd"`` or ``"adamw"``) and its lr, weight decay, ...."""
+    if arch not in RECIPES:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    return dict(RECIPES[arch])
+
+
+def make_optimizer(params, arch: str, *, lr: float | None = None, weight_decay: float | None = None,
+                   momentum: float | None = None, nesterov: bool = False) -> torch.optim.Optimizer:
+    """The optimiser of ``arch``'s recipe over ``params``; ``lr``, ``weight_decay`` (and, for SGD,
+    ``momentum``) override the recipe's when given."""
+    r = recipe(arch)
+    lr = r["lr"] if lr is None else lr
+    wd = r["weight_decay"] if weight_decay is None else weight_decay
+    if r["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=r["betas"])
+    return torch.optim.SGD(params, lr=lr, momentum=r["momentum"] if momentum is None else momentum,
+                           weight_decay=wd, nesterov=nesterov)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
