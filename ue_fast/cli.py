@@ -28,6 +28,13 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _count(text: str) -> int:
+    v = int(text)
+    if v < 0 or v == 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or an integer >= 2, got {v}")
+    return v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -147,8 +154,9 @@ def _cmd_evaluate(args) -> int:
     r = evaluate(args.train, args.test, arch=args.arch, epochs=args.epochs, defense=args.defense,
                  adv_eps=args.adv_eps, adv_norm=args.adv_norm, jpeg_quality=args.jpeg_quality,
                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, device=args.device,
-                 seed=args.seed, resize=args.resize, mi=args.mi, clean=args.clean, order=args.order, poison_ratio=args.poison_ratio,
-                 out=args.out, progress=not args.no_progress)
+                 seed=args.seed, resize=args.resize, mi=args.mi, clean=args.clean, order=args.order,
+                 poison_ratio=args.poison_ratio, ud=args.ud, ud_samples=args.ud_samples or None,
+                 ud_iters=args.ud_iters, ud_rho=args.ud_rho, out=args.out, progress=not args.no_progress)
     s = r["settings"]
     src = r.get("train_source") or {}
     if src.get("format") in ("apbench", "tensor"):
@@ -163,6 +171,12 @@ def _cmd_evaluate(args) -> int:
               f"the victim above trained on them plus the {part['clean']} clean others. Reference, the "
               f"{part['clean']} clean images alone: best {100 * part['clean_part']['best']:.2f}%, last "
               f"{100 * part['clean_part']['last']:.2f}%")
+    if "ud" in r:
+        u = r["ud"]
+        fig = "undefined (no clean layer above the threshold)" if u["ud"] is None else f"{u['ud']:.3f}"
+        print(f"unlearnable distance {fig}: {u['learnable_per_epoch']['protected']:.2f} of {u['num_layers']} layers "
+              f"learnable per epoch on the protected data, {u['learnable_per_epoch']['clean']:.2f} on clean "
+              f"(threshold {u['threshold']:.4g}; {u['settings']['samples'] or 'all'} images)")
     if "mi" in r:
         m = r["mi"]
         print("feature statistics (model trained on the clean counterparts): "
@@ -363,6 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="partial protection: only a class-balanced, seeded fraction P in (0, 1] of the training "
                     "set is protected, the rest clean (needs the clean counterparts: --clean, or the input a "
                     "protect manifest names); a second victim trains on the clean part alone, the reference")
+    ev.add_argument("--ud", action="store_true",
+                    help="also the unlearnable distance (Ye, Su, Qian): per-layer sharpness-aware learnability after "
+                    "every epoch, against a victim trained on the clean counterparts (--clean or the manifest's "
+                    "input); 1 for clean data, lower is less learnable")
+    ev.add_argument("--ud-samples", type=_count, default=2048, metavar="N",
+                    help="training images UD measures on, a class-balanced seeded subset (default 2048; 0 for all)")
+    ev.add_argument("--ud-iters", type=_positive_int, default=10, help="UD's descent/ascent rounds (default 10)")
+    ev.add_argument("--ud-rho", type=_positive_float, default=0.05, help="UD's relative weight ball (default 0.05)")
     ev.add_argument("--out", type=Path, default=None, help="results JSON (the curves go beside it as .png)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)

@@ -11,10 +11,11 @@ import types
 from .defenses import DEFENSES, Defense, get_defense
 from .plot import plot_curves
 from .run import FORMAT, evaluate, load_results
+from .ud import layer_sharpness, unlearnable_distance
 from .victim import VictimResult, train_victim
 
-__all__ = ["DEFENSES", "FORMAT", "Defense", "VictimResult", "evaluate", "get_defense", "load_results",
-           "plot_curves", "train_victim"]
+__all__ = ["DEFENSES", "FORMAT", "Defense", "VictimResult", "evaluate", "get_defense", "layer_sharpness",
+           "load_results", "plot_curves", "train_victim", "unlearnable_distance"]
 
 
 class _CallableModule(types.ModuleType):

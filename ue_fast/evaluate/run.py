@@ -90,7 +90,8 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
              adv_eps: float = 8, adv_norm: str = "linf", jpeg_quality: int = 10, batch_size: int = 128,
              lr: float | None = None, weight_decay: float | None = None,
              device: str | None = None, seed: int = 0, resize=None, mi: bool = False, clean=None,
-             order=None, poison_ratio: float | None = None, out=None, plot: bool = True, progress: bool = True,
+             order=None, poison_ratio: float | None = None, ud: bool = False, ud_samples: int | None = 2048,
+             ud_iters: int = 10, ud_rho: float = 0.05, out=None, plot: bool = True, progress: bool = True,
              label: str | None = None) -> dict:
     """Train a victim on ``train``, test it on clean ``test`` after every epoch; return the results.
 
@@ -122,6 +123,13 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         mi: also compute the feature statistics of ``ue_fast.metrics`` from a victim
             of the same recipe trained on the clean counterparts (``clean``: a folder
             or ImageSet; None reads the input named in ``train``'s manifest.json).
+        ud: also the unlearnable distance (``ue_fast.evaluate.ud``): the per-layer sharpness-aware
+            learnability of the victim after every epoch, on ``ud_samples`` training images (a
+            class-balanced, seeded subset; None for all), against the same measure on a victim of the
+            same recipe and defence trained on the clean counterparts (``clean``, or the input named
+            in ``train``'s manifest); ``ud_iters`` rounds of descent and ascent within the relative
+            ball ``ud_rho``. Results in ``ud``: the figure (1 for clean data, lower is less
+            learnable), the threshold, and every epoch's per-layer values.
         out: write the results JSON there (and, with ``plot``, the curves beside it as .png).
         label: the run's name in plots (default: the training folder's name and the defence).
 
@@ -147,6 +155,10 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         raise ValueError(f"adv_norm applies to defense 'adv-train', not {defense!r}")
     if jpeg_quality != 10 and defense != "jpeg":
         raise ValueError(f"jpeg_quality applies to defense 'jpeg', not {defense!r}")
+    if ud:
+        from .ud import check_settings
+
+        check_settings(ud_rho, ud_iters, ud_samples, 0.1)
     if poison_ratio is not None:
         if isinstance(poison_ratio, bool) or not isinstance(poison_ratio, (int, float)) or not 0 < poison_ratio <= 1:
             raise ValueError(f"poison_ratio must be a fraction in (0, 1] (0.2 for 20%), got {poison_ratio!r}")
@@ -189,9 +201,34 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         partial = {"ratio": poison_ratio, "protected": int(mask.sum()), "clean": len(keep), "seed": seed,
                    "clean_part": {"test_acc": ref.test_acc, "train_acc": ref.train_acc, "best": ref.best,
                                   "last": ref.last}}
+    sal = {"protected": [], "clean": []}
+    ud_opts = dict(rho=ud_rho, iters=ud_iters)
+
+    def measure(which: str, data: ImageSet):
+        from .ud import layer_sharpness, sharpness_layers, subset
+
+        pick = subset(data.labels, ud_samples, seed)
+        x, y = data.images[pick], data.labels[pick]
+
+        def on_epoch(epoch, model):
+            sal.setdefault("layers", sharpness_layers(model))
+            sal[which].append(layer_sharpness(model, x, y, seed=seed + epoch, **ud_opts).tolist())
+        return on_epoch
+
+    t_ud = 0.0
     victim = train_victim(train_set.images, train_set.labels, te.images, te.labels, len(tr.classes),
-                          defense=get_defense(defense, **options), **common)
+                          defense=get_defense(defense, **options), on_epoch=measure("protected", train_set) if ud
+                          else None, **common)
     t_victim = time.perf_counter() - t0
+    mi_ref = None
+    if ud:
+        t1 = time.perf_counter()
+        cl = base if base is not None else _clean_counterpart(train_dir, tr, clean, resize)
+        ref = train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes),
+                           defense=get_defense(defense, **options), on_epoch=measure("clean", cl),
+                           return_model=mi and defense == "none", **common)
+        mi_ref = ref if mi and defense == "none" else None
+        t_ud = time.perf_counter() - t1
 
     results = {
         "format": FORMAT,
@@ -216,12 +253,22 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
     if poison_ratio is not None:
         results["poison_ratio"] = partial or {"ratio": poison_ratio, "protected": len(tr), "clean": 0, "seed": seed,
                                               "clean_part": None}
+    if ud:
+        from .ud import BATCH_SIZE, LR, unlearnable_distance
+
+        results["ud"] = {**unlearnable_distance(torch.tensor(sal["protected"]), torch.tensor(sal["clean"])),
+                         "settings": {"samples": ud_samples, "iters": ud_iters, "rho": ud_rho, "lr": LR,
+                                      "batch_size": BATCH_SIZE, "seed": seed},
+                         "clean_run": {"test_acc": ref.test_acc, "best": ref.best, "last": ref.last},
+                         "layers": sal.pop("layers"), "sal": sal}
+        results["timings_s"]["ud_clean_run"] = t_ud
     if mi:
         from ..metrics import mi_report
 
         t1 = time.perf_counter()
         cl = base if base is not None else _clean_counterpart(train_dir, tr, clean, resize)
-        ref = train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes), return_model=True, **common)
+        ref = mi_ref or train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes), return_model=True,
+                                     **common)
         results["mi"] = mi_report(ref.model, cl.images, tr.images, tr.labels, len(tr.classes), device=dev)
         results["mi"]["reference_model_test_acc"] = ref.last
         results["timings_s"]["mi"] = time.perf_counter() - t1

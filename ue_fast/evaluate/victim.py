@@ -74,7 +74,7 @@ def train_victim(train_images: torch.Tensor, train_labels: torch.Tensor, test_im
                  test_labels: torch.Tensor, num_classes: int, *, arch: str = "resnet18", epochs: int = 15,
                  batch_size: int = 128, lr: float | None = None, weight_decay: float | None = None, seed: int = 0,
                  device: str | torch.device = "cpu", progress: bool = False, defense=None,
-                 amp: bool | None = None, return_model: bool = False) -> VictimResult:
+                 amp: bool | None = None, return_model: bool = False, on_epoch=None) -> VictimResult:
     """Train ``arch`` on uint8 train images [N, 3, H, W]; test accuracy on clean test images after each epoch.
 
     defense: None, a name of ``ue_fast.evaluate.defenses.DEFENSES`` or a ``Defense``; its
@@ -82,7 +82,8 @@ def train_victim(train_images: torch.Tensor, train_labels: torch.Tensor, test_im
     lr, weight_decay: the peak learning rate and the weight decay (default: ``arch``'s recipe,
     ``ue_fast.models.RECIPES``: 0.1 and 5e-4 with SGD, 1e-3 and 0.05 with AdamW for the transformers).
     amp: bf16 autocast (default: on CUDA). return_model: keep the trained model in
-    ``result.model`` (for feature statistics).
+    ``result.model`` (for feature statistics). on_epoch: called as ``on_epoch(epoch, model)`` after
+    every epoch's test (the UD metric measures the model there); it must leave the model as it found it.
     """
     from .defenses import get_defense
 
@@ -125,6 +126,8 @@ def train_victim(train_images: torch.Tensor, train_labels: torch.Tensor, test_im
         result.train_acc.append(float(correct) / n)
         with autocast():
             result.test_acc.append(accuracy(model, xt, yt))
+        if on_epoch is not None:
+            on_epoch(epoch, model)
         bar.set_postfix(train_acc=f"{result.train_acc[-1]:.3f}", test_acc=f"{result.test_acc[-1]:.3f}")
         bar.update(1)
     bar.close()
