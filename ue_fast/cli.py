@@ -194,6 +194,32 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .evaluate.report import report
+
+    doc = report(args.protected, args.clean, args.test, args.out, archs=args.archs, defenses=args.defenses,
+                 poison_ratios=args.poison_ratios, epochs=args.epochs, ud=args.ud, ud_samples=args.ud_samples or None,
+                 ud_iters=args.ud_iters, ud_rho=args.ud_rho, order=args.order, resize=args.resize,
+                 device=args.device, seed=args.seed, batch_size=args.batch_size, adv_eps=args.adv_eps,
+                 adv_norm=args.adv_norm, jpeg_quality=args.jpeg_quality, label=args.label,
+                 progress=not args.no_progress)
+    print((args.out / "report.md").read_text(), end="")
+    print(f"report: {args.out / 'report.md'}, {args.out / 'heatmap.png'}, {args.out / 'report.json'} "
+          f"({len(doc['cells'])} cells, {doc['elapsed_s']:.0f} s)")
+    return 0
+
+
+def _comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ratio_list(text: str) -> list[float]:
+    try:
+        return [float(t) for t in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--poison-ratios takes fractions separated by commas, got {text!r}") from None
+
+
 def _cmd_export_apbench(args) -> int:
     from .data.apbench import APBenchExportWarning, export_apbench
 
@@ -388,6 +414,42 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=None, help="results JSON (the curves go beside it as .png)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
+
+    rp = sub.add_parser("report", help="every victim x defence x poison ratio of a protection, with clean "
+                        "references: markdown table, heatmap PNG, JSON; resumes after an interruption",
+                        description="Train a victim for every cell of victims x defences x poison ratios on the "
+                        "protected set, and the same victims under the same defences on its clean counterparts; "
+                        "each finished cell is cached under REPORT_DIR/cells, so a rerun resumes.")
+    rp.add_argument("protected", type=Path, metavar="PROTECTED_DIR",
+                    help="a protect output, or another tool's poisons against --clean (an APBench poison folder, "
+                    "a poison.pt/.npy)")
+    rp.add_argument("--clean", type=Path, required=True, metavar="CLEAN_TRAIN_DIR",
+                    help="the clean training set: the protected images' counterparts, or the base set of "
+                    "another tool's poisons in its own order (a data set, or a folder with --order)")
+    rp.add_argument("--test", type=Path, required=True, metavar="CLEAN_TEST_DIR", help="the clean test set")
+    rp.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
+    rp.add_argument("--archs", type=_comma_list, default=["resnet18"], metavar="A,B",
+                    help=f"victims (default resnet18; from {', '.join(ARCHS)})")
+    rp.add_argument("--defenses", type=_comma_list, default=list(DEFENSES), metavar="D,E",
+                    help=f"defences (default all: {', '.join(DEFENSES)})")
+    rp.add_argument("--poison-ratios", type=_ratio_list, default=[1.0], metavar="P,Q",
+                    help="fractions of the training set protected (default 1)")
+    rp.add_argument("--epochs", type=_positive_int, default=40, help="victim epochs (default 40)")
+    rp.add_argument("--ud", action="store_true", help="also the unlearnable distance of every cell")
+    rp.add_argument("--ud-samples", type=_count, default=2048, metavar="N", help="UD's images (default 2048; 0: all)")
+    rp.add_argument("--ud-iters", type=_positive_int, default=10, help="UD's rounds (default 10)")
+    rp.add_argument("--ud-rho", type=_positive_float, default=0.05, help="UD's relative ball (default 0.05)")
+    rp.add_argument("--order", type=Path, default=None, metavar="FILE", help="order file of a --clean image folder")
+    rp.add_argument("--adv-eps", type=float, default=8, help="adv-train radius in units of 1/255 (default 8)")
+    rp.add_argument("--adv-norm", default="linf", choices=["linf", "l2"], help="adv-train's norm (default linf)")
+    rp.add_argument("--jpeg-quality", type=int, default=10, metavar="Q", help="quality of the jpeg defence (10)")
+    rp.add_argument("--batch-size", type=_positive_int, default=128)
+    rp.add_argument("--device", default=default_device, help=f"cpu, cuda or cuda:N (default {default_device})")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--resize", type=_resize, default=None, help="resize every image to N or HxW")
+    rp.add_argument("--label", default=None, help="the report's title")
+    rp.add_argument("--no-progress", action="store_true")
+    rp.set_defaults(func=_cmd_report)
 
     pl = sub.add_parser("plot", help="overlay the accuracy curves of several `evaluate` results files")
     pl.add_argument("results", type=Path, nargs="+", help="results JSON files from `ue-fast evaluate --out`")

@@ -21,7 +21,7 @@ from ..data.canonical import detect, read_dataset
 from ..data.poisons import kind_of, load_poisoned
 from ..models import ARCHS, recipe
 from .defenses import DEFENSES, get_defense
-from .victim import train_victim
+from .victim import VictimResult, train_victim
 
 FORMAT = "ue_fast.evaluate/1"  # the results document's format; plots refuse others
 
@@ -91,7 +91,8 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
              lr: float | None = None, weight_decay: float | None = None,
              device: str | None = None, seed: int = 0, resize=None, mi: bool = False, clean=None,
              order=None, poison_ratio: float | None = None, ud: bool = False, ud_samples: int | None = 2048,
-             ud_iters: int = 10, ud_rho: float = 0.05, out=None, plot: bool = True, progress: bool = True,
+             ud_iters: int = 10, ud_rho: float = 0.05, ud_reference=None, out=None, plot: bool = True,
+             progress: bool = True,
              label: str | None = None) -> dict:
     """Train a victim on ``train``, test it on clean ``test`` after every epoch; return the results.
 
@@ -129,7 +130,10 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
             same recipe and defence trained on the clean counterparts (``clean``, or the input named
             in ``train``'s manifest); ``ud_iters`` rounds of descent and ascent within the relative
             ball ``ud_rho``. Results in ``ud``: the figure (1 for clean data, lower is less
-            learnable), the threshold, and every epoch's per-layer values.
+            learnable), the threshold, and every epoch's per-layer values. ``ud_reference``: None
+            (train the clean victim), ``"self"`` (``train`` is clean data: its own values are the
+            reference, UD 1), or the ``ud`` document of an earlier run with the same settings,
+            whose clean run is reused (``ue-fast report`` trains each clean victim once).
         out: write the results JSON there (and, with ``plot``, the curves beside it as .png).
         label: the run's name in plots (default: the training folder's name and the defence).
 
@@ -221,7 +225,15 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
                           else None, **common)
     t_victim = time.perf_counter() - t0
     mi_ref = None
-    if ud:
+    if ud and ud_reference == "self":
+        sal["clean"] = sal["protected"]
+        ref = victim
+    elif ud and ud_reference is not None:
+        sal["clean"] = ud_reference["sal"]["clean"]
+        if len(sal["clean"]) != epochs or len(sal["clean"][0]) != len(sal["layers"]):
+            raise ValueError("ud_reference is of another run: its clean values are not [epochs, layers] of this one")
+        ref = VictimResult(test_acc=list(ud_reference["clean_run"]["test_acc"]))
+    elif ud:
         t1 = time.perf_counter()
         cl = base if base is not None else _clean_counterpart(train_dir, tr, clean, resize)
         ref = train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes),

@@ -1,0 +1,279 @@
+"""``ue-fast report``: one protection measured the way the field does, in one table.
+
+Every cell of victim x defence x poison ratio is an ``evaluate`` run on the protected
+set, beside the clean reference of each victim x defence (a victim of the same recipe
+and defence trained on the clean counterparts). With ``ud``, every run also measures
+the unlearnable distance; each clean victim is trained once and is the reference of
+the protected cells of its row.
+
+The data are read once: the protected set (a ``protect`` output, or another tool's
+poisons, an APBench folder or a ``poison.pt`` / ``.npy`` tensor, against the clean base
+set), its clean counterparts and the clean test set. Each finished cell is written to
+``OUT/cells/<name>.json`` at once, with a fingerprint of its settings and of the data;
+a rerun reuses the cells whose fingerprint matches, so an interrupted report resumes
+where it stopped. A clean cell's fingerprint leaves the protected set out: reports of
+several protections against the same clean data share their clean cells when they are
+copied into each other's ``cells/``. The outputs, rewritten after every cell:
+
+- ``report.md``: per victim and defence, the clean accuracy, the protected accuracy and
+  the gap at every ratio (and UD), last epoch;
+- ``heatmap.png``: the gaps, one panel per ratio (defences x victims);
+- ``report.json``: all of it, with every cell's per-epoch curves.
+
+Gap: clean minus protected test accuracy, in points, at the last epoch. At a ratio
+below 1 the comparison that matters is the mixed victim against the victim trained on
+the clean part alone (a protection that works leaves the mixed victim no better), so
+there the gap is clean part alone minus mixed.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..data import ImageSet, read_json, write_json_atomic
+from ..data.poisons import kind_of, load_poisoned
+from ..models import ARCHS
+from ..progress import progress as _progress
+from .defenses import DEFENSES
+from .run import _clean_counterpart, _load, evaluate
+
+FORMAT = "ue_fast.report/1"
+DEFAULT_ARCHS = ("resnet18",)
+DEFAULT_DEFENSES = tuple(DEFENSES)
+DEFAULT_RATIOS = (1.0,)
+
+
+def _fingerprint(data: ImageSet) -> str:
+    h = hashlib.sha256()
+    h.update(data.images.contiguous().numpy().tobytes())
+    h.update(data.labels.to(torch.int64).numpy().tobytes())
+    h.update(repr(data.classes).encode())
+    return h.hexdigest()[:16]
+
+
+def _check_list(name: str, values, allowed) -> tuple:
+    values = tuple(values)
+    if not values:
+        raise ValueError(f"{name}: give at least one")
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"unknown {name} {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name}: {values} names one twice")
+    return values
+
+
+def _check_ratios(ratios) -> tuple:
+    ratios = tuple(ratios)
+    if not ratios:
+        raise ValueError("poison_ratios: give at least one")
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            raise ValueError(f"poison ratios are fractions in (0, 1] (0.5 for half), got {r!r}")
+    if len(set(ratios)) != len(ratios):
+        raise ValueError(f"poison_ratios: {ratios} names one twice")
+    return tuple(float(r) for r in ratios)
+
+
+def _cell_name(kind: str, arch: str, defense: str, ratio: float | None) -> str:
+    return f"{kind}_{arch}_{defense}" + ("" if ratio is None else f"_r{ratio:g}")
+
+
+def load_sets(protected, clean, test, *, order=None, resize=None):
+    """(protected, clean counterparts in the protected set's order, test) ImageSets and a description."""
+    path = Path(protected)
+    base = _load(clean, "clean", resize, "train", order)
+    kind = kind_of(path) if path.exists() else None
+    if kind in ("apbench", "tensor"):
+        prot = load_poisoned(path, base)
+        cl = base
+    else:
+        if not path.exists():
+            raise ValueError(f"protected set {path} does not exist")
+        prot = _load(path, "protected", resize)
+        cl = _clean_counterpart(None, prot, base, resize)
+    te = _load(test, "test", resize, "test")
+    if prot.classes != te.classes:
+        raise ValueError(f"protected and test sets have different classes: {prot.classes} vs {te.classes}")
+    if prot.image_size != te.image_size:
+        raise ValueError(f"protected images are {prot.image_size}, test images {te.image_size}: pass resize")
+    return prot, cl, te, {"kind": kind or "folder", "source": prot.origin}
+
+
+def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT_DEFENSES,
+           poison_ratios=DEFAULT_RATIOS, epochs: int = 40, ud: bool = False, ud_samples: int | None = 2048,
+           ud_iters: int = 10, ud_rho: float = 0.05, order=None, resize=None, device: str | None = None,
+           seed: int = 0, batch_size: int = 128, adv_eps: float = 8, adv_norm: str = "linf",
+           jpeg_quality: int = 10, label: str | None = None, progress: bool = True) -> dict:
+    """Run (or resume) every cell of the report and write ``out``/report.md, heatmap.png, report.json.
+
+    protected: a ``protect`` output folder, or another tool's poisons (an APBench poison folder, a
+    ``poison.pt`` / ``.npy``) against ``clean``. clean: the clean training set (the base set, in its own
+    order, of another tool's poisons; ``order`` for an image folder). test: the clean test set.
+    archs, defenses: victims and defences (``ue_fast.models.ARCHS``, ``DEFENSES``). poison_ratios:
+    fractions in (0, 1] of the training set protected (``evaluate``'s ``poison_ratio``). The other
+    arguments are ``evaluate``'s. Returns the report document (``report.json``).
+    """
+    t0 = time.perf_counter()
+    archs = _check_list("archs", archs, ARCHS)
+    defenses = _check_list("defenses", defenses, DEFENSES)
+    ratios = _check_ratios(poison_ratios)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    out = Path(out)
+    prot, cl, te, source = load_sets(protected, clean, test, order=order, resize=resize)
+    cells_dir = out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    data = {"protected": _fingerprint(prot), "clean": _fingerprint(cl), "test": _fingerprint(te)}
+    common = dict(epochs=epochs, device=device, seed=seed, batch_size=batch_size, adv_eps=adv_eps, adv_norm=adv_norm,
+                  jpeg_quality=jpeg_quality, progress=progress)
+    ud_opts = dict(ud=ud, ud_samples=ud_samples, ud_iters=ud_iters, ud_rho=ud_rho)
+    shared = {"format": FORMAT, "epochs": epochs, "seed": seed, "batch_size": batch_size, "adv_eps": adv_eps,
+              "adv_norm": adv_norm, "jpeg_quality": jpeg_quality, "data": data,
+              "ud": {"samples": ud_samples, "iters": ud_iters, "rho": ud_rho} if ud else None}
+
+    plan = []
+    for arch in archs:
+        for defense in defenses:
+            plan.append(("clean", arch, defense, None))
+            plan += [("protected", arch, defense, r) for r in ratios]
+    results: dict[str, dict] = {}
+    bar = _progress(len(plan), "report cells", "cell", enabled=progress, interval=0)
+    reused = 0
+    for kind, arch, defense, ratio in plan:
+        name = _cell_name(kind, arch, defense, ratio)
+        path = cells_dir / f"{name}.json"
+        fp = {**shared, "set": kind, "arch": arch, "defense": defense, "ratio": ratio}
+        if kind == "clean":  # a clean cell does not depend on the protected set: reports of several can share it
+            fp["data"] = {k: v for k, v in data.items() if k != "protected"}
+        doc = None
+        if path.is_file():
+            try:
+                cached = read_json(path)
+                doc = cached["results"] if cached.get("fingerprint") == fp else None
+            except (OSError, ValueError, KeyError, TypeError):
+                doc = None
+        if doc is not None:
+            reused += 1
+        else:
+            opts = dict(arch=arch, defense=defense, **common, **ud_opts,
+                        label=f"{kind} {arch} {defense}" + ("" if ratio is None else f" ratio {ratio:g}"))
+            if defense != "adv-train":
+                opts.pop("adv_eps"), opts.pop("adv_norm")
+            if defense != "jpeg":
+                opts.pop("jpeg_quality")
+            if kind == "clean":
+                doc = evaluate(cl, te, ud_reference="self" if ud else None, **opts)
+            else:
+                ref = results[_cell_name("clean", arch, defense, None)].get("ud") if ud else None
+                doc = evaluate(prot, te, clean=cl, poison_ratio=None if ratio == 1 else ratio, ud_reference=ref,
+                               **opts)
+            write_json_atomic(path, {"fingerprint": fp, "results": doc})
+        results[name] = doc
+        bar.set_postfix(cell=name, reused=reused)
+        bar.update(1)
+        _write_outputs(out, results, archs, defenses, ratios, ud, source, shared, prot, cl, te, label,
+                       complete=len(results) == len(plan), elapsed=time.perf_counter() - t0)
+    bar.close()
+    return read_json(out / "report.json")
+
+
+def _row(results, arch, defense, ratios, ud):
+    clean = results.get(_cell_name("clean", arch, defense, None))
+    row = {"arch": arch, "defense": defense, "clean": clean and clean["last"], "clean_best": clean and clean["best"],
+           "ratios": {}}
+    for r in ratios:
+        doc = results.get(_cell_name("protected", arch, defense, r))
+        cell = {"protected": None, "gap": None, "clean_part": None, "ud": None}
+        if doc is not None:
+            cell["protected"], cell["protected_best"] = doc["last"], doc["best"]
+            part = (doc.get("poison_ratio") or {}).get("clean_part")
+            if part:
+                cell["clean_part"] = part["last"]
+                cell["gap"] = part["last"] - doc["last"]
+            elif clean is not None:
+                cell["gap"] = clean["last"] - doc["last"]
+            if ud and doc.get("ud"):
+                cell["ud"] = doc["ud"]["ud"]
+        row["ratios"][f"{r:g}"] = cell
+    return row
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shared, prot, cl, te, label, *,
+                   complete: bool, elapsed: float) -> None:
+    rows = [_row(results, a, d, ratios, ud) for a in archs for d in defenses]
+    doc = {"format": FORMAT, "ue_fast_version": __version__, "label": label, "complete": complete,
+           "inputs": {"protected": source, "num_train": len(prot), "num_clean": len(cl), "num_test": len(te),
+                      "classes": prot.classes, "image_size": list(prot.image_size)},
+           "settings": {k: v for k, v in shared.items() if k != "format"}, "archs": list(archs),
+           "defenses": list(defenses), "poison_ratios": list(ratios), "rows": rows,
+           "cells": results, "elapsed_s": elapsed}
+    write_json_atomic(out / "report.json", doc)
+    lines = [f"# ue_fast report{': ' + label if label else ''}", ""]
+    src = source.get("source") or {}
+    lines.append(f"Protected set: {src.get('path', '?')} ({source['kind']}, {len(prot)} images); clean counterparts "
+                 f"{len(cl)}; clean test set {len(te)} images; {shared['epochs']} epochs, seed {shared['seed']}, "
+                 f"ue_fast {__version__}." + ("" if complete else " **Incomplete: the report is still running "
+                                                                   "or was interrupted; rerun to resume.**"))
+    lines += ["", "Clean test accuracy (%) of each victim at its last epoch. Gap (points): clean minus protected; "
+              "at a ratio below 1, the victim trained on the clean part alone minus the mixed victim."
+              + (" UD: unlearnable distance (1 for clean data, lower is less learnable)." if ud else ""), ""]
+    head = ["victim", "defence", "clean"]
+    for r in ratios:
+        if r == 1:
+            head += ["protected", "gap"]
+        else:
+            head += [f"mixed {r:g}", f"clean part {r:g}", f"gap {r:g}"]
+        if ud:
+            head.append("UD" if r == 1 else f"UD {r:g}")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["arch"], row["defense"], _pct(row["clean"])]
+        for r in ratios:
+            c = row["ratios"][f"{r:g}"]
+            cells += [_pct(c["protected"])] + ([] if r == 1 else [_pct(c["clean_part"])]) + [_pct(c["gap"])]
+            if ud:
+                cells.append("-" if c["ud"] is None else f"{c['ud']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "report.md.tmp").write_text("\n".join(lines) + "\n")
+    (out / "report.md.tmp").replace(out / "report.md")
+    _heatmap(out / "heatmap.png", rows, archs, defenses, ratios)
+
+
+def _heatmap(path: Path, rows, archs, defenses, ratios) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ratios), figsize=(1.2 + 1.1 * len(archs) * len(ratios) + 1.5 * len(ratios),
+                                                      1.2 + 0.45 * len(defenses)), dpi=120, squeeze=False)
+    by = {(r["arch"], r["defense"]): r for r in rows}
+    for ax, ratio in zip(axes[0], ratios):
+        grid = torch.full((len(defenses), len(archs)), float("nan"))
+        for i, d in enumerate(defenses):
+            for j, a in enumerate(archs):
+                g = by[(a, d)]["ratios"][f"{ratio:g}"]["gap"]
+                if g is not None:
+                    grid[i, j] = 100 * g
+        im = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=-100, vmax=100, aspect="auto")
+        for i in range(len(defenses)):
+            for j in range(len(archs)):
+                v = float(grid[i, j])
+                ax.text(j, i, "-" if v != v else f"{v:.1f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(archs)), archs, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(defenses)), defenses if ax is axes[0][0] else [""] * len(defenses), fontsize=8)
+        ax.set_title("protected" if ratio == 1 else f"ratio {ratio:g}", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), label="accuracy gap (points)", shrink=0.8)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
