@@ -200,7 +200,7 @@ def _cmd_report(args) -> int:
     doc = report(args.protected, args.clean, args.test, args.out, archs=args.archs, defenses=args.defenses,
                  poison_ratios=args.poison_ratios, epochs=args.epochs, ud=args.ud, ud_samples=args.ud_samples or None,
                  ud_iters=args.ud_iters, ud_rho=args.ud_rho, order=args.order, resize=args.resize,
-                 device=args.device, seed=args.seed, batch_size=args.batch_size, adv_eps=args.adv_eps,
+                 device=args.device, seed=args.seed, batch_size=args.batch_size, lr=args.lr, adv_eps=args.adv_eps,
                  adv_norm=args.adv_norm, jpeg_quality=args.jpeg_quality, label=args.label,
                  progress=not args.no_progress)
     print((args.out / "report.md").read_text(), end="")
@@ -444,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--adv-norm", default="linf", choices=["linf", "l2"], help="adv-train's norm (default linf)")
     rp.add_argument("--jpeg-quality", type=int, default=10, metavar="Q", help="quality of the jpeg defence (10)")
     rp.add_argument("--batch-size", type=_positive_int, default=128)
+    rp.add_argument("--lr", type=_positive_float, default=None,
+                    help="peak learning rate of every victim (default: each arch's recipe, 0.1 SGD; 1e-3 AdamW)")
     rp.add_argument("--device", default=default_device, help=f"cpu, cuda or cuda:N (default {default_device})")
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--resize", type=_resize, default=None, help="resize every image to N or HxW")

@@ -107,7 +107,7 @@ def load_sets(protected, clean, test, *, order=None, resize=None):
 def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT_DEFENSES,
            poison_ratios=DEFAULT_RATIOS, epochs: int = 40, ud: bool = False, ud_samples: int | None = 2048,
            ud_iters: int = 10, ud_rho: float = 0.05, order=None, resize=None, device: str | None = None,
-           seed: int = 0, batch_size: int = 128, adv_eps: float = 8, adv_norm: str = "linf",
+           seed: int = 0, batch_size: int = 128, lr: float | None = None, adv_eps: float = 8, adv_norm: str = "linf",
            jpeg_quality: int = 10, label: str | None = None, progress: bool = True) -> dict:
     """Run (or resume) every cell of the report and write ``out``/report.md, heatmap.png, report.json.
 
@@ -115,8 +115,9 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
     ``poison.pt`` / ``.npy``) against ``clean``. clean: the clean training set (the base set, in its own
     order, of another tool's poisons; ``order`` for an image folder). test: the clean test set.
     archs, defenses: victims and defences (``ue_fast.models.ARCHS``, ``DEFENSES``). poison_ratios:
-    fractions in (0, 1] of the training set protected (``evaluate``'s ``poison_ratio``). The other
-    arguments are ``evaluate``'s. Returns the report document (``report.json``).
+    fractions in (0, 1] of the training set protected (``evaluate``'s ``poison_ratio``). lr: the peak
+    learning rate of every victim (default: each architecture's recipe). The other arguments are
+    ``evaluate``'s. Returns the report document (``report.json``).
     """
     t0 = time.perf_counter()
     archs = _check_list("archs", archs, ARCHS)
@@ -129,10 +130,10 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     data = {"protected": _fingerprint(prot), "clean": _fingerprint(cl), "test": _fingerprint(te)}
-    common = dict(epochs=epochs, device=device, seed=seed, batch_size=batch_size, adv_eps=adv_eps, adv_norm=adv_norm,
-                  jpeg_quality=jpeg_quality, progress=progress)
+    common = dict(epochs=epochs, device=device, seed=seed, batch_size=batch_size, lr=lr, adv_eps=adv_eps,
+                  adv_norm=adv_norm, jpeg_quality=jpeg_quality, progress=progress)
     ud_opts = dict(ud=ud, ud_samples=ud_samples, ud_iters=ud_iters, ud_rho=ud_rho)
-    shared = {"format": FORMAT, "epochs": epochs, "seed": seed, "batch_size": batch_size, "adv_eps": adv_eps,
+    shared = {"format": FORMAT, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr, "adv_eps": adv_eps,
               "adv_norm": adv_norm, "jpeg_quality": jpeg_quality, "data": data,
               "ud": {"samples": ud_samples, "iters": ud_iters, "rho": ud_rho} if ud else None}
 

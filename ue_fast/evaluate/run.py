@@ -46,8 +46,8 @@ def _clean_counterpart(train_dir: Path | None, protected: ImageSet, clean, resiz
     if clean is None:
         manifest = train_dir / "manifest.json" if train_dir is not None else None
         if manifest is None or not manifest.is_file():
-            raise ValueError("mi=True needs the clean images: pass clean=DIR (--clean DIR); the training folder "
-                             "has no manifest.json from `ue-fast protect` naming its input")
+            raise ValueError("mi, ud and poison_ratio need the clean images: pass clean=DIR (--clean DIR); "
+                             "the training folder has no manifest.json from `ue-fast protect` naming its input")
         doc = read_json(manifest)
         # "input" is the path as typed (maybe relative to where protect ran); "input_abs" is resolved.
         src = doc.get("input_abs") or doc.get("input")

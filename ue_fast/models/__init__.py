@@ -34,7 +34,8 @@ ARCHS = ("resnet18", "resnet50", "vgg16", "vgg19", "mobilenetv2", "densenet121",
          "cait-small", "cnn-small")
 
 _BUILDERS = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16, "vgg19": vgg19, "mobilenetv2": mobilenetv2,
-             "densenet121": densenet121, "senet18": senet18, "wrn34-10": wrn34_10, "vit-small": vit_small, "cait-small": cait_small, "cnn-small": cnn_small}
+             "densenet121": densenet121, "senet18": senet18, "wrn34-10": wrn34_10, "vit-small": vit_small,
+             "cait-small": cait_small, "cnn-small": cnn_small}
 _STEMMED = ("resnet18", "resnet50", "mobilenetv2", "densenet121", "senet18", "wrn34-10")
 _SIZED = ("vit-small", "cait-small")  # built for a patch grid: take image_size
 
