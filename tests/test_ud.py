@@ -165,3 +165,16 @@ def test_sharpness_of_a_linear_model_by_hand():
     expected = max(ext[-1] - origin, origin - ext[1])
     got = layer_sharpness(model, x, y, rho=rho, lr=lr, iters=iters, batch_size=16, augment=False)
     assert got.shape == (1,) and float(got[0]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_ud_reference_of_other_settings_is_refused(tmp_path):
+    train = demo_subset(tmp_path / "train", ("airplane", "cat"), 6)
+    test = demo_subset(tmp_path / "test", ("airplane", "cat"), 3, "test")
+    kw = dict(arch="cnn-small", epochs=1, batch_size=12, device="cpu", progress=False, ud=True, ud_samples=12,
+              ud_iters=1)
+    clean = ue_fast.evaluate(train, test, ud_reference="self", **kw)
+    assert clean["ud"]["ud"] == 1
+    again = ue_fast.evaluate(train, test, ud_reference=clean["ud"], **kw)
+    assert again["ud"]["sal"]["clean"] == clean["ud"]["sal"]["clean"]
+    with pytest.raises(ValueError, match="another run"):
+        ue_fast.evaluate(train, test, ud_reference=clean["ud"], **{**kw, "ud_iters": 2})

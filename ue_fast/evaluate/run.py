@@ -230,8 +230,11 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         ref = victim
     elif ud and ud_reference is not None:
         sal["clean"] = ud_reference["sal"]["clean"]
-        if len(sal["clean"]) != epochs or len(sal["clean"][0]) != len(sal["layers"]):
-            raise ValueError("ud_reference is of another run: its clean values are not [epochs, layers] of this one")
+        theirs = {k: ud_reference["settings"].get(k) for k in ("samples", "iters", "rho", "seed")}
+        if (len(sal["clean"]) != epochs or len(sal["clean"][0]) != len(sal["layers"])
+                or theirs != {"samples": ud_samples, "iters": ud_iters, "rho": ud_rho, "seed": seed}):
+            raise ValueError(f"ud_reference is of another run ({len(sal['clean'])} epochs, settings {theirs}): "
+                             "its clean values are not this run's reference")
         ref = VictimResult(test_acc=list(ud_reference["clean_run"]["test_acc"]))
     elif ud:
         t1 = time.perf_counter()
