@@ -178,3 +178,16 @@ def test_ud_reference_of_other_settings_is_refused(tmp_path):
     assert again["ud"]["sal"]["clean"] == clean["ud"]["sal"]["clean"]
     with pytest.raises(ValueError, match="another run"):
         ue_fast.evaluate(train, test, ud_reference=clean["ud"], **{**kw, "ud_iters": 2})
+
+
+@pytest.mark.gpu
+def test_batched_equals_the_definition_on_cuda():
+    """On a GPU, in the victim's channels-last layout, all copies batched at once."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10).cuda().to(memory_format=torch.channels_last).eval()
+    x, y = _data(n=64, classes=10)
+    layers = sharpness_layers(model)[::5]
+    opts = dict(iters=2, batch_size=32, seed=1)
+    fast = layer_sharpness(model, x.cuda(), y.cuda(), layers, group=2 * len(layers), **opts)
+    ref = layer_sharpness_reference(model, x.cuda(), y.cuda(), layers, **opts)
+    torch.testing.assert_close(fast, ref, rtol=2e-3, atol=2e-4)
