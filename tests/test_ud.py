@@ -190,4 +190,5 @@ def test_batched_equals_the_definition_on_cuda():
     opts = dict(iters=2, batch_size=32, seed=1)
     fast = layer_sharpness(model, x.cuda(), y.cuda(), layers, group=2 * len(layers), **opts)
     ref = layer_sharpness_reference(model, x.cuda(), y.cuda(), layers, **opts)
-    torch.testing.assert_close(fast, ref, rtol=2e-3, atol=2e-4)
+    # cuDNN's TF32 convolutions round differently batched and one by one: loose, yet far below a wrong copy
+    torch.testing.assert_close(fast, ref, rtol=1e-2, atol=1e-3)
