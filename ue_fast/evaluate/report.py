@@ -221,7 +221,8 @@ def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shar
     lines = [f"# ue_fast report{': ' + label if label else ''}", ""]
     src = source.get("source") or {}
     lines.append(f"Protected set: {src.get('path', '?')} ({source['kind']}, {len(prot)} images); clean counterparts "
-                 f"{len(cl)}; clean test set {len(te)} images; {shared['epochs']} epochs, seed {shared['seed']}, "
+                 f"{len(cl)}; clean test set {len(te)} images; {shared['epochs']} epochs, batch {shared['batch_size']}, "
+                 f"peak lr {shared['lr'] if shared['lr'] is not None else 'of each recipe'}, seed {shared['seed']}, "
                  f"ue_fast {__version__}." + ("" if complete else " **Incomplete: the report is still running "
                                                                    "or was interrupted; rerun to resume.**"))
     lines += ["", "Clean test accuracy (%) of each victim at its last epoch. Gap (points): clean minus protected; "
@@ -246,10 +247,10 @@ def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shar
         lines.append("| " + " | ".join(cells) + " |")
     (out / "report.md.tmp").write_text("\n".join(lines) + "\n")
     (out / "report.md.tmp").replace(out / "report.md")
-    _heatmap(out / "heatmap.png", rows, archs, defenses, ratios)
+    _heatmap(out / "heatmap.png", rows, archs, defenses, ratios, label)
 
 
-def _heatmap(path: Path, rows, archs, defenses, ratios) -> None:
+def _heatmap(path: Path, rows, archs, defenses, ratios, label: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,6 +275,8 @@ def _heatmap(path: Path, rows, archs, defenses, ratios) -> None:
         ax.set_yticks(range(len(defenses)), defenses if ax is axes[0][0] else [""] * len(defenses), fontsize=8)
         ax.set_title("protected" if ratio == 1 else f"ratio {ratio:g}", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), label="accuracy gap (points)", shrink=0.8)
+    if label:
+        fig.suptitle(label, fontsize=9)
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
