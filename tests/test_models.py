@@ -379,7 +379,7 @@ def test_victim_learns_a_tiny_real_subset(arch):
     train, _ = demo_sets()
     pick = torch.arange(0, 1000, 50)  # 2 images of each class
     x, y = train.images[pick].float() / 255, train.labels[pick]
-    if arch in ("wrn34-10", "densenet121"):  # the two heaviest: 10 images at 16 px keep it to seconds
+    if arch in ("wrn34-10", "densenet121") + TRANSFORMERS:  # the heaviest: 10 images at 16 px keep it to seconds
         x = F.interpolate(x[::2], size=16, mode="bilinear", antialias=True, align_corners=False)
         y = y[::2]
     torch.manual_seed(0)
