@@ -120,7 +120,25 @@ class SPT(nn.Module):
         return self.proj(self.norm(_patchify(x, self.patch)))
 
 
-class ViT(nn.Module):
+class _PatchClassifier(nn.Module):
+    """What ViT and CaiT share: the head (LayerNorm, linear) and the input's way to a patch grid."""
+
+    def _head(self, dim: int, num_classes: int) -> None:
+        self.head_norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+        self.feature_dim = dim
+
+    def _grid(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Normalised, zero-padded to whole patches; with the grid's height and width."""
+        x = _pad_to(self.normalize(x), self.patch)
+        return x, x.shape[-2] // self.patch, x.shape[-1] // self.patch
+
+    def forward(self, x):
+        features = self.forward_features(x)
+        return features, self.fc(features)
+
+
+class ViT(_PatchClassifier):
     """ViT for small data sets (SPT + LSA), class-token pooling.
 
     forward(x [N, 3, H, W] in [0, 1]) -> (features [N, dim], logits [N, num_classes]).
@@ -141,13 +159,10 @@ class ViT(nn.Module):
             nn.ModuleList([PreNorm(dim, LSA(dim, heads, dim_head, dropout)), PreNorm(dim, FeedForward(dim, mlp_dim,
                                                                                                        dropout))])
             for _ in range(depth))
-        self.head_norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, num_classes)
-        self.feature_dim = dim
+        self._head(dim, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = _pad_to(self.normalize(x), self.patch)
-        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        x, h, w = self._grid(x)
         tokens = self.to_patch_embedding(x)
         pos = self.pos_embedding
         pos = torch.cat([pos[:, :1], _resized_grid(pos[:, 1:], self.grid, h, w)], dim=1)
@@ -157,10 +172,6 @@ class ViT(nn.Module):
             x = attn(x) + x
             x = ff(x) + x
         return self.head_norm(x[:, 0])
-
-    def forward(self, x):
-        features = self.forward_features(x)
-        return features, self.fc(features)
 
 
 class TalkingHeadAttention(nn.Module):
@@ -223,7 +234,7 @@ class CaiTStack(nn.Module):
         return x
 
 
-class CaiT(nn.Module):
+class CaiT(_PatchClassifier):
     """CaiT: self-attention over patches, then class-attention layers where the class token attends to them.
 
     forward(x [N, 3, H, W] in [0, 1]) -> (features [N, dim], logits [N, num_classes]).
@@ -242,21 +253,14 @@ class CaiT(nn.Module):
         self.dropout = nn.Dropout(emb_dropout)
         self.patch_transformer = CaiTStack(dim, depth, heads, dim_head, mlp_dim, dropout, layer_dropout)
         self.cls_transformer = CaiTStack(dim, cls_depth, heads, dim_head, mlp_dim, dropout, layer_dropout)
-        self.head_norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, num_classes)
-        self.feature_dim = dim
+        self._head(dim, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = _pad_to(self.normalize(x), self.patch)
-        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        x, h, w = self._grid(x)
         x = self.to_patch_embedding(_patchify(x, self.patch)) + _resized_grid(self.pos_embedding, self.grid, h, w)
         x = self.patch_transformer(self.dropout(x))
         cls = self.cls_transformer(self.cls_token.expand(len(x), -1, -1), context=x)
         return self.head_norm(cls[:, 0])
-
-    def forward(self, x):
-        features = self.forward_features(x)
-        return features, self.fc(features)
 
 
 def _patch(image_size: int) -> int:
