@@ -30,12 +30,15 @@ TINY = {
     "ops": ({}, 1),
     "lsp": ({}, 1),
     "ar": ({}, 1),
+    "cuda": ({}, 1),
 }
 NAMES = sorted(METHODS)
 QUIET = dict(progress=False, device="cpu")
 
 
 def _protect(src, out, name, **extra):
+    if METHODS[name].keyed:  # a keyed method draws a fresh key unless given one
+        extra.setdefault("seed", 7)
     return ue_fast.protect(src, out, method=name, **QUIET, **TINY[name][0], **extra)
 
 
@@ -83,7 +86,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(runs, src, tmp_path, name):
     npy = m["perturbation_npy"]
     assert (tmp_path / "again" / npy).read_bytes() == (out / npy).read_bytes()
     other = _protect(src, tmp_path / "seed", name, seed=123)
-    assert other["seed"] == 123
+    assert other["seed"] == (None if METHODS[name].keyed else 123)  # a key stays out of the outputs
     if name != "ops":  # OPS is a deterministic search: it draws nothing
         assert (tmp_path / "seed" / npy).read_bytes() != (out / npy).read_bytes()
 
@@ -92,8 +95,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(runs, src, tmp_path, name):
 def test_resume_after_a_kill_at_every_checkpoint_equals_uninterrupted(runs, src, tmp_path, monkeypatch, name,
                                                                       die_at):
     out, whole = runs[name]
+    key = {"seed": 7} if METHODS[name].keyed else {}
     protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "split", die_at=die_at, method=name, **QUIET,
-                                    **TINY[name][0])
+                                    **TINY[name][0], **key)
     assert (tmp_path / "split" / ".ue_fast" / "checkpoint.pt").is_file()
     assert not (tmp_path / "split" / "manifest.json").exists()
     m = _protect(src, tmp_path / "split", name, resume=True)
@@ -112,13 +116,18 @@ def test_manifest_fields(runs, name):
     cfg = METHODS[name].config_class
     assert set(cfg.names()) <= set(on_disk["settings"]) and {"eps_255", "compile", "delta_dtype"} <= set(
         on_disk["settings"])
-    for key in ("seed", "device", "versions", "classes", "counts", "linf_max_255", "mean_abs_delta_255",
+    for key in ("seed", "budget", "key", "device", "versions", "classes", "counts", "linf_max_255", "mean_abs_delta_255",
                 "changed_pixels_fraction", "unchanged_images", "rounding", "delta_store", "history",
                 "resumed_from_epoch", "timings_s", "generation_s", "rounds", "images_per_s", "total_s"):
         assert key in on_disk, key
     assert on_disk["rounds"] == sum("epoch" in h for h in on_disk["history"]) >= 1
     assert all(h["finished"] in (True, False) for h in on_disk["history"])
     assert on_disk["images_per_s"] > 0 and on_disk["timings_s"]["writing"] >= 0
+    if METHODS[name].lp:
+        assert on_disk["budget"] == {"kind": "linf", "eps_255": on_disk["settings"]["eps_255"], "holds": True}
+    else:  # the method's own bound, checked
+        assert on_disk["budget"]["kind"] != "linf" and on_disk["budget"]["holds"] is True
+    assert (on_disk["key"] is not None) == METHODS[name].keyed
 
 
 @pytest.mark.parametrize("name", ["miue", "ap", "ops"])

@@ -64,12 +64,18 @@ def _size(text: str) -> int:
 
 
 def _print_summary(m: dict) -> None:
+    budget = m.get("budget") or {"kind": "linf"}
+    bound = f"eps {m['settings']['eps_255']}/255" if budget["kind"] == "linf" else f"not L-inf: {budget['kind']}"
     print(f"protected {m['num_images']} images of {len(m['classes'])} classes with {m['method']} "
-          f"(eps {m['settings']['eps_255']}/255, max |delta| {m['linf_max_255']}/255, mean "
+          f"({bound}, max |delta| {m['linf_max_255']}/255, mean "
           f"{m['mean_abs_delta_255']:.2f}/255, {100 * m['changed_pixels_fraction']:.0f}% of pixels changed) in "
           f"{m['total_s']:.1f} s; {m['images_per_s']:.0f} images/s per outer epoch")
     files = ["PNG tree"] + [k for k, v in m["outputs"].items() if k != "images" and v["written"]] + ["manifest.json"]
     print(f"output: {m['output']}  ({', '.join(files)})")
+    key = m.get("key")
+    if key:
+        print(f"key: written to {key['key_file']}" if key["key_file"] else
+              "key: withheld (in none of the outputs; --key-file PATH keeps a copy)")
     for name, v in m["outputs"].items():
         if not v["written"]:
             print(f"not written: {name}: {v['why']}")
@@ -134,7 +140,7 @@ def _cmd_protect(args) -> int:
                            rounding=args.rounding, preset=args.preset, delta_dtype=args.delta_dtype,
                            store=args.store, memory_budget=args.memory_budget, workers=args.workers,
                            sync_bn=args.sync_bn, float64=args.float64, order=args.order, split=args.split,
-                           **_settings(args))
+                           key_file=args.key_file, **_settings(args))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Leave the group before exiting: a process that exits inside it may abort in gloo's threads.
         torch.distributed.barrier()
@@ -359,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--rounding", default="stochastic", choices=list(ROUNDINGS),
                     help="how the 8-bit output rounds x + delta: stochastic (default; keeps sub-grey-level "
                     "perturbations in expectation) or nearest")
+    pr.add_argument("--key-file", default=None, metavar="PATH",
+                    help="a keyed method (cuda): write its private key (seed and filters, JSON) to this new file; "
+                    "without it the key is in none of the outputs")
     pr.add_argument("--keep-checkpoint", action="store_true", help="keep OUTPUT_DIR/.ue_fast (the checkpoint, the ingested images, a disk store's files)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
     pr.set_defaults(func=_cmd_protect)

@@ -56,6 +56,7 @@ from .data.exports import read_json, save_poison_pt, write_json_atomic
 from .data.canonical import detect, load_dataset
 from .data.folders import ordered_listing, output_paths
 from .data.ingest import ingest_folder
+from .checkpoint import load_checkpoint
 from .generation import COMPILE_MODES, Runner
 from .generation.distributed import from_env
 from .generation.rowfile import RowFile, chunk_rows
@@ -191,7 +192,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             keep_checkpoint: bool = False, compile: bool | str = False, sparse: float | None = None,
             rounding: str = "stochastic", preset: str | None = None, delta_dtype: str = "auto",
             store: str = "auto", memory_budget=None, workers: int | None = None, sync_bn: bool = False,
-            float64: bool = False, order=None, split: str = "train", **settings) -> dict:
+            float64: bool = False, order=None, split: str = "train", key_file=None, **settings) -> dict:
     """Protect an image folder (or arrays) with ``method``; write the outputs; return the manifest.
 
     Args:
@@ -256,6 +257,14 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         rounding: how the 8-bit output rounds ``255 (x + delta)``: "stochastic" (default;
             unbiased, seeded by ``seed``) or "nearest" (drops any perturbation under half a
             grey level).
+        key_file: a keyed method (``cuda``): write its private key (the seed and what it
+            draws) to this new file outside ``output_dir``, as JSON, owner-readable only.
+            Without it the key is in none of the outputs (the manifest records no seed; the
+            work folder's checkpoint holds it while the run lasts, and after it with
+            ``keep_checkpoint``) and is lost with the run; an existing file is never replaced.
+
+    A method that is not an L_p perturbation (``cuda``: the output is the filtered image)
+    has no eps; the manifest's ``budget`` says what bounds its change and checks it.
 
     Warns (:class:`UnchangedImagesWarning`) when some output images equal their inputs; the
     manifest's ``unchanged_images`` counts them.
@@ -294,6 +303,21 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     progress = progress and main
 
     cls = METHODS[method]
+    if key_file is not None:
+        key_file = Path(key_file)
+        if not cls.keyed:
+            raise ValueError(f"method {method!r} has no private key; key_file applies to keyed methods "
+                             f"({sorted(n for n, c in METHODS.items() if c.keyed)})")
+        if key_file.exists():
+            raise ValueError(f"{key_file} exists; a key file is never replaced (choose a new path)")
+        if Path(output_dir).resolve() in key_file.resolve().parents:
+            raise ValueError(f"the key file {key_file} must be outside the output folder {output_dir}: the "
+                             "output is what gets shared, and --overwrite replaces it")
+        if not key_file.parent.is_dir():
+            raise ValueError(f"{key_file.parent} is not a folder; cannot write the key file there")
+    if eps is not None and not cls.lp:
+        raise ValueError(f"method {method!r} is not an L-inf perturbation: eps does not apply "
+                         f"({cls.config_class.__name__}'s settings bound its change)")
     overrides = dict(epochs=epochs, pgd_steps=pgd_steps, arch=arch, loss=loss, batch_size=batch_size,
                      poison_batch_size=poison_batch_size, seed=seed)
     names = {f.name for f in dataclasses.fields(cls.config_class)}
@@ -304,6 +328,10 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         overrides["eps"] = eps / 255
     chosen = {**(cls.preset(preset) if preset is not None else {}),
               **{k: v for k, v in overrides.items() if v is not None}, **settings}
+    if cls.keyed and chosen.get("seed") is None and resume:  # the interrupted run's key, kept in its checkpoint
+        saved = output_dir / CHECKPOINT_DIR / "checkpoint.pt"
+        if saved.exists():
+            chosen["seed"] = load_checkpoint(saved)["settings"]["seed"]
     cfg = cls.config_class(**chosen)
     check_delta_dtype(delta_dtype, cfg.eps)
     gen = cls(cfg)
@@ -361,7 +389,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             result.read(a, min(len(data), a + _output_step(data.images.shape[1:])))
         barrier()
         return _broadcast(None)
-    out = _write_outputs(output_dir, data, result, eps, rounding, cfg.seed,
+    out = _write_outputs(output_dir, data, result, eps, rounding, 0 if cls.keyed else cfg.seed,
                          gen.store.all().cpu() if cls.classwise else None, budget, progress)
     if out["unchanged"]:
         warnings.warn(_unchanged_message(out["unchanged"], len(data), out["mean_abs_255"], method, cfg, rounding),
@@ -372,12 +400,23 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     timings = {"read images": t_read, **result.timings, "writing": t_write}
     gen_s = sum(h.get("train_s", 0.0) + h.get("poison_s", 0.0) for h in result.history)
     rounds = sum(1 for h in result.history if "epoch" in h)  # early-stopping methods run fewer than epochs
+    budget_note = gen.budget()
+    if cls.lp:
+        budget_note["holds"] = int(linf.max()) <= math.floor(eps + 1e-6)
+    key_note = None
+    if cls.keyed:
+        key_note = {"withheld": True, "key_file": str(key_file) if key_file is not None else None,
+                    "why": "the seed is the method's private key: it regenerates the change, which helps undo it"}
+        if key_file is not None:
+            _write_key(key_file, gen.key())
     manifest = {
         "ue_fast_version": __version__,
         "method": method,
-        "settings": {**cfg.to_dict(), "eps_255": eps, "compile": compile, "sparse": sparse,
-                     "delta_dtype": delta_dtype, "preset": preset},
-        "seed": cfg.seed,
+        "settings": {**cfg.to_dict(), **({"seed": None} if cls.keyed else {}), "eps_255": eps, "compile": compile,
+                     "sparse": sparse, "delta_dtype": delta_dtype, "preset": preset},
+        "seed": None if cls.keyed else cfg.seed,
+        "budget": budget_note,
+        "key": key_note,
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         "versions": _versions(),
         "input": str(input_dir) if input_dir is not None else "arrays",
@@ -418,6 +457,18 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     if not keep_checkpoint:
         shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
     return _broadcast(manifest) if dist is not None else manifest
+
+
+def _write_key(path: Path, key: dict) -> None:
+    """The key as JSON in a new file (exclusive creation: an existing key is never replaced), owner-only."""
+    import json
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(key, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def barrier() -> None:

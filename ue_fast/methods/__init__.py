@@ -6,6 +6,7 @@ and a line here.
 from .ap import AP, TAP, APConfig
 from .base import Method, SurrogateMethod, TrainingFreeMethod
 from .bayes import Bayes, BayesConfig
+from .cuda import CUDA, CUDAConfig
 from .em import EM, EMClasswise, EMClasswiseConfig, EMConfig
 from .miue import MIUE, MIUEConfig
 from .rem import REM, REMConfig
@@ -14,8 +15,8 @@ from .settings import Config, SurrogateConfig
 from .training_free import AR, LSP, OPS
 
 METHODS = {"miue": MIUE, "em": EM, "em-classwise": EMClasswise, "ap": AP, "tap": TAP, "rem": REM, "bayes": Bayes,
-           "ops": OPS, "lsp": LSP, "ar": AR}
+           "ops": OPS, "lsp": LSP, "ar": AR, "cuda": CUDA}
 
-__all__ = ["AP", "APConfig", "AR", "Bayes", "BayesConfig", "Config", "EM", "EMClasswise", "EMClasswiseConfig",
+__all__ = ["AP", "APConfig", "AR", "Bayes", "BayesConfig", "CUDA", "CUDAConfig", "Config", "EM", "EMClasswise", "EMClasswiseConfig",
            "EMConfig", "LSP", "METHODS", "MIUE", "MIUEConfig", "Method", "OPS", "REM", "REMConfig", "Sparse",
            "SurrogateConfig", "SurrogateMethod", "TAP", "TrainingFreeMethod"]

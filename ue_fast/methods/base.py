@@ -38,6 +38,9 @@ class Method:
     distributed = False  # runs under torchrun (its draws and losses split over processes)
     distributed_why = "its random draws and losses are not split over processes"  # why not, when it does not
     streams_why = ""  # why not, when it does not
+    lp = True  # the output is x + delta with |delta|_inf <= eps; False: the method's own change (see budget())
+    keyed = False  # its seed is a private key: drawn at random unless given, kept out of the outputs
+    whole_levels = False  # its perturbations are whole grey levels (written exactly, whatever the rounding)
     # Named settings over the defaults: "paper" is the defaults; "cpu-small" a CPU-sized schedule.
     presets: dict[str, dict] = {"paper": {}, "cpu-small": {}}
 
@@ -57,6 +60,15 @@ class Method:
 
     def setup(self, ctx: RunContext, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
         raise NotImplementedError
+
+    def budget(self) -> dict:
+        """What bounds the change, for the manifest: the L-inf ball of ``eps`` here; a method
+        that is not an L_p perturbation (``lp = False``) describes and checks its own."""
+        return {"kind": "linf", "eps_255": round(self.config.eps * 255, 6)}
+
+    def key(self) -> dict:
+        """A keyed method's private key (what regenerates its output), for ``protect(key_file=...)``."""
+        raise NotImplementedError(f"method {self.name!r} has no private key")
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError

@@ -26,6 +26,9 @@ class Sparse:
     def settings(self) -> dict:
         return {**self.method.settings(), "sparse": self.percent}
 
+    def budget(self) -> dict:
+        return {**self.method.budget(), "sparse_percent": self.percent}
+
     def setup(self, ctx, images, labels, num_classes) -> None:
         from ..generation.saliency import dataset_saliency
 
