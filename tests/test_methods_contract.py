@@ -31,6 +31,7 @@ TINY = {
     "lsp": ({}, 1),
     "ar": ({}, 1),
     "cuda": ({}, 1),
+    "hypo": (dict(FAST, pretrain_epochs=2, pretrain_adv_steps=1, pgd_steps=3), 3),
 }
 NAMES = sorted(METHODS)
 QUIET = dict(progress=False, device="cpu")

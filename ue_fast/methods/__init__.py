@@ -8,6 +8,7 @@ from .base import Method, SurrogateMethod, TrainingFreeMethod
 from .bayes import Bayes, BayesConfig
 from .cuda import CUDA, CUDAConfig
 from .em import EM, EMClasswise, EMClasswiseConfig, EMConfig
+from .hypo import HYPO, HYPOConfig
 from .miue import MIUE, MIUEConfig
 from .rem import REM, REMConfig
 from .salm import Sparse
@@ -15,8 +16,8 @@ from .settings import Config, SurrogateConfig
 from .training_free import AR, LSP, OPS
 
 METHODS = {"miue": MIUE, "em": EM, "em-classwise": EMClasswise, "ap": AP, "tap": TAP, "rem": REM, "bayes": Bayes,
-           "ops": OPS, "lsp": LSP, "ar": AR, "cuda": CUDA}
+           "ops": OPS, "lsp": LSP, "ar": AR, "cuda": CUDA, "hypo": HYPO}
 
 __all__ = ["AP", "APConfig", "AR", "Bayes", "BayesConfig", "CUDA", "CUDAConfig", "Config", "EM", "EMClasswise", "EMClasswiseConfig",
-           "EMConfig", "LSP", "METHODS", "MIUE", "MIUEConfig", "Method", "OPS", "REM", "REMConfig", "Sparse",
+           "EMConfig", "HYPO", "HYPOConfig", "LSP", "METHODS", "MIUE", "MIUEConfig", "Method", "OPS", "REM", "REMConfig", "Sparse",
            "SurrogateConfig", "SurrogateMethod", "TAP", "TrainingFreeMethod"]

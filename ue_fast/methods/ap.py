@@ -40,7 +40,7 @@ from ..generation.transforms import shift_flip
 from .base import SurrogateMethod
 from .settings import SurrogateConfig, bool_setting, choice_setting, int_setting, real_setting
 
-PRETRAIN_SCHEDULES = ("step", "cosine")
+PRETRAIN_SCHEDULES = ("step", "cosine", "constant")
 
 
 @dataclass
@@ -56,7 +56,7 @@ class APConfig(SurrogateConfig):
     weight_decay: float = 5e-4
     nesterov: bool = True
     pretrain_epochs: int = 40  # clean surrogate epochs before the attack
-    pretrain_schedule: str = "step"  # "step": lr x0.1 at 3/8, 5/8, 7/8 of pretraining; "cosine"
+    pretrain_schedule: str = "step"  # "step": lr x0.1 at 3/8, 5/8, 7/8 of pretraining; "cosine"; "constant"
     pretrain_augment: bool = True  # train the clean surrogate under the shift-and-flip augmentation
     augment: bool = True  # differentiable random shift + flip at every PGD step
     max_shift: float = 4.0  # pixels, each direction
@@ -81,8 +81,10 @@ class APConfig(SurrogateConfig):
         choice_setting("init", self.init, tuple(i for i in INITS if i != "keep"))
 
     def pretrain_lr(self, epoch: int) -> float:
-        """lr of clean epoch ``epoch`` (1-based): the authors' step decay, or cosine."""
+        """lr of clean epoch ``epoch`` (1-based): the authors' step decay, cosine, or constant."""
         p = self.pretrain_epochs
+        if self.pretrain_schedule == "constant":
+            return self.lr
         if self.pretrain_schedule == "cosine":
             import math
 
