@@ -32,6 +32,10 @@ TINY = {
     "ar": ({}, 1),
     "cuda": ({}, 1),
     "hypo": (dict(FAST, pretrain_epochs=2, pretrain_adv_steps=1, pgd_steps=3), 3),
+    "pil": (dict(FAST, arch="linear", pretrain_epochs=2, pgd_steps=3), 3),
+    "sep": (dict(FAST, pretrain_epochs=2, members=2, pgd_steps=2, vr_steps=2), 3),
+    "aue": (dict(FAST, epochs=2, pgd_steps=2), 2),
+    "aap": (dict(FAST, pretrain_epochs=2, pretrain_warmup=1, pgd_steps=3, lr=0.1), 3),  # 0.5 blows up at batch 16
 }
 NAMES = sorted(METHODS)
 QUIET = dict(progress=False, device="cpu")

@@ -15,7 +15,7 @@ from .generation import COMPILE_MODES, DELTA_DTYPES
 from .generation.store import STORES, parse_size
 from .methods import METHODS
 from .methods.settings import parse_sets
-from .models import ARCHS
+from .models import ARCHS, SURROGATE_ARCHS
 from .protect import ROUNDINGS
 
 PRESETS = sorted({name for cls in METHODS.values() for name in cls.presets})
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--split", default="train", choices=["train", "test", "extra"],
                     help="which split of a CIFAR or SVHN distribution to protect (default train)")
     pr.add_argument("--method", default="miue", choices=sorted(METHODS))
-    pr.add_argument("--arch", default=None, choices=ARCHS, help="surrogate network (default: the method's, resnet18)")
+    pr.add_argument("--arch", default=None, choices=SURROGATE_ARCHS, help="surrogate network (default: the method's, resnet18)")
     pr.add_argument("--eps", type=float, default=None,
                     help="L-inf budget in units of 1/255 (default: the method's, 8; 255 for ops)")
     pr.add_argument("--epochs", type=_positive_int, default=None, help="outer epochs / rounds E (default: the method's; 100 for miue)")

@@ -4,10 +4,14 @@
   differentiable augmentation at every PGD step);
 - :func:`random_crop_flip`: torchvision's flip + zero-padded random crop as a gather
   (REM's training augmentation and its expectation over transformations);
+- :func:`contrastive_augment`: SimCLR-style strong augmentation (random resized crop, flip,
+  colour jitter, grayscale) at a ``strength``, per sample and differentiable (AUE/AAP);
 - :class:`Adversary`: an inner L-inf PGD adversary rho maximising the surrogate's
   cross-entropy (REM's min-min-max).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +66,112 @@ def random_crop_flip(x: torch.Tensor, padding: int, gen: "torch.Generator | Draw
     dev = x.device
     out = xp[torch.arange(b, device=dev)[:, None, None], :, rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]
     return out.permute(0, 3, 1, 2)  # advanced indices first: [B, H, W, C] -> [B, C, H, W]
+
+
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL, torchvision and kornia
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """Luma [B, 1, H, W] of RGB x [B, 3, H, W]."""
+    w = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """RGB [B, 3, H, W] in [0, 1] -> HSV, each in [0, 1] (torchvision's formulas), differentiable
+    almost everywhere."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    cr = maxc - minc
+    s = cr / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    crd = torch.where(cr == 0, torch.ones_like(cr), cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    is_r = maxc == r
+    is_g = (maxc == g) & ~is_r
+    h = torch.where(is_r, bc - gc, torch.where(is_g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.remainder(h / 6.0, 1.0)
+    return torch.stack([h, s, maxc], 1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """HSV [B, 3, H, W] in [0, 1] -> RGB (torchvision's formulas)."""
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = torch.remainder(i, 6).long()
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
+                                                     (v, p, q))])  # [6, B, 3, H, W]
+    return table.gather(0, i[None, :, None].expand(1, -1, 3, -1, -1))[0]
+
+
+def _jitter_ops(x: torch.Tensor, f: torch.Tensor) -> list[torch.Tensor]:
+    """x [B, 3, H, W] after each of brightness, contrast, saturation (factors f[:, 0:3]) and hue
+    (shift f[:, 3], in turns), torchvision's definitions, each clipped to [0, 1]."""
+    bf, cf, sf, hf = (f[:, k].view(-1, 1, 1, 1) for k in range(4))
+    bright = (x * bf).clamp(0, 1)
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    contrast = (cf * x + (1 - cf) * mean).clamp(0, 1)
+    sat = (sf * x + (1 - sf) * _gray(x)).clamp(0, 1)
+    hsv = rgb_to_hsv(x)
+    hue = hsv_to_rgb(torch.cat([torch.remainder(hsv[:, :1] + hf, 1.0), hsv[:, 1:]], 1))
+    return [bright, contrast, sat, hue]
+
+
+# Per-sample uniform draws of one contrastive_augment call, in this order.
+CONTRASTIVE_DRAWS = 15  # area, log-ratio, x0, y0, flip, jitter?, 4 jitter factors, gray?, 4 order keys
+
+
+def contrastive_augment(x: torch.Tensor, u: torch.Tensor, strength: float) -> torch.Tensor:
+    """AUE/AAP's strong augmentation at ``strength`` s (their ``utils.Augment(s).aug_cl``), per
+    sample, differentiable in x: a random resized crop (area fraction in
+    ``[max(1 - 0.9 s, 0.05), 1]``, aspect ratio in [3/4, 4/3] log-uniform, bilinear), a
+    horizontal flip (p 1/2), a colour jitter (brightness, contrast and saturation factors in
+    ``[1 - 0.4 s, 1 + 0.4 s]``, hue shift in ``[-0.1 s, 0.1 s]`` turns, in a random order, with
+    probability ``min(0.99, 0.8 s)``) and grayscale (p ``0.2 s``).
+
+    x [B, 3, H, W] in [0, 1]; ``u`` [B, CONTRASTIVE_DRAWS] uniform in [0, 1) (the caller draws
+    it from the run's generator). A crop wider or taller than the image is clipped to it (torchvision
+    and kornia redraw it up to 10 times instead).
+    """
+    b, c, h, w = x.shape
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    u = u.to(device=x.device, dtype=dt)
+    s = float(strength)
+    lo = max(1 - 0.9 * s, 0.05)
+    area = lo + (1 - lo) * u[:, 0]
+    ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1])
+    cw = torch.sqrt(area * ratio * h * w).clamp(max=w)  # crop size in pixels
+    ch = torch.sqrt(area / ratio * h * w).clamp(max=h)
+    x0 = (w - cw) * u[:, 2]
+    y0 = (h - ch) * u[:, 3]
+    # affine_grid with align_corners=True: output pixel centres -1..1 <- input pixels x0..x0+cw-1.
+    sx = (cw - 1).clamp(min=0) / max(w - 1, 1)
+    sy = (ch - 1).clamp(min=0) / max(h - 1, 1)
+    tx = (2 * x0 + cw - 1) / max(w - 1, 1) - 1
+    ty = (2 * y0 + ch - 1) / max(h - 1, 1) - 1
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0).to(dt)
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=dt)
+    theta[:, 0, 0], theta[:, 0, 2] = sx * flip, tx
+    theta[:, 1, 1], theta[:, 1, 2] = sy, ty
+    grid = F.affine_grid(theta, [b, c, h, w], align_corners=True).to(x.dtype)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    if s <= 0:
+        return out
+    # Colour jitter on the samples it applies to, its four operations in a per-sample random order.
+    jb, js = 0.4 * s, 0.1 * s
+    factors = torch.stack([1 - jb + 2 * jb * u[:, 6], 1 - jb + 2 * jb * u[:, 7], 1 - jb + 2 * jb * u[:, 8],
+                           -js + 2 * js * u[:, 9]], 1).to(x.dtype)
+    order = u[:, 11:15].argsort(1)  # [B, 4]
+    jittered = out
+    rows = torch.arange(b, device=x.device)
+    for slot in range(4):
+        ops = torch.stack(_jitter_ops(jittered, factors))  # [4, B, 3, H, W]
+        jittered = ops[order[:, slot], rows]
+    apply = (u[:, 5] < min(0.99, 0.8 * s)).view(-1, 1, 1, 1)
+    out = torch.where(apply, jittered, out)
+    gray = (u[:, 10] < 0.2 * s).view(-1, 1, 1, 1)
+    return torch.where(gray, _gray(out).expand(-1, c, -1, -1), out)
 
 
 class Adversary:

@@ -98,9 +98,9 @@ class SurrogateConfig(Config):
         bool_setting("nesterov", self.nesterov)
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
-        from ..models import ARCHS
+        from ..models import SURROGATE_ARCHS
 
-        choice_setting("arch", self.arch, ARCHS)
+        choice_setting("arch", self.arch, SURROGATE_ARCHS)
 
     def step_size(self, epoch: int) -> float:
         """PGD step size of round ``epoch`` (1-based); constant unless a method schedules it."""

@@ -19,12 +19,12 @@ from ..ops._checks import check_int
 from ._layers import CIFAR10_MEAN, CIFAR10_STD, Normalize
 from .cifar_cnns import DenseNet, MobileNetV2, SENet, WideResNet, densenet121, mobilenetv2, senet18, wrn34_10
 from .resnet import ResNet, resnet18, resnet50
-from .small import SmallCNN, cnn_small
+from .small import LinearNet, SmallCNN, cnn_small, linear_net
 from .transformers import CaiT, ViT, cait_small, vit_small
 from .vgg import VGG, vgg16, vgg19
 
 __all__ = [
-    "ARCHS", "RECIPES", "build_model", "count_parameters", "make_optimizer", "recipe",
+    "ARCHS", "SURROGATE_ARCHS", "RECIPES", "build_model", "count_parameters", "make_optimizer", "recipe", "LinearNet",
     "ResNet", "VGG", "SmallCNN", "MobileNetV2", "DenseNet", "SENet", "WideResNet", "ViT", "CaiT", "Normalize",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
@@ -32,12 +32,14 @@ __all__ = [
 
 ARCHS = ("resnet18", "resnet50", "vgg16", "vgg19", "mobilenetv2", "densenet121", "senet18", "wrn34-10", "vit-small",
          "cait-small", "cnn-small")
+# Surrogates only (not victims): PIL's bias-free linear model.
+SURROGATE_ARCHS = ARCHS + ("linear",)
 
 _BUILDERS = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16, "vgg19": vgg19, "mobilenetv2": mobilenetv2,
              "densenet121": densenet121, "senet18": senet18, "wrn34-10": wrn34_10, "vit-small": vit_small,
-             "cait-small": cait_small, "cnn-small": cnn_small}
+             "cait-small": cait_small, "cnn-small": cnn_small, "linear": linear_net}
 _STEMMED = ("resnet18", "resnet50", "mobilenetv2", "densenet121", "senet18", "wrn34-10")
-_SIZED = ("vit-small", "cait-small")  # built for a patch grid: take image_size
+_SIZED = ("vit-small", "cait-small", "linear")  # built for a patch grid or an input size: take image_size
 
 # How each architecture is trained as a victim (``ue_fast.evaluate.train_victim``) and the base of a
 # surrogate's optimiser (``ue_fast.generation.surrogate``): the CNNs with SGD (momentum 0.9, weight
@@ -45,7 +47,7 @@ _SIZED = ("vit-small", "cait-small")  # built for a patch grid: take image_size
 # on which SGD at 0.1 does not train them (APBench's train.py uses Adam for them).
 _SGD = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9}
 _ADAMW = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "betas": (0.9, 0.999)}
-RECIPES = {arch: dict(_ADAMW if arch in _SIZED else _SGD) for arch in ARCHS}
+RECIPES = {arch: dict(_ADAMW if arch in ("vit-small", "cait-small") else _SGD) for arch in SURROGATE_ARCHS}
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 IMAGENET_STEM_ABOVE = 64  # px: larger images get the ImageNet stem in ResNets
@@ -63,7 +65,7 @@ def build_model(arch: str, num_classes: int, *, image_size: int = 32) -> nn.Modu
     """A freshly initialised model (seed with ``torch.manual_seed`` for a
     reproducible one).
 
-    arch: one of ``ARCHS``. num_classes: >= 2. image_size: the side of the
+    arch: one of ``ARCHS`` (or ``linear``, a surrogate only). num_classes: >= 2. image_size: the side of the
     (square) training images, 16..1024. All models pool adaptively, so they
     accept any H, W >= 16 whatever ``image_size`` says; it is validated and kept
     as ``model.image_size`` for callers (checkpoints, input checks) to read.
@@ -76,7 +78,7 @@ def build_model(arch: str, num_classes: int, *, image_size: int = 32) -> nn.Modu
     (``ue_fast.models.transformers``); VGG and cnn-small do not change with the size.
     """
     if not isinstance(arch, str) or arch not in _BUILDERS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(SURROGATE_ARCHS)}")
     num_classes = _check_int("num_classes", num_classes, 2)
     image_size = _check_int("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     if arch in _STEMMED:
@@ -94,7 +96,7 @@ def build_model(arch: str, num_classes: int, *, image_size: int = 32) -> nn.Modu
 def recipe(arch: str) -> dict:
     """A copy of ``RECIPES[arch]``: the optimiser (``"sgd"`` or ``"adamw"``) and its lr, weight decay, ...."""
     if arch not in RECIPES:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(SURROGATE_ARCHS)}")
     return dict(RECIPES[arch])
 
 

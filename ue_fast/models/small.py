@@ -49,6 +49,7 @@ class SmallCNN(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = in_ch
         self.classifier = nn.Linear(in_ch, num_classes)
+        self.channels_last = True
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,9 @@ class SmallCNN(nn.Module):
         # max-pool is several times slower than NHWC (a training step of a
         # 128 x 32x32 batch: ~70 ms NCHW vs ~48 ms NHWC on 2 cores). A no-op for
         # channels_last inputs; outputs and x.grad keep their usual layout.
-        x = self.normalize(x).contiguous(memory_format=torch.channels_last)
+        x = self.normalize(x)
+        if self.channels_last:  # off under torch.func.vmap, which cannot query memory formats
+            x = x.contiguous(memory_format=torch.channels_last)
         return torch.flatten(self.avgpool(self.features(x)), 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,3 +71,32 @@ class SmallCNN(nn.Module):
 def cnn_small(num_classes: int = 10) -> SmallCNN:
     """The ``cnn-small`` of the registry: widths 32-64-128, convolutions 1-1-2."""
     return SmallCNN(num_classes)
+
+
+class LinearNet(nn.Module):
+    """``linear``: PIL's surrogate (jinlinll/pil, ``models/linearmodel.py``), a bias-free linear
+    map of rank <= C in two factors, ``logits = W2 W1 vec(x)``, on the raw [0, 1] pixels (no
+    normalisation, no non-linearity): a surrogate only, not a victim.
+
+    Built for ``image_size`` x ``image_size`` inputs (3 * S * S inputs); other sizes are
+    resized to it (bilinear) first. forward(x) -> (features ``W1 vec(x)`` [N, C], logits [N, C]).
+    PyTorch's default ``nn.Linear`` initialisation, as theirs.
+    """
+
+    def __init__(self, num_classes: int = 10, image_size: int = 32):
+        super().__init__()
+        self.size = image_size
+        self.feature_dim = num_classes
+        self.fc1 = nn.Linear(3 * image_size * image_size, num_classes, bias=False)
+        self.classifier = nn.Linear(num_classes, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[-2:] != (self.size, self.size):
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        features = self.fc1(x.flatten(1))
+        return features, self.classifier(features)
+
+
+def linear_net(num_classes: int = 10, image_size: int = 32) -> LinearNet:
+    """The ``linear`` surrogate of the registry (``SURROGATE_ARCHS``)."""
+    return LinearNet(num_classes, image_size)
