@@ -16,12 +16,14 @@ Run:  pytest benchmarks/bench_methods.py --benchmark-json benchmarks/results/<de
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 import plain_methods as plain
 from _common import demo_images, sync
 from plain_miue import outer_epoch
 from ue_fast.generation import Runner
 from ue_fast.methods import METHODS, TrainingFreeMethod
+from ue_fast.generation.transforms import CONTRASTIVE_DRAWS, contrastive_augment, shift_flip
 from ue_fast.methods.training_free import AR, ARConfig, ops_search
 from ue_fast.models import build_model
 
@@ -42,17 +44,36 @@ SCHEDULES = {
     "ops": (N, {}, 1, 1),
     "lsp": (N, {}, 1, 1),
     "ar": (64, {}, 1, 1),  # the plain AR recurrence runs pixel by pixel in Python
+    "cuda": (N, dict(seed=7), 1, 1),
+    "hypo": (N, dict(pretrain_epochs=0, pgd_steps=25), 4, 1),
+    "pil": (N, dict(pretrain_epochs=0), 1, 1),  # the attack; PIL's clean training is a separate row (PIL_TRAIN)
+    # SEP: members given (SEP_MEMBERS snapshots of freshly drawn weights) instead of trained; 3 of the 30 steps
+    "sep": (N // 4, dict(pretrain_epochs=15, members=15, pgd_steps=3), 10, 1),
+    "aue": (N, dict(epochs=1), 1, 60),
+    "aap": (N, dict(pretrain_epochs=0, pgd_steps=25), 10, 1),
 }
+SEP_MEMBERS = 15
 
 
 def _engine_run(name, cfg, images, labels, device):
     """Round 1 of the method (the first step of its first round stage; REM's final regeneration and
     AP's pre-training are left out); the perturbation in 1/255 units."""
     method = Runner(METHODS[name](cfg), images, labels, 10, device, progress=False).method
+    if name == "sep":
+        method.snapshots = [{k: v.to(device) for k, v in s.items()} for s in _snapshots(cfg, images.shape[-1])]
     stage = next(s for s in method.stages() if s.key == "epoch" and s.steps > 0)
     stage.run(1)
     sync(device)
     return method.perturbations() * 255
+
+
+def _snapshots(cfg, size):
+    """SEP's members for both variants: SEP_MEMBERS networks of freshly seeded weights."""
+    out = []
+    for k in range(SEP_MEMBERS):
+        torch.manual_seed(100 + k)
+        out.append(build_model(cfg.arch, 10, image_size=size).state_dict())
+    return out
 
 
 def _plain_run(name, cfg, images, labels, device):
@@ -60,7 +81,9 @@ def _plain_run(name, cfg, images, labels, device):
     x = images.float() / 255
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if name in ("ops", "lsp", "ar"):
+    if name in ("ops", "lsp", "ar", "cuda"):
+        if name == "cuda":  # the same filters (the key) in both variants
+            return plain.cuda_plain(images, labels, METHODS["cuda"](cfg, 10).filters()) * 255
         if name == "ops":
             d = plain.ops_plain(images, labels, 10)
         elif name == "lsp":
@@ -70,7 +93,9 @@ def _plain_run(name, cfg, images, labels, device):
             d = plain.ar_plain(labels, weights, size=images.shape[-1], gen=gen).clamp(-cfg.eps, cfg.eps)
         return d * 255
     model = build_model(cfg.arch, 10, image_size=images.shape[-1]).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate(1), momentum=cfg.momentum,
+    if name == "sep":
+        model = None  # its members are built below
+    opt = None if model is None else torch.optim.SGD(model.parameters(), lr=cfg.learning_rate(1), momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     common = dict(device=device, eps=cfg.eps, alpha=cfg.step_size(1), steps=cfg.pgd_steps,
                   poison_batch_size=cfg.poison_batch_size, gen=gen)
@@ -89,6 +114,31 @@ def _plain_run(name, cfg, images, labels, device):
         poison = plain.rem_round(model, opt, x, labels, torch.zeros_like(x), batch_size=cfg.batch_size,
                                  adv_eps=cfg.adv_eps, adv_alpha=cfg.adv_alpha, adv_steps=cfg.adv_steps,
                                  eot_samples=cfg.eot_samples, padding=images.shape[-1] // 8, **common)
+    elif name in ("hypo", "aap"):
+        def loss(m, x, d, y):
+            if name == "hypo":
+                u = torch.rand(len(x), 3, generator=gen)
+                return F.cross_entropy(m(shift_flip(x + d, u, cfg.max_shift))[1], y)
+            u = torch.rand(len(x), CONTRASTIVE_DRAWS, generator=gen)
+            return F.cross_entropy(m(contrastive_augment(x + d, u, cfg.strength))[1], (y + 1) % 10)
+        poison = plain.frozen_attack(model, x, labels, torch.zeros_like(x), loss_fn=loss, descend=True, **common)
+    elif name == "pil":
+        start = plain._project((torch.rand(x.shape, generator=gen) * 2 - 1) * cfg.eps, x, cfg.eps)
+        poison = plain.frozen_attack(model, x, labels, start, loss_fn=plain.pil_loss(cfg.lmd), descend=True, **common)
+    elif name == "aue":
+        def aug(xx):
+            return contrastive_augment(xx, torch.rand(len(xx), CONTRASTIVE_DRAWS, generator=gen), cfg.strength)
+        plain.train_on_poisoned(model, opt, x, labels, torch.zeros_like(x), device=device, batch_size=cfg.batch_size,
+                                gen=gen, input_fn=lambda m, xx, y: aug(xx))
+        poison = plain.frozen_attack(model, x, labels, torch.zeros_like(x), descend=True,
+                                     loss_fn=lambda m, xx, d, y: F.cross_entropy(m(aug(xx + d))[1], y), **common)
+    elif name == "sep":
+        members = []
+        for state in _snapshots(cfg, images.shape[-1]):
+            m = build_model(cfg.arch, 10, image_size=images.shape[-1]).to(device)
+            m.load_state_dict(state)
+            members.append(m)
+        poison = plain.sep_round(members, x, labels, torch.zeros_like(x), vr_steps=cfg.vr_steps, **common)
     elif name == "bayes":
         poison = plain.bayes_round(model, opt, x, labels, torch.zeros_like(x), batch_size=cfg.batch_size,
                                    sigma=cfg.sigma, **common)
@@ -112,7 +162,7 @@ def test_method_round(benchmark, device, variant, name):
     images, labels = demo_images(n)
     cls = METHODS[name]
     free = issubclass(cls, TrainingFreeMethod)
-    extra = {} if free else dict(arch=ARCH)
+    extra = {} if free or name == "pil" else dict(arch=ARCH)  # pil: its linear surrogate
     cfg = cls.config_class(**extra, **overrides)
     benchmark.group = f"{name} one round 32x32 N={n}" + ("" if free else f" {ARCH}")
     fn = _engine_run if variant == "ue_fast" else _plain_run

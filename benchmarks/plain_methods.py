@@ -285,3 +285,92 @@ def ar_plain(labels, class_weights, *, size=32, l2=1.0, gen=None):
     start = torch.randn(len(labels), 3, size + 4, size + 4, generator=gen)
     x = ar_process_plain(class_weights[labels], start)[:, :, 4:, 4:]
     return x / x.flatten(1).norm(dim=1)[:, None, None, None] * l2
+
+
+# -------------------------------------------------------------------------------- CUDA
+def cuda_plain(images, labels, filters):
+    """CUDA image by image, as the authors' script: each image's channels convolved with its
+    class's filter (zero padding), divided by the image's maximum, floored to 8 bits; the
+    difference to the clean image in [0, 1] units. filters [C, k, k]."""
+    x = images.float() / 255
+    out = torch.empty_like(x)
+    k = filters.shape[-1]
+    for n in range(len(x)):
+        w = filters[labels[n]].expand(3, 1, k, k)
+        y = F.conv2d(x[n:n + 1], w, padding=k // 2, groups=3)[0]
+        if y.max() > 0:
+            y = y / y.max()
+        out[n] = torch.floor(y * 255) / 255
+    return out - x
+
+
+# --------------------------------------------------------------------- HYPO / AAP / PIL
+def frozen_attack(model, images, labels, poison, *, device, eps, alpha, steps, poison_batch_size, gen,
+                  loss_fn, descend, augment=None):
+    """A per-batch PGD pass against a frozen model, the shape of HYPO's, AAP's and PIL's attacks:
+    ``steps`` sign steps on ``loss_fn(model, x, delta, y)`` (``augment(x + delta)`` is the
+    caller's business inside it), descending or ascending, projected after each."""
+    model.eval()
+    model.requires_grad_(False)
+    for idx in torch.randperm(len(images), generator=gen).split(poison_batch_size):
+        data, y = images[idx].to(device), labels[idx].to(device)
+        delta = poison[idx].to(device)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = loss_fn(model, data, delta, y)
+            loss.backward()
+            step = alpha * delta.grad.sign()
+            delta = _project(delta.detach() + (-step if descend else step), data, eps)
+            loss.item()
+        poison[idx] = delta.cpu()
+    model.requires_grad_(True)
+    return poison
+
+
+def pil_loss(lmd=0.9):
+    """PIL's loss for delta = -noise: lmd CE(f(noise), y) + (1 - lmd) KL(uniform || softmax(f(x - noise)))."""
+    def loss(model, x, delta, y):
+        ce = F.cross_entropy(model(-delta)[1], y)
+        logp = F.log_softmax(model(x + delta)[1], dim=1)
+        u = torch.full_like(logp, 1.0 / logp.shape[1])
+        return lmd * ce + (1 - lmd) * F.kl_div(logp, u, reduction="batchmean")
+    return loss
+
+
+# --------------------------------------------------------------------------------- SEP
+def sep_round(models, images, labels, poison, *, device, eps, alpha, steps, poison_batch_size, gen,
+              num_classes=10, vr_steps=16):
+    """SEP-FA-VR as their ens_feature_svre.py: the members a list of models, run one by one;
+    class centroids per member over the clean set; per step every member's gradient, then
+    ``vr_steps`` inner steps on randomly drawn members."""
+    for m in models:
+        m.eval()
+        m.requires_grad_(False)
+    with torch.no_grad():
+        cents = []
+        for m in models:
+            feats = torch.cat([m(images[idx].to(device))[0] for idx in torch.arange(len(images)).split(512)])
+            cents.append(torch.stack([feats[labels == c].mean(0) for c in range(num_classes)]))
+
+    def grad_of(k, x, target):
+        x = x.clone().requires_grad_(True)
+        loss = F.mse_loss(models[k](x)[0], cents[k][target])
+        loss.backward()
+        loss.item()
+        return x.grad
+
+    for idx in torch.randperm(len(images), generator=gen).split(poison_batch_size):
+        data, y = images[idx].to(device), labels[idx].to(device)
+        target = (y + num_classes // 2) % num_classes
+        delta = poison[idx].to(device)
+        for _ in range(steps):
+            gs = [grad_of(k, data + delta, target) for k in range(len(models))]
+            g = sum(gs) / len(gs)
+            s, inner = torch.zeros_like(g), delta.clone()
+            for _ in range(vr_steps):
+                k = int(torch.randint(len(models), (1,), generator=gen))
+                s = s + grad_of(k, data + inner, target) - (gs[k] - g)
+                inner = _project(inner - alpha * s.sign(), data, eps)
+            delta = _project(delta - alpha * s.sign(), data, eps)
+        poison[idx] = delta.cpu()
+    return poison
