@@ -96,3 +96,16 @@ def test_aap_targeted_descends_towards_the_next_class_untargeted_ascends():
     y = torch.tensor([0, 4, 9])
     assert not t.maximize and t.target(y).tolist() == [1, 5, 0]
     assert u.maximize and u.target(y).tolist() == [0, 4, 9]
+
+
+def test_each_sample_takes_the_jitter_operations_in_its_own_order(x):
+    from ue_fast.generation.transforms import _JITTER, _jitter
+
+    f = torch.tensor([[1.3, 0.7, 1.2, 0.25]] * 5, dtype=x.dtype)
+    order = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(k)) for k in range(5)])
+    out = _jitter(x, f, order)
+    for b in range(5):
+        want = x[b:b + 1]
+        for k in order[b].tolist():
+            want = _JITTER[k](want, f[b:b + 1, k].view(1, 1, 1, 1))
+        torch.testing.assert_close(out[b:b + 1], want)

@@ -35,7 +35,8 @@ TINY = {
     "pil": (dict(FAST, arch="linear", pretrain_epochs=2, pgd_steps=3), 3),
     "sep": (dict(FAST, pretrain_epochs=2, members=2, pgd_steps=2, vr_steps=2), 3),
     "aue": (dict(FAST, epochs=2, pgd_steps=2), 2),
-    "aap": (dict(FAST, pretrain_epochs=2, pretrain_warmup=1, pgd_steps=3, lr=0.1), 3),  # 0.5 blows up at batch 16
+    # lr 0.1: AAP's 0.5 blows the surrogate up at batch 16
+    "aap": (dict(FAST, pretrain_epochs=2, pretrain_warmup=1, pgd_steps=3, lr=0.1), 3),
 }
 NAMES = sorted(METHODS)
 QUIET = dict(progress=False, device="cpu")

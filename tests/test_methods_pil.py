@@ -36,7 +36,8 @@ def test_loss_is_the_authors_with_delta_minus_noise():
     n = (torch.rand(8, 3, 32, 32, generator=g) * 2 - 1) * 8 / 255
     y = torch.randint(0, 10, (8,), generator=g)
     logp = F.log_softmax(net(x - n)[1], dim=1)
-    theirs = 0.9 * F.cross_entropy(net(n)[1], y) + 0.1 * F.kl_div(logp, torch.full_like(logp, 0.1), reduction="batchmean")
+    kl = F.kl_div(logp, torch.full_like(logp, 0.1), reduction="batchmean")
+    theirs = 0.9 * F.cross_entropy(net(n)[1], y) + 0.1 * kl
     method = PIL(PILConfig(), 10)
     delta = -n
     feats, logits = net(method.inputs(x, delta, y))
@@ -48,7 +49,8 @@ def test_defaults_are_the_authors():
     assert (cfg.arch, cfg.pretrain_epochs, cfg.lr, cfg.weight_decay, cfg.batch_size) == ("linear", 30, 0.003, 0.0, 512)
     assert (cfg.pgd_steps, cfg.alpha, cfg.lmd, cfg.init, cfg.augment) == (30, pytest.approx(8 / 2550), 0.9,
                                                                           "uniform", False)
-    assert cfg.pretrain_lr(1) == 0.003 and cfg.pretrain_lr(16) == pytest.approx(0.003 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert cfg.pretrain_lr(1) == 0.003
+    assert cfg.pretrain_lr(16) == pytest.approx(0.003 * 0.5 * (1 + math.cos(math.pi / 2)))
 
 
 def test_the_noise_alone_is_classified_as_its_class(tmp_path):

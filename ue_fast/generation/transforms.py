@@ -105,17 +105,45 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return table.gather(0, i[None, :, None].expand(1, -1, 3, -1, -1))[0]
 
 
+def _brightness(x, f):
+    return (x * f).clamp(0, 1)
+
+
+def _contrast(x, f):
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (f * x + (1 - f) * mean).clamp(0, 1)
+
+
+def _saturation(x, f):
+    return (f * x + (1 - f) * _gray(x)).clamp(0, 1)
+
+
+def _hue(x, f):
+    hsv = rgb_to_hsv(x)
+    return hsv_to_rgb(torch.cat([torch.remainder(hsv[:, :1] + f, 1.0), hsv[:, 1:]], 1))
+
+
+_JITTER = (_brightness, _contrast, _saturation, _hue)  # torchvision's definitions, each clipped to [0, 1]
+
+
 def _jitter_ops(x: torch.Tensor, f: torch.Tensor) -> list[torch.Tensor]:
     """x [B, 3, H, W] after each of brightness, contrast, saturation (factors f[:, 0:3]) and hue
-    (shift f[:, 3], in turns), torchvision's definitions, each clipped to [0, 1]."""
-    bf, cf, sf, hf = (f[:, k].view(-1, 1, 1, 1) for k in range(4))
-    bright = (x * bf).clamp(0, 1)
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    contrast = (cf * x + (1 - cf) * mean).clamp(0, 1)
-    sat = (sf * x + (1 - sf) * _gray(x)).clamp(0, 1)
-    hsv = rgb_to_hsv(x)
-    hue = hsv_to_rgb(torch.cat([torch.remainder(hsv[:, :1] + hf, 1.0), hsv[:, 1:]], 1))
-    return [bright, contrast, sat, hue]
+    (shift f[:, 3], in turns)."""
+    return [op(x, f[:, k].view(-1, 1, 1, 1)) for k, op in enumerate(_JITTER)]
+
+
+def _jitter(x: torch.Tensor, f: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The four jitter operations on each sample of x in its own ``order`` [B, 4] (a permutation of
+    0..3 per row): per slot, each operation runs on the samples that take it there, so every
+    sample pays four operations."""
+    for slot in range(4):
+        out = x
+        for k, op in enumerate(_JITTER):
+            sel = torch.nonzero(order[:, slot] == k).squeeze(1)
+            if len(sel):
+                out = out.index_copy(0, sel, op(x.index_select(0, sel), f.index_select(0, sel)[:, k].view(-1, 1, 1, 1)))
+        x = out
+    return x
 
 
 # Per-sample uniform draws of one contrastive_augment call, in this order.
@@ -163,13 +191,10 @@ def contrastive_augment(x: torch.Tensor, u: torch.Tensor, strength: float) -> to
     factors = torch.stack([1 - jb + 2 * jb * u[:, 6], 1 - jb + 2 * jb * u[:, 7], 1 - jb + 2 * jb * u[:, 8],
                            -js + 2 * js * u[:, 9]], 1).to(x.dtype)
     order = u[:, 11:15].argsort(1)  # [B, 4]
-    jittered = out
-    rows = torch.arange(b, device=x.device)
-    for slot in range(4):
-        ops = torch.stack(_jitter_ops(jittered, factors))  # [4, B, 3, H, W]
-        jittered = ops[order[:, slot], rows]
-    apply = (u[:, 5] < min(0.99, 0.8 * s)).view(-1, 1, 1, 1)
-    out = torch.where(apply, jittered, out)
+    on = torch.nonzero(u[:, 5] < min(0.99, 0.8 * s)).squeeze(1)  # the samples the jitter applies to
+    if len(on):
+        out = out.index_copy(0, on, _jitter(out.index_select(0, on), factors.index_select(0, on),
+                                            order.index_select(0, on)))
     gray = (u[:, 10] < 0.2 * s).view(-1, 1, 1, 1)
     return torch.where(gray, _gray(out).expand(-1, c, -1, -1), out)
 

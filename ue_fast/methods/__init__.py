@@ -19,8 +19,10 @@ from .settings import Config, SurrogateConfig
 from .training_free import AR, LSP, OPS
 
 METHODS = {"miue": MIUE, "em": EM, "em-classwise": EMClasswise, "ap": AP, "tap": TAP, "rem": REM, "bayes": Bayes,
-           "ops": OPS, "lsp": LSP, "ar": AR, "cuda": CUDA, "hypo": HYPO, "pil": PIL, "sep": SEP, "aue": AUE, "aap": AAP}
+           "ops": OPS, "lsp": LSP, "ar": AR, "cuda": CUDA, "hypo": HYPO, "pil": PIL, "sep": SEP, "aue": AUE,
+           "aap": AAP}
 
-__all__ = ["AAP", "AAPConfig", "AP", "APConfig", "AUE", "AUEConfig", "AR", "Bayes", "BayesConfig", "CUDA", "CUDAConfig", "Config", "EM", "EMClasswise", "EMClasswiseConfig",
-           "EMConfig", "HYPO", "HYPOConfig", "LSP", "METHODS", "MIUE", "MIUEConfig", "Method", "OPS", "PIL", "PILConfig", "REM", "REMConfig", "SEP", "SEPConfig", "Sparse",
-           "SurrogateConfig", "SurrogateMethod", "TAP", "TrainingFreeMethod"]
+__all__ = ["AAP", "AAPConfig", "AP", "APConfig", "AUE", "AUEConfig", "AR", "Bayes", "BayesConfig", "CUDA",
+           "CUDAConfig", "Config", "EM", "EMClasswise", "EMClasswiseConfig", "EMConfig", "HYPO", "HYPOConfig", "LSP",
+           "METHODS", "MIUE", "MIUEConfig", "Method", "OPS", "PIL", "PILConfig", "REM", "REMConfig", "SEP",
+           "SEPConfig", "Sparse", "SurrogateConfig", "SurrogateMethod", "TAP", "TrainingFreeMethod"]
