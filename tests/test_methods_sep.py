@@ -47,6 +47,7 @@ def test_batched_ensemble_equals_the_loop(arch, dtypes):
         assert lb.shape == (3, 6, 10) and fb.shape == (3, 6, net.feature_dim)
         tol = 1e-10 if dtype == torch.float64 else 1e-5
         torch.testing.assert_close(lb, ll, rtol=tol, atol=tol)
+        torch.testing.assert_close(fb, fl, rtol=tol, atol=tol)
         for loss, aux in ((_ce, None), (_fa, cents)):
             gb, vb = batched.grads(x, y, loss, aux)
             gl, vl = loop.grads(x, y, loss, aux)
