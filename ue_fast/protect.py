@@ -19,8 +19,13 @@ Outputs in OUTPUT_DIR:
   the perturbation of class c of the manifest's ``classes`` in whole grey levels (rounded
   once per class), so that ``clip(clean + row of its class)`` is each PNG, exactly;
 - ``manifest.json``: method, every setting, seed, versions, per-file L-inf, counts,
-  time per stage, images per second, which outputs were written and why. It is
-  written last: its presence marks a complete output.
+  time per stage, images per second, which outputs were written and why, and
+  ``budget``: what bounds the change (the L-inf ball of eps, or, for a method that is not
+  an L_p perturbation, its own bound) and whether it held. It is written last: its
+  presence marks a complete output.
+
+A keyed method (``cuda``) has its seed as a private key: drawn at random unless given,
+recorded in no output (the manifest's ``seed`` is null), written only to ``key_file``.
 
 Every output is written by chunks of rows, so memory stays bounded whatever N.
 
