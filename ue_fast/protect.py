@@ -56,12 +56,12 @@ import numpy as np
 import torch
 
 from . import __version__
+from .checkpoint import load_checkpoint
 from .data import ImageSet, images_from_arrays, write_image_folder
 from .data.exports import read_json, save_poison_pt, write_json_atomic
 from .data.canonical import detect, load_dataset
 from .data.folders import ordered_listing, output_paths
 from .data.ingest import ingest_folder
-from .checkpoint import load_checkpoint
 from .generation import COMPILE_MODES, Runner
 from .generation.distributed import from_env
 from .generation.rowfile import RowFile, chunk_rows
