@@ -63,12 +63,8 @@ class APConfig(SurrogateConfig):
     restarts: int = 8
     init: str = "gaussian"  # a restart's start: "gaussian" (theirs), "uniform" or "zero"
 
-    def __post_init__(self):
-        if self.alpha is None:
-            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps <= 1:
-                raise ValueError(f"eps must be in (0, 255]/255, got {self.eps!r}")
-            self.alpha = 0.05 * self.eps
-        super().__post_init__()
+    def default_alpha(self) -> float:
+        return 0.05 * self.eps  # their --tau 0.05
 
     def validate(self) -> None:
         super().validate()

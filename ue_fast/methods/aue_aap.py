@@ -81,12 +81,8 @@ class AUEConfig(SurrogateConfig):
     strength: float = 0.6
     train_steps: int | None = None  # surrogate batches per round; None: one epoch (theirs: 391 = one epoch)
 
-    def __post_init__(self):
-        if self.alpha is None:
-            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps <= 1:
-                raise ValueError(f"eps must be in (0, 255]/255, got {self.eps!r}")
-            self.alpha = self.eps / 10
-        super().__post_init__()
+    def default_alpha(self) -> float:
+        return self.eps / 10
 
     def validate(self) -> None:
         super().validate()
@@ -147,13 +143,8 @@ class AAPConfig(APConfig):
     restarts: int = 1
     init: str = "zero"
 
-    def __post_init__(self):
-        if self.alpha is None:
-            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps <= 1:
-                raise ValueError(f"eps must be in (0, 255]/255, got {self.eps!r}")
-            int_setting("pgd_steps", self.pgd_steps)
-            self.alpha = 2.5 * self.eps / self.pgd_steps
-        super().__post_init__()
+    def default_alpha(self) -> float:
+        return 2.5 * self.eps / self.pgd_steps
 
     def validate(self) -> None:
         if self.pretrain_schedule == "warmup-cosine":  # APConfig knows the others

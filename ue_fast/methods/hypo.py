@@ -48,7 +48,7 @@ class HYPOConfig(APConfig):
     """Settings of a HYPO run; defaults are the authors' CIFAR-10 settings (see the module docstring)."""
 
     pgd_steps: int = 100
-    alpha: float | None = 0.8 / 255  # None: eps / 10
+    alpha: float | None = None  # None: eps / 10 (0.8/255 at eps 8)
     poison_batch_size: int = 256
     nesterov: bool = False
     pretrain_epochs: int = 10
@@ -60,12 +60,8 @@ class HYPOConfig(APConfig):
     restarts: int = 1
     init: str = "zero"
 
-    def __post_init__(self):
-        if self.alpha is None:
-            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps <= 1:
-                raise ValueError(f"eps must be in (0, 255]/255, got {self.eps!r}")
-            self.alpha = self.eps / 10
-        super().__post_init__()
+    def default_alpha(self) -> float:
+        return self.eps / 10
 
     def validate(self) -> None:
         super().validate()

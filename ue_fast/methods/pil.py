@@ -63,12 +63,8 @@ class PILConfig(APConfig):
     init: str = "uniform"
     lmd: float = 0.9  # weight of the noise's cross-entropy; 1 - lmd that of the KL term
 
-    def __post_init__(self):
-        if self.alpha is None:
-            if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps <= 1:
-                raise ValueError(f"eps must be in (0, 255]/255, got {self.eps!r}")
-            self.alpha = self.eps / 10
-        super().__post_init__()
+    def default_alpha(self) -> float:
+        return self.eps / 10
 
     def validate(self) -> None:
         super().validate()

@@ -13,6 +13,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 
+def eps_setting(value) -> None:
+    """The L-inf budget in [0, 1] pixel units, in (0, 1]; ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"eps must be in (0, 255]/255, got {value!r}")
+
+
 def int_setting(name: str, value, lo: int = 1) -> None:
     """A setting that must be an int >= ``lo`` (bool refused); ValueError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -48,8 +54,7 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps <= 1:
-            raise ValueError(f"eps must be in (0, 255]/255, got {self.eps!r}")
+        eps_setting(self.eps)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -75,7 +80,7 @@ class SurrogateConfig(Config):
     arch: str = "resnet18"
     epochs: int = 100  # rounds; an upper bound for early-stopping methods
     pgd_steps: int = 10  # PGD steps per batch per round
-    alpha: float = 0.8 / 255  # PGD step size
+    alpha: float | None = 0.8 / 255  # PGD step size; None: default_alpha(), a method's fraction of eps
     batch_size: int = 128  # surrogate training
     poison_batch_size: int = 512  # PGD
     lr: float = 0.1
@@ -84,6 +89,17 @@ class SurrogateConfig(Config):
     nesterov: bool = False
     weight_decay: float = 1e-4
     post_aug: bool = False  # flip the clean image before adding delta (noise that survives flips)
+
+    def __post_init__(self):
+        if self.alpha is None:
+            eps_setting(self.eps)
+            int_setting("pgd_steps", self.pgd_steps)
+            self.alpha = self.default_alpha()
+        super().__post_init__()
+
+    def default_alpha(self) -> float:
+        """The PGD step size when ``alpha`` is None (a method sets its own rule)."""
+        raise ValueError("alpha must be a number: this method has no default step size rule")
 
     def validate(self) -> None:
         super().validate()
