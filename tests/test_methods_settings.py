@@ -13,10 +13,11 @@ from ue_fast.methods.settings import parse_sets, parse_value
 def test_every_method_has_valid_paper_and_cpu_small_presets(name):
     cls = METHODS[name]
     assert {"paper", "cpu-small"} <= set(cls.presets)
-    assert cls.config_class(**cls.preset("paper")) == cls.config_class()  # paper: the defaults
+    key = {"seed": 7} if cls.keyed else {}  # a keyed method draws a fresh seed (its key) per config
+    assert cls.config_class(**cls.preset("paper"), **key) == cls.config_class(**key)  # paper: the defaults
     small = cls.config_class(**cls.preset("cpu-small"))
     if issubclass(cls, SurrogateMethod):
-        assert small.arch == "cnn-small"
+        assert small.arch == ("linear" if name == "pil" else "cnn-small")  # pil: its linear surrogate at any scale
     with pytest.raises(ValueError, match="no preset 'fast'"):
         cls.preset("fast")
 
