@@ -89,7 +89,11 @@ def test_report_resumes_after_a_kill(sets, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cells = out / "cells"
     deadline = time.time() + 300
-    while time.time() < deadline and not (cells.is_dir() and any(cells.glob("*.json"))):
+    # the first cell on disk and the partial report written after it (report.json, then report.md)
+    def started():
+        return cells.is_dir() and any(cells.glob("*.json")) and (out / "report.md").exists()
+
+    while time.time() < deadline and not started():
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
