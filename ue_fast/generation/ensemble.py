@@ -46,21 +46,24 @@ class Ensemble:
             raise ValueError("an ensemble needs at least one snapshot")
         self.size, self.batched = len(snapshots), batched
         self.autocast = autocast or contextlib.nullcontext
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)  # loop members run through it
-        if hasattr(self.model, "channels_last"):
-            self.model.channels_last = False  # vmap cannot query memory formats (cnn-small)
-        self.params, self.buffers = stack_snapshots(self.model, snapshots)
-
-    def _slice(self, k: int) -> tuple[dict, dict]:
-        return {n: v[k] for n, v in self.params.items()}, {n: v[k] for n, v in self.buffers.items()}
+        self.members = []  # one frozen copy per snapshot: the loop's, and single members' (SEP-FA-VR's inner steps)
+        for snap in snapshots:
+            m = copy.deepcopy(model)
+            m.load_state_dict(snap)
+            self.members.append(m.eval().requires_grad_(False))
+        if batched:  # the stacked weights, run through one copy of the architecture
+            self.base = copy.deepcopy(self.members[0])
+            if hasattr(self.base, "channels_last"):
+                self.base.channels_last = False  # vmap cannot query memory formats (cnn-small)
+            self.params, self.buffers = stack_snapshots(self.base, snapshots)
 
     def _call(self, params: dict, buffers: dict, x: torch.Tensor):
-        return functional_call(self.model, (params, buffers), (x,))
+        return functional_call(self.base, (params, buffers), (x,))
 
     def member(self, k: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Member k's (features, logits) at x, differentiable in x."""
         with self.autocast():
-            return self._call(*self._slice(k), x)
+            return self.members[k](x)
 
     @contextlib.contextmanager
     def frozen(self):
@@ -72,7 +75,7 @@ class Ensemble:
         with self.autocast():
             if self.batched:
                 return vmap(self._call, in_dims=(0, 0, None))(self.params, self.buffers, x)
-            outs = [self._call(*self._slice(k), x) for k in range(self.size)]
+            outs = [m(x) for m in self.members]
         return torch.stack([f for f, _ in outs]), torch.stack([g for _, g in outs])
 
     def grads(self, x: torch.Tensor, y: torch.Tensor, loss: MemberLoss, aux: torch.Tensor | None = None
