@@ -113,6 +113,22 @@ def _mixed_sets(train: ImageSet, protected: dict[str, ImageSet], fraction: float
     return out
 
 
+def _protect_kwargs(methods: list[str], scale: str, overrides: dict[str, dict]) -> dict[str, dict]:
+    """Per method, the keywords of ``ue_fast.protect``: the scale's preset by name and the
+    ``--set`` overrides. protect's own ``eps`` is in units of 1/255, a config's (a preset's, an
+    override's) in [0, 1]: converted. A keyed method (cuda) draws a fresh key per run unless
+    given one: seed 7, so a rerun gives the same sets."""
+    out = {}
+    for m in methods:
+        kw = dict(preset=PRESET[scale], **overrides.get(m, {}))
+        if "eps" in kw:
+            kw["eps"] = kw["eps"] * 255
+        if METHODS[m].keyed:
+            kw.setdefault("seed", 7)
+        out[m] = kw
+    return out
+
+
 def _overrides(items: list[str], methods: list[str]) -> dict[str, dict]:
     """``["bayes.whole_set=True", ...]`` -> ``{"bayes": {"whole_set": True}}``; values as
     ``ue-fast protect --set`` reads them (Python literals, N/D fractions, else strings).
@@ -157,10 +173,7 @@ def main(argv=None) -> int:
         overrides = _overrides(args.overrides, args.methods)
     except ValueError as e:
         p.error(str(e))
-    protect = {m: dict(METHODS[m].preset(PRESET[args.scale]), **overrides.get(m, {})) for m in args.methods}
-    for m in args.methods:  # a keyed method (cuda) draws a fresh key per run: fix it, so a rerun gives the same set
-        if METHODS[m].keyed:
-            protect[m].setdefault("seed", 7)
+    protect = _protect_kwargs(args.methods, args.scale, overrides)
 
     scale = dict(SCALES[args.scale])
     if args.train_per_class is not None:

@@ -26,3 +26,18 @@ def test_set_overrides_parse_literals_and_strings():
 def test_set_overrides_refuse_malformed_items(item, match):
     with pytest.raises(ValueError, match=match):
         reproduce._overrides([item], ["bayes"])
+
+
+def test_protect_keywords_keep_eps_units_and_a_fixed_key(tmp_path):
+    """The preset goes by name (SEP's cpu-small sets eps 8/255 in config units, which as protect's
+    eps argument, in 1/255, would mean 8/255/255); a --set eps is converted; cuda gets seed 7."""
+    import ue_fast
+    from _helpers import demo_subset
+
+    kw = reproduce._protect_kwargs(["sep", "cuda", "em"], "small", {"em": {"eps": 4 / 255}})
+    assert kw["sep"] == {"preset": "cpu-small"} and kw["cuda"] == {"preset": "cpu-small", "seed": 7}
+    assert kw["em"] == {"preset": "cpu-small", "eps": pytest.approx(4.0)}
+    src = demo_subset(tmp_path / "in", per_class=2)
+    m = ue_fast.protect(src, tmp_path / "o", method="sep", device="cpu", progress=False, pretrain_epochs=1, members=1,
+                        pgd_steps=1, vr_steps=1, **kw["sep"])
+    assert m["settings"]["eps_255"] == 8.0 and m["linf_max_255"] > 0
