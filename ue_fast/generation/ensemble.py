@@ -81,7 +81,7 @@ class Ensemble:
     def grads(self, x: torch.Tensor, y: torch.Tensor, loss: MemberLoss, aux: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per member k, the gradient of ``loss(features_k, logits_k, y, aux[k])`` with respect to x:
-        [M, *x.shape] (float32), and the losses [M]."""
+        [M, *x.shape] in x's dtype, and the losses [M]."""
         x = x.detach()
         if self.batched:
             def one(params, buffers, a, xx):
@@ -93,21 +93,21 @@ class Ensemble:
             dummy = aux if aux is not None else torch.zeros(self.size, device=x.device)
             g, values = vmap(grad(one, argnums=3, has_aux=True), in_dims=(0, 0, 0, None))(
                 self.params, self.buffers, dummy, x)
-            return g.float(), values
+            return g.to(x.dtype), values
         gs, values = [], []
         for k in range(self.size):
             leaf = x.clone().requires_grad_(True)
             f, logits = self.member(k, leaf)
             value = loss(f, logits, y, None if aux is None else aux[k])
             (g,) = torch.autograd.grad(value, leaf)
-            gs.append(g.float())
+            gs.append(g.to(x.dtype))
             values.append(value.detach())
         return torch.stack(gs), torch.stack(values)
 
     def member_grad(self, k: int, x: torch.Tensor, y: torch.Tensor, loss: MemberLoss,
                     aux: torch.Tensor | None = None) -> torch.Tensor:
-        """The input gradient of member k alone, [*x.shape] (float32)."""
+        """The input gradient of member k alone, [*x.shape] in x's dtype."""
         leaf = x.detach().clone().requires_grad_(True)
         f, logits = self.member(k, leaf)
         (g,) = torch.autograd.grad(loss(f, logits, y, None if aux is None else aux[k]), leaf)
-        return g.float()
+        return g.to(x.dtype)

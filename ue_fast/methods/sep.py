@@ -198,7 +198,7 @@ class SEP(SurrogateMethod):
         bar = self.ctx.bar(sum(len(b) for b in batches), f"attack: PGD x{cfg.pgd_steps} on {ens.size} members")
         for idx in streamed(batches):
             x, target = data.clean(idx), self.target(data.labels[idx]).to(self.ctx.device)
-            delta = self.store.samples(idx).clone()  # zero: the clean image
+            delta = self.store.samples(idx).to(x.dtype, copy=True)  # zero at first: the clean image
             for _ in range(cfg.pgd_steps):
                 with self.ctx.timer("ensemble gradients"):
                     g_all, values = ens.grads(x + delta, target, loss, aux)
@@ -211,7 +211,7 @@ class SEP(SurrogateMethod):
                             pgd_step_(inner, s, x, eps=cfg.eps, step_size=cfg.alpha)
                         g = s
                 with self.ctx.timer("step"):
-                    pgd_step_(delta, g.to(delta.dtype), x, eps=cfg.eps, step_size=cfg.alpha)
+                    pgd_step_(delta, g, x, eps=cfg.eps, step_size=cfg.alpha)
             self.store.put(idx, delta)
             total += float(values.mean()) * len(idx)
             seen += len(idx)
