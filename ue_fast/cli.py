@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--method", default="miue", choices=sorted(METHODS))
     pr.add_argument("--arch", default=None, choices=SURROGATE_ARCHS, help="surrogate network (default: the method's, resnet18)")
     pr.add_argument("--eps", type=float, default=None,
-                    help="L-inf budget in units of 1/255 (default: the method's, 8; 255 for ops)")
+                    help="L-inf budget in units of 1/255 (default: the method's, 8; 255 for ops, 2 for sep; "
+                    "refused for cuda, which is not an L-inf perturbation)")
     pr.add_argument("--epochs", type=_positive_int, default=None, help="outer epochs / rounds E (default: the method's; 100 for miue)")
     pr.add_argument("--pgd-steps", type=_positive_int, default=None, help="PGD steps K per batch (default: the method's; 10 for miue)")
     pr.add_argument("--loss", default=None, choices=["supcon", "centroid"], help="MI-UE's poison loss (default supcon)")
