@@ -40,7 +40,6 @@ class Method:
     streams_why = ""  # why not, when it does not
     lp = True  # the output is x + delta with |delta|_inf <= eps; False: the method's own change (see budget())
     keyed = False  # its seed is a private key: drawn at random unless given, kept out of the outputs
-    whole_levels = False  # its perturbations are whole grey levels (written exactly, whatever the rounding)
     # Named settings over the defaults: "paper" is the defaults; "cpu-small" a CPU-sized schedule.
     presets: dict[str, dict] = {"paper": {}, "cpu-small": {}}
 

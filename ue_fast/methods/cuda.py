@@ -104,7 +104,6 @@ class CUDA(TrainingFreeMethod):
     config_class = CUDAConfig
     lp = False
     keyed = True
-    whole_levels = True
     # No cpu-small cut: the method is one convolution per image.
     presets = {"paper": {}, "cpu-small": {}}
 
