@@ -31,7 +31,10 @@ def test_batched_equals_the_definition(augment, group):
     fast = layer_sharpness(model, x, y, group=group, **opts)
     ref = layer_sharpness_reference(model, x, y, **opts)
     assert fast.shape == (5,) and (ref > 0).all()
-    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    # float32: the batched copies' convolutions sum in another order than the loop's, and two SGD
+    # steps at lr 0.5 amplify it (a max-pool tie may flip): up to 3.5e-3 relative over 40 draws (one CI
+    # draw failed the earlier 1e-4); a wrong layer, step or projection moves a value by far more
+    torch.testing.assert_close(fast, ref, rtol=1e-2, atol=1e-5)
 
 
 def test_leaves_the_model_as_it_was():
