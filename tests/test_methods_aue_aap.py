@@ -6,8 +6,13 @@ import math
 import pytest
 import torch
 
-from ue_fast.generation.transforms import (CONTRASTIVE_DRAWS, _gray, _jitter_ops, contrastive_augment, hsv_to_rgb,
+from ue_fast.generation.transforms import (_JITTER, CONTRASTIVE_DRAWS, _gray, contrastive_augment, hsv_to_rgb,
                                            rgb_to_hsv)
+
+
+def _jitter_ops(x, f):
+    """x after each of brightness, contrast, saturation (factors f[:, 0:3]) and hue (shift f[:, 3])."""
+    return [op(x, f[:, k].view(-1, 1, 1, 1)) for k, op in enumerate(_JITTER)]
 from ue_fast.methods import AAP, AAPConfig, AUEConfig
 
 
@@ -99,7 +104,7 @@ def test_aap_targeted_descends_towards_the_next_class_untargeted_ascends():
 
 
 def test_each_sample_takes_the_jitter_operations_in_its_own_order(x):
-    from ue_fast.generation.transforms import _JITTER, _jitter
+    from ue_fast.generation.transforms import _jitter
 
     f = torch.tensor([[1.3, 0.7, 1.2, 0.25]] * 5, dtype=x.dtype)
     order = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(k)) for k in range(5)])

@@ -126,12 +126,6 @@ def _hue(x, f):
 _JITTER = (_brightness, _contrast, _saturation, _hue)  # torchvision's definitions, each clipped to [0, 1]
 
 
-def _jitter_ops(x: torch.Tensor, f: torch.Tensor) -> list[torch.Tensor]:
-    """x [B, 3, H, W] after each of brightness, contrast, saturation (factors f[:, 0:3]) and hue
-    (shift f[:, 3], in turns)."""
-    return [op(x, f[:, k].view(-1, 1, 1, 1)) for k, op in enumerate(_JITTER)]
-
-
 def _jitter(x: torch.Tensor, f: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """The four jitter operations on each sample of x in its own ``order`` [B, 4] (a permutation of
     0..3 per row): per slot, each operation runs on the samples that take it there, so every

@@ -46,13 +46,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..generation import Stage
-from ..generation.context import widened
 from ..generation.transforms import CONTRASTIVE_DRAWS, contrastive_augment
 from .ap import AP, APConfig
 from .base import SurrogateMethod
+from .em import EM
 from .settings import SurrogateConfig, bool_setting, int_setting, real_setting
 
 
@@ -118,9 +117,7 @@ class AUE(_Augmented, SurrogateMethod):
                                     desc=f"round {r}: PGD x{cfg.pgd_steps}")
         return dict(lr=cfg.learning_rate(r), step_size=cfg.alpha, **train, **poison)
 
-    @staticmethod
-    def loss(features, logits, labels):
-        return F.cross_entropy(widened(logits), labels)
+    loss = staticmethod(EM.loss)  # CE at the true labels
 
 
 # ----------------------------------------------------------------------------- AAP

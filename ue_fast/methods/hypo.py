@@ -53,7 +53,7 @@ class HYPOConfig(APConfig):
     nesterov: bool = False
     pretrain_epochs: int = 10
     pretrain_schedule: str = "constant"  # their MultiStepLR milestones (75, 90) lie past epoch 10
-    pretrain_augment: bool = True  # crop + flip (theirs), not AP's shift + flip
+    # pretrain_augment (AP's field, on): here crop + flip (theirs), not AP's shift + flip
     pretrain_adv_eps: float = 2 / 255  # radius of the crafting model's adversarial training; 0: standard training
     pretrain_adv_steps: int = 10
     crop_padding: int | None = None  # None: image size // 8 (4 at 32x32)
