@@ -1,8 +1,8 @@
-"""Build of the ue_fast C++/CUDA extension (``ue_fast._C``).
+"""Build of the ue_fast C++/CUDA extension (``ue_fast._C``), and its packages.
 
-Metadata lives in pyproject.toml; this file only declares the extension. Its
-decisions (C++ standard, CUDA toolkit and architectures) are made by
-csrc/build_config.py.
+Metadata lives in pyproject.toml; this file only declares the packages (see
+PACKAGES) and the extension. The extension's decisions (C++ standard, CUDA
+toolkit and architectures) are made by csrc/build_config.py.
 
 Environment switches:
   UE_FAST_NO_EXT=1      build no extension at all (the torch backends then serve)
@@ -17,12 +17,22 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # The build's decisions live beside the sources they are for (setuptools' PEP 517
 # backend does not put the project on sys.path anyway).
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+sys.path.insert(0, os.path.join(ROOT, "csrc"))
 import build_config  # noqa: E402
+
+# ue_fast and every sub-package of it (a folder with an __init__.py), found rather
+# than listed so that a new one cannot be left out of the wheel; plus kernels/,
+# which lives at the top of the repository but installs as ue_fast.kernels (never
+# as a top-level `kernels`: that name is taken on PyPI). Package data is declared
+# in pyproject.toml; tests/test_packaging.py checks what the wheel gets.
+PACKAGE_DIR = {"ue_fast.kernels": "kernels"}
+PACKAGES = sorted(find_packages(where=ROOT, include=["ue_fast", "ue_fast.*"]) + list(PACKAGE_DIR))
 
 
 def _flag(name: str) -> bool:
@@ -80,4 +90,4 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
