@@ -79,8 +79,6 @@ def _print_summary(m: dict) -> None:
     for name, v in m["outputs"].items():
         if not v["written"]:
             print(f"not written: {name}: {v['why']}")
-    if m["skipped"]:
-        print(f"skipped {len(m['skipped'])} unreadable files (listed in manifest.json)")
 
 
 def _print_profile(m: dict) -> None:
@@ -93,15 +91,16 @@ def _print_profile(m: dict) -> None:
 
 def _protect_reporting(*args, **kwargs) -> dict:
     """``protect`` with its unchanged-images warning printed as a plain ``warning:`` line."""
-    from .protect import UnchangedImagesWarning, protect
+    from .protect import LeftOutWarning, UnchangedImagesWarning, protect
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnchangedImagesWarning)
+        warnings.simplefilter("always", LeftOutWarning)
         try:
             return protect(*args, **kwargs)
         finally:
             for w in caught:
-                if issubclass(w.category, UnchangedImagesWarning):
+                if issubclass(w.category, (UnchangedImagesWarning, LeftOutWarning)):
                     print(f"warning: {w.message}", file=sys.stderr)
                 else:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)

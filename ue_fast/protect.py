@@ -58,16 +58,22 @@ import torch
 from . import __version__
 from .checkpoint import load_checkpoint
 from .data import ImageSet, images_from_arrays, write_image_folder
-from .data.exports import read_json, save_poison_pt, write_json_atomic
 from .data.canonical import detect, load_dataset
-from .data.folders import ordered_listing, output_paths
+from .data.exports import read_json, save_poison_pt, write_json_atomic
+from .data.folders import output_paths
 from .data.ingest import ingest_folder
+from .data.scan import describe_left_out, ordered_listing
 from .generation import COMPILE_MODES, Runner
 from .generation.distributed import from_env
 from .generation.rowfile import RowFile, chunk_rows
-from .generation.store import check_delta_dtype, check_store, default_memory_budget, parse_size
-from .progress import progress as _progress
+from .generation.store import (
+    check_delta_dtype,
+    check_store,
+    default_memory_budget,
+    parse_size,
+)
 from .methods import METHODS, Sparse, SurrogateMethod
+from .progress import progress as _progress
 
 CHECKPOINT_DIR = ".ue_fast"
 ROUNDINGS = ("stochastic", "nearest")
@@ -75,6 +81,11 @@ ROUNDINGS = ("stochastic", "nearest")
 
 class UnchangedImagesWarning(UserWarning):
     """Some protected images are identical to their inputs: they carry no protection."""
+
+
+class LeftOutWarning(UserWarning):
+    """Files of the input were not protected (hidden, not in a class folder, not images, only
+    a first frame, unreadable and skipped): the manifest's ``ignored`` and ``skipped`` list them."""
 
 
 def _versions() -> dict:
@@ -396,6 +407,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         return _broadcast(None)
     out = _write_outputs(output_dir, data, result, eps, rounding, 0 if cls.keyed else cfg.seed,
                          gen.store.all().cpu() if cls.classwise else None, budget, progress)
+    if left_out := describe_left_out(data.ignored, data.skipped):
+        warnings.warn(left_out, LeftOutWarning, stacklevel=2)
     if out["unchanged"]:
         warnings.warn(_unchanged_message(out["unchanged"], len(data), out["mean_abs_255"], method, cfg, rounding),
                       UnchangedImagesWarning, stacklevel=2)
@@ -433,6 +446,9 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         "classes": data.classes,
         "counts": torch.bincount(data.labels, minlength=len(data.classes)).tolist(),
         "skipped": data.skipped,
+        "ignored": data.ignored,
+        "left_out": left_out,
+        "alpha_kept": data.alpha is not None,
         "linf_max_255": int(linf.max()),
         "mean_abs_delta_255": out["mean_abs_255"],
         "changed_pixels_fraction": out["changed_fraction"],
@@ -517,7 +533,7 @@ def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, roundin
     pt_bytes = n * row_elems * 4
     limit = budget if budget is not None else default_memory_budget()
     write_pt = pt_bytes <= limit
-    outs = output_paths(data.paths)  # every collision refused before anything is written
+    outs = output_paths(data.paths, output_dir)  # every collision refused before anything is written
     for d in sorted({str(PurePosixPath(o).parent) for o in outs}):
         (output_dir / d).mkdir(parents=True, exist_ok=True)
     npy_tmp = output_dir / f".{npy_name}.tmp"
@@ -538,7 +554,8 @@ def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, roundin
             effective = protected.to(torch.int16) - clean.to(torch.int16)  # what the PNGs carry, in 1/255
             linf[a:b] = effective.abs().amax(dim=(1, 2, 3))
             changed += int((effective != 0).sum())
-            write_image_folder(output_dir, protected, data.paths[a:b], progress=False)
+            write_image_folder(output_dir, protected, data.paths[a:b], progress=False,
+                               alpha=None if data.alpha is None else data.alpha[a:b])
             npy.write_range(a, effective.to(npy_dtype))
             if pt is not None:
                 torch.div(effective, 255, out=pt[a:b])

@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 
 from .exports import read_json, write_json_atomic
-from .folders import read_order
+from .scan import read_order
 
 # util.py, get_dataset: the poison types train.py accepts, and the data-set keys.
 APBENCH_TYPES = ("dc", "em", "rem", "ntga", "hypo", "lsp", "ar", "tap", "ops")

@@ -26,10 +26,14 @@ that tries to import anything else (``os.system``, ...) is never executed.
 Every set is returned as an :class:`~ue_fast.data.folders.ImageSet` in index order, its
 paths ``<class>/<index>.png`` (zero-padded), its ``origin`` recording the format, the
 split and the file(s) read.
+
+Labels must be integers: an integer array, or floats that are all whole numbers (3.0,
+as MATLAB and some exports store them); a label such as 3.7, NaN, a boolean or a string
+is refused with the file and an example, never truncated. Class names stored as bytes
+are decoded as UTF-8 (not shown as ``"b'cat'"``).
 """
 from __future__ import annotations
 
-import io
 import pickle
 from pathlib import Path
 
@@ -89,7 +93,7 @@ def restricted_load(path) -> dict:
     path = Path(path)
     with open(path, "rb") as f:
         try:
-            obj = RestrictedUnpickler(io.BufferedReader(f), name=str(path)).load()
+            obj = RestrictedUnpickler(f, name=str(path)).load()
         except UnsafePickleError:
             raise
         except Exception as e:  # truncated or not a pickle at all
@@ -144,13 +148,47 @@ def _field(batch: dict, key: str, path: Path):
     return batch[key]
 
 
+def _int_labels(y, where, key: str = "labels") -> np.ndarray:
+    """Labels as int64 [N]: integers, or floats that are all whole numbers. Anything else
+    (3.7, NaN, inf, booleans, strings, objects) is refused naming ``where`` and a value."""
+    y = np.asarray(y)
+    flat = y.reshape(-1)
+    if y.dtype == np.bool_ or y.dtype.kind not in "iuf":
+        example = f" (e.g. {flat[0]!r})" if flat.size else ""
+        raise ValueError(f"{where}: {key!r} must hold integer class labels, found {y.dtype}{example}")
+    if y.dtype.kind == "f":
+        bad = ~np.isfinite(flat) | (flat != np.round(flat)) if flat.size else np.zeros(0, bool)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{where}: {key!r} holds labels that are not whole numbers (e.g. {float(flat[i])!r} "
+                             f"at index {i}, of {int(bad.sum())}); labels are class indices, refusing to round them")
+        if flat.size and (flat.min() < np.iinfo(np.int64).min or flat.max() > np.iinfo(np.int64).max):
+            raise ValueError(f"{where}: {key!r} holds labels out of range (e.g. {float(flat.max())!r})")
+    elif y.dtype.kind == "u" and flat.size and int(flat.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{where}: {key!r} holds labels out of range (e.g. {int(flat.max())})")
+    return y.astype(np.int64)
+
+
+def _class_names(values, where) -> list[str]:
+    """Class names as str (bytes decoded as UTF-8, as Python 3 pickles and numpy 'S' arrays hold them)."""
+    out = []
+    for c in (values.reshape(-1).tolist() if isinstance(values, np.ndarray) else list(values)):
+        if isinstance(c, (bytes, np.bytes_)):
+            try:
+                c = bytes(c).decode("utf-8")
+            except UnicodeDecodeError:
+                c = bytes(c).decode("latin1")
+        out.append(str(c))
+    return out
+
+
 def _read_cifar(path: Path, fmt: str, split: str):
     name, train, test, meta_name = _CIFAR10 if fmt == "cifar10" else _CIFAR100
     _check_split(split, ("train", "test"))
     root = _cifar_dir(path, name, meta_name)
     meta = restricted_load(root / meta_name)
-    classes = [str(c) for c in _field(meta, "label_names" if fmt == "cifar10" else "fine_label_names",
-                                      root / meta_name)]
+    classes = _class_names(_field(meta, "label_names" if fmt == "cifar10" else "fine_label_names",
+                                  root / meta_name), root / meta_name)
     label_key = "labels" if fmt == "cifar10" else "fine_labels"
     xs, ys, files = [], [], []
     for f in (train if split == "train" else test):
@@ -159,13 +197,13 @@ def _read_cifar(path: Path, fmt: str, split: str):
             raise FileNotFoundError(f"{fp} is missing: the {split} split of {fmt} needs {', '.join(train if split == 'train' else test)}")
         batch = restricted_load(fp)
         data = np.asarray(_field(batch, "data", fp))
-        labels = np.asarray(_field(batch, label_key, fp))
+        labels = _int_labels(_field(batch, label_key, fp), fp, label_key)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(f"{fp}: 'data' must be uint8 [N, 3072], found {data.dtype} {data.shape}")
         if labels.shape != (data.shape[0],):
             raise ValueError(f"{fp}: {data.shape[0]} images but {labels.size} labels")
         xs.append(data.reshape(-1, 3, 32, 32))  # rows are R plane, G plane, B plane, each row-major
-        ys.append(labels.astype(np.int64))
+        ys.append(labels)
         files.append(str(fp))
     return np.concatenate(xs), np.concatenate(ys), classes, files
 
@@ -189,7 +227,7 @@ def _read_svhn(path: Path, split: str):
     x, y = mat["X"], mat["y"]
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[2] != 3:
         raise ValueError(f"{path}: 'X' must be uint8 [H, W, 3, N], found {x.dtype} {x.shape}")
-    y = np.asarray(y).reshape(-1).astype(np.int64)
+    y = _int_labels(np.asarray(y).reshape(-1), path, "y")  # MATLAB stores numbers as doubles: 3.0 is fine
     if y.shape[0] != x.shape[3]:
         raise ValueError(f"{path}: {x.shape[3]} images but {y.shape[0]} labels")
     y[y == 10] = 0  # SVHN writes the digit 0 as label 10 (torchvision maps it back the same way)
@@ -220,8 +258,8 @@ def _read_arrays(path: Path):
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"{path}: 'x' must be uint8 [N, H, W, 3] (NHWC), found {x.dtype} {x.shape}")
     if classes is not None:
-        classes = [str(c) for c in np.asarray(classes).reshape(-1).tolist()]
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), np.asarray(y), classes, files
+        classes = _class_names(np.asarray(classes), path)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), _int_labels(y, path, "y"), classes, files
 
 
 def load_dataset(path, split: str = "train", fmt: str | None = None) -> ImageSet:
@@ -246,7 +284,10 @@ def load_dataset(path, split: str = "train", fmt: str | None = None) -> ImageSet
     else:
         x, y, classes, files = _read_arrays(path)
     single_file = path.is_file()
-    data = images_from_arrays(torch.from_numpy(np.ascontiguousarray(x)), y, classes)
+    try:
+        data = images_from_arrays(torch.from_numpy(np.ascontiguousarray(x)), y, classes)
+    except (ValueError, TypeError) as e:  # labels out of range, bad class names, ...: name the data set
+        raise type(e)(f"{path} ({fmt}): {e}") from None
     data.origin = {"format": fmt, "split": None if single_file else split, "order": "index",
                    "path": str(path), "files": files}
     return data

@@ -16,7 +16,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from .folders import ImageSet, _decode_error, _is_image, _load_rgb
+from .decode import _decode_error, _is_image, _load_rgb
+from .folders import ImageSet
 
 
 @functools.lru_cache(maxsize=4)

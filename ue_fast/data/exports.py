@@ -132,10 +132,21 @@ def load_delta_npy(path) -> torch.Tensor:
 
 
 def write_json_atomic(path, obj) -> None:
-    """Write ``obj`` as UTF-8 JSON (indent 2, keys in insertion order, final newline)."""
+    """Write ``obj`` as UTF-8 JSON (indent 2, keys in insertion order, final newline).
+
+    Text stays readable (non-ASCII characters are written as UTF-8), except lone
+    surrogates, which UTF-8 cannot hold: the bytes of a file name that are not valid
+    UTF-8 (``os.listdir`` gives ``"\\udcff"`` for the byte 0xff) are written as the JSON
+    escape ``\\udcff``, which :func:`read_json` (any ``json.loads``) reads back to the
+    same ``str``, so such a path round-trips and names the same file.
+    """
     text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # Only surrogates fail to encode, and "backslashreplace" writes one as \udcff: exactly
+    # its JSON escape (they can only occur inside JSON strings).
+    atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
 def read_json(path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read a JSON file written by :func:`write_json_atomic` (UTF-8; escaped lone surrogates
+    come back as the ``str`` written)."""
+    return json.loads(Path(path).read_bytes().decode("utf-8"))

@@ -6,27 +6,35 @@ Conventions shared by every reader here:
   4x less than float32; convert to float per batch where it is needed.
 - Labels are ``torch.int64`` ``[N]``; label ``i`` is ``classes[i]``.
 - ``paths`` are POSIX paths relative to the root, in the order of the images;
-  the writer mirrors them, so a protected copy has the same tree.
+  the writer mirrors them, so a protected copy has the same tree (names that are not
+  valid UTF-8 included: see :mod:`ue_fast.data.decode`).
+
+What is read and how (formats, colours, transparency, huge images) is in
+:mod:`ue_fast.data.decode`; what is listed, and what is left out and reported, in
+:mod:`ue_fast.data.scan`.
 """
 from __future__ import annotations
 
-import numbers
 import os
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..progress import progress as _progress
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-# Pillow's resampling filters are antialiased when they downscale (the kernel
-# widens with the scale factor), so BICUBIC is a sound default both ways.
-RESIZE_FILTER = Image.Resampling.BICUBIC
+from .decode import (
+    _check_resize,
+    _decode,
+    _decode_error,
+    _frames_note,
+    _is_hidden,
+    display_path,
+)
+from .scan import list_image_folder
 
 
 @dataclass
@@ -43,6 +51,13 @@ class ImageSet:
     origin:  where index i comes from: {"format": "image-folder", "order": "sorted" or
              "order-file", ...} for a folder, {"format": "cifar10", "order": "index", ...} for
              a data set read in its own order (``ue_fast.data.canonical``); None for arrays
+    ignored: what under the root was not read as an image, each {"path": ..., "reason": ...,
+             "kind": ...} (see :func:`describe_left_out`); "kind" is one of ``IGNORED_KINDS``.
+             A multi-frame image is read (its first frame) and also listed here, with kind
+             "frames" and "frames": its number of frames.
+    alpha:   [N, H, W] uint8, each image's alpha channel (255 where it has none), or None
+             when no image of the set has any alpha below 255. A memory map of
+             ``work_dir/alpha.npy`` for an ingested folder.
     """
 
     images: torch.Tensor
@@ -52,6 +67,8 @@ class ImageSet:
     skipped: list[dict] = field(default_factory=list)
     file: Path | None = None
     origin: dict | None = None
+    ignored: list[dict] = field(default_factory=list)
+    alpha: torch.Tensor | None = None
 
     def __post_init__(self):
         im, lb = self.images, self.labels
@@ -63,6 +80,13 @@ class ImageSet:
             raise ValueError(f"ImageSet.labels must be an int64 tensor [{im.shape[0]}], got {desc}")
         if len(self.paths) != im.shape[0]:
             raise ValueError(f"ImageSet has {im.shape[0]} images but {len(self.paths)} paths")
+        a = self.alpha
+        if a is not None:
+            want = (im.shape[0], im.shape[2], im.shape[3])
+            if not isinstance(a, torch.Tensor) or a.dtype != torch.uint8 or tuple(a.shape) != want:
+                desc = f"{a.dtype} {tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
+                raise ValueError(f"ImageSet.alpha must be None or a uint8 tensor [N, H, W] = {list(want)}, "
+                                 f"got {desc}")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -77,168 +101,7 @@ class ImageSet:
         return len(self.classes)
 
 
-# ----------------------------------------------------------------------------- decoding
-
-
-def _check_resize(resize) -> tuple[int, int] | None:
-    """None, an int (square) or (H, W) -> (H, W) or None."""
-    if resize is None:
-        return None
-    vals = (resize, resize) if isinstance(resize, numbers.Integral) else resize
-    if not isinstance(vals, (tuple, list)) or len(vals) != 2:
-        raise ValueError(f"resize must be an int or a (height, width) pair, got {resize!r}")
-    for v in vals:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise ValueError(f"resize must hold integers, got {resize!r}")
-        if v <= 0:
-            raise ValueError(f"resize values must be positive, got {resize!r}")
-    return (int(vals[0]), int(vals[1]))
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB.
-
-    Transparency is composited onto black (transparent pixels become black, i.e.
-    premultiplied alpha): the protected copy is written as RGB. 16-bit grayscale is
-    scaled to 8 bits (Pillow's own conversion would clip it). CMYK uses Pillow's
-    plain conversion (no ICC colour management).
-    """
-    mode = im.mode
-    if mode == "RGB":
-        return im
-    if mode.startswith("I;16") or mode == "I":
-        a = np.asarray(im, dtype=np.float64)
-        if mode.startswith("I;16") or a.max(initial=0) > 255:  # "I" also holds 16-bit PNGs
-            a = a / 257.0
-        g = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # [H, W] -> mode L
-        return g.convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info)
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def _load_rgb(src, size: tuple[int, int] | None) -> np.ndarray:
-    """Decode ``src`` (a path or a binary file) -> [H, W, 3] uint8, resized to ``size`` = (H, W).
-
-    The EXIF orientation is applied, so the pixels match what an image viewer shows.
-    """
-    with Image.open(src) as im:
-        if size is not None and im.format == "JPEG":
-            # Let the JPEG decoder downscale by 2/4/8 first (stays >= 2x the target,
-            # then the filter finishes): large photos decode many times faster.
-            s = 2 * max(size)
-            im.draft(None, (s, s))
-        im.load()
-        try:
-            orientation = im.getexif().get(0x0112, 1)  # 0x0112: EXIF orientation
-        except Exception:  # a broken EXIF block does not make the pixels unreadable
-            orientation = 1
-        if orientation != 1:
-            im = ImageOps.exif_transpose(im)
-        rgb = _to_rgb(im)
-        if size is not None and rgb.size != (size[1], size[0]):
-            rgb = rgb.resize((size[1], size[0]), RESIZE_FILTER)
-        return np.array(rgb, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
-
-
-def _decode_error(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _is_image(name: str) -> bool:
-    return not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
 # ----------------------------------------------------------------------------- reading
-
-
-def _scan(root: Path) -> tuple[list[str], list[list[str]]]:
-    """-> (sorted class names, per class the sorted POSIX paths relative to root)."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _is_hidden(e.name))
-    files = []
-    for c in classes:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / c):
-            dirnames[:] = [d for d in dirnames if not _is_hidden(d)]  # e.g. .ipynb_checkpoints
-            rel = Path(dirpath).relative_to(root).as_posix()
-            found.extend(f"{rel}/{f}" for f in filenames if _is_image(f))
-        files.append(sorted(found))
-    return classes, files
-
-
-def scan_image_folder(root) -> tuple[list[str], list[list[str]]]:
-    """The classes of ``root`` and, per class, its images' relative paths (the order of
-    :func:`read_image_folder`), checked as it documents (missing folder, no classes or
-    images, an empty class, a single class)."""
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    if not root.is_dir():
-        raise ValueError(f"image folder is not a directory: {root}")
-    classes, files = _scan(root)
-    n = sum(len(f) for f in files)
-    if n == 0:
-        loose = [p.name for p in root.iterdir() if p.is_file() and _is_image(p.name)]
-        hint = (f" ({len(loose)} images lie directly in it: put each class in its own sub-folder,"
-                " root/<class>/<image>)") if loose else " (expected root/<class>/<image>)"
-        raise ValueError(f"empty folder: no images in class sub-folders of {root}{hint}")
-    empty = [c for c, f in zip(classes, files) if not f]
-    if empty:
-        raise ValueError(f"class folder(s) without images in {root}: {', '.join(empty)}; "
-                         "remove them or add images")
-    if len(classes) < 2:
-        raise ValueError(f"{root} needs at least 2 classes (class sub-folders), found 1: {classes[0]!r}")
-    return classes, files
-
-
-def read_order(order) -> list[str]:
-    """The paths of an order file (one POSIX path relative to the folder per line; blank
-    lines ignored), or of a list given directly."""
-    if isinstance(order, (list, tuple)):
-        return [str(p) for p in order]
-    path = Path(order)
-    if not path.is_file():
-        raise FileNotFoundError(f"order file not found: {path}")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def ordered_listing(root, order=None) -> tuple[list[str], list[str], list[int]]:
-    """(classes, relative paths, labels) of the image folder ``root`` in the data set's order.
-
-    Without ``order``: classes sorted, then paths sorted within each (what
-    :func:`scan_image_folder` lists). With ``order`` (a file or a list of relative paths,
-    see :func:`read_order`): exactly those paths in that order, which must name every image
-    of the folder once; labels still come from the class folders.
-    """
-    classes, files = scan_image_folder(root)
-    rels = [r for f in files for r in f]
-    label_of = {r: i for i, f in enumerate(files) for r in f}
-    if order is None:
-        return classes, rels, [label_of[r] for r in rels]
-    paths = read_order(order)
-    unknown = [p for p in paths if p not in label_of]
-    if unknown:
-        raise ValueError(f"{len(unknown)} path(s) of the order are not images of {root} (e.g. {unknown[0]!r}); "
-                         "paths are relative to the folder, e.g. 'cat/0001.jpg'")
-    seen, dup = set(), []
-    for p in paths:
-        if p in seen:
-            dup.append(p)
-        seen.add(p)
-    if dup:
-        raise ValueError(f"{len(dup)} path(s) appear more than once in the order (e.g. {dup[0]!r})")
-    if len(paths) != len(rels):
-        missing = [r for r in rels if r not in seen]
-        raise ValueError(f"the order lists {len(paths)} of the {len(rels)} images of {root}; it must list every "
-                         f"one (e.g. missing {missing[0]!r})")
-    return classes, paths, [label_of[p] for p in paths]
 
 
 def read_image_folder(root, *, resize: int | tuple[int, int] | None = None, skip_bad: bool = False,
@@ -246,74 +109,91 @@ def read_image_folder(root, *, resize: int | tuple[int, int] | None = None, skip
     """Read ``root/<class>/<files>`` into an :class:`ImageSet`.
 
     Each immediate, non-hidden sub-folder of ``root`` is a class; its image files
-    (extensions in ``IMAGE_EXTENSIONS``, any case) are found recursively and keep
-    their relative path. Files directly in ``root``, hidden files and folders, and
-    other extensions are ignored. Classes are sorted by name (label i = classes[i]);
-    images are ordered by class, then by relative path, unless ``order`` (an order file or
-    a list, see :func:`ordered_listing`) gives the data set's own order.
+    (extensions in ``IMAGE_EXTENSIONS``, any case: every format Pillow reads) are found
+    recursively and keep their relative path. Files directly in ``root``, hidden files
+    and folders, and files of other types are not read: each is listed in
+    ``ImageSet.ignored`` with its reason. Classes are sorted by name (label i =
+    classes[i]); images are ordered by class, then by relative path, unless ``order``
+    (an order file or a list, see :func:`ordered_listing`) gives the data set's own order.
 
-    Every image is converted to RGB (alpha composited onto black, see ``_to_rgb``)
-    with its EXIF orientation applied. All images must share one size unless
-    ``resize`` is given: an int (square) or (H, W); every image is then stretched
-    to exactly that size with Pillow's antialiased BICUBIC filter (no crop, so the
-    aspect ratio is not kept).
+    Every image is read as RGB, colours as stored (an alpha channel is kept apart in
+    ``ImageSet.alpha``, not composited: see the module docstring), with its EXIF
+    orientation applied; a multi-frame file gives its first frame (and is noted in
+    ``ignored``). All images must share one size unless ``resize`` is given: an int
+    (square) or (H, W); every image (and its alpha) is then stretched to exactly that
+    size with Pillow's antialiased BICUBIC filter (no crop, so the aspect ratio is not kept).
 
     Memory: the images are held as uint8, N*3*H*W bytes (50,000 CIFAR images:
-    154 MB; 10,000 at 224x224: 1.5 GB).
+    154 MB; 10,000 at 224x224: 1.5 GB), plus N*H*W for alpha if any image has some.
 
     Raises FileNotFoundError if ``root`` does not exist, ValueError (naming the
     path) if it is not a directory, has no class folders or no images, has an
-    empty class folder or only one class, holds an unreadable image (unless
-    ``skip_bad``: it is then listed in ``ImageSet.skipped``), or holds images of
-    different sizes without ``resize``.
+    empty class folder or only one class, holds an unreadable image (corrupt, empty, a
+    dangling symbolic link, permission denied; unless ``skip_bad``: it is then listed
+    in ``ImageSet.skipped``), or holds images of different sizes without ``resize``.
     """
     size = _check_resize(resize)
     root = Path(root)
-    classes, rels, rel_labels = ordered_listing(root, order)
+    classes, rels, rel_labels, ignored = list_image_folder(root, order)
     n = len(rels)
 
     images = None  # [N, 3, H, W] uint8, allocated once the first image gives H and W
-    labels, paths, skipped = [], [], []
+    alpha = None  # [N, H, W] uint8, allocated at the first image with an alpha channel
+    labels, paths, skipped, frames = [], [], [], []
     first = None  # (path, (H, W)) of the first image, named in size errors
     with _progress(n, "reading images", "img", enabled=progress) as bar:
         for label, rel in zip(rel_labels, rels):
             bar.update(1)
             try:
-                arr = _load_rgb(root / rel, size)
+                d = _decode(root / rel, size)
             except MemoryError:
                 raise
             except Exception as e:  # any decoder failure means "unreadable file"
                 if not skip_bad:
-                    raise ValueError(f"cannot read image {root / rel}: {_decode_error(e)} "
+                    raise ValueError(f"cannot read image {display_path(root / rel)}: {_decode_error(e)} "
                                      "(pass skip_bad=True / --skip-bad to skip unreadable files)") from e
                 skipped.append({"path": rel, "reason": _decode_error(e)})
                 continue
+            arr = d.rgb
             hw = arr.shape[:2]
             if images is None:
                 first = (rel, hw)
                 images = torch.empty((n, 3, *hw), dtype=torch.uint8)
             elif hw != first[1]:
                 raise ValueError(
-                    f"images of different sizes in {root}: {first[0]} is {first[1][0]}x{first[1][1]} "
-                    f"but {rel} is {hw[0]}x{hw[1]} (HxW); pass resize=(H, W) (--resize) to resize all")
-            images[len(paths)] = torch.from_numpy(arr).permute(2, 0, 1)
+                    f"images of different sizes in {display_path(root)}: {display_path(first[0])} is "
+                    f"{first[1][0]}x{first[1][1]} but {display_path(rel)} is {hw[0]}x{hw[1]} (HxW); "
+                    "pass resize=(H, W) (--resize) to resize all")
+            i = len(paths)
+            images[i] = torch.from_numpy(arr).permute(2, 0, 1)
+            if d.alpha is not None:
+                if alpha is None:
+                    alpha = torch.full((n, *hw), 255, dtype=torch.uint8)
+                alpha[i] = torch.from_numpy(d.alpha)
+            note = _frames_note(rel, d)
+            if note is not None:
+                frames.append(note)
             labels.append(label)
             paths.append(rel)
     if images is None:
-        raise ValueError(f"no readable images in {root}: all {n} files failed to decode "
-                         f"(first: {skipped[0]['path']}: {skipped[0]['reason']})")
+        raise ValueError(f"no readable images in {display_path(root)}: all {n} files failed to decode "
+                         f"(first: {display_path(skipped[0]['path'])}: {skipped[0]['reason']})")
     if skipped and order is not None:
-        raise ValueError(f"{len(skipped)} image(s) of {root} could not be read (first: {skipped[0]['path']}: "
-                         f"{skipped[0]['reason']}); with an order file every index must hold its image, so "
-                         "none can be skipped: fix or replace them")
+        raise ValueError(f"{len(skipped)} image(s) of {display_path(root)} could not be read (first: "
+                         f"{display_path(skipped[0]['path'])}: {skipped[0]['reason']}); with an order file every "
+                         "index must hold its image, so none can be skipped: fix or replace them")
     if skipped:
         kept = set(labels)
         gone = [c for i, c in enumerate(classes) if i not in kept]
         if gone:
-            raise ValueError(f"no readable images left in class folder(s) {', '.join(gone)} of {root}")
+            raise ValueError(f"no readable images left in class folder(s) {', '.join(map(display_path, gone))} "
+                             f"of {display_path(root)}")
         images = images[: len(paths)]
+        if alpha is not None:
+            alpha = alpha[: len(paths)]
+    ignored = sorted(ignored + frames, key=lambda d: d["path"])
     return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes, paths, skipped,
-                    origin=folder_origin(root, order))
+                    origin=folder_origin(root, order), ignored=ignored, alpha=alpha)
 
 
 def folder_origin(root, order) -> dict:
@@ -414,11 +294,42 @@ def images_from_arrays(images, labels, classes=None) -> ImageSet:
 # ----------------------------------------------------------------------------- writing
 
 
-def output_paths(paths: list[str]) -> list[str]:
+def _fold(p: str) -> str:
+    """The key under which a case-insensitive (and normalisation-insensitive, as macOS's)
+    file system sees ``p``."""
+    try:
+        return unicodedata.normalize("NFC", p).casefold()
+    except UnicodeError:  # pragma: no cover - normalize accepts any str
+        return p.casefold()
+
+
+def case_insensitive(folder) -> bool:
+    """Whether the file system of ``folder`` (an existing folder) treats names differing in
+    case as one (macOS and Windows by default): probed with a hidden temporary file."""
+    folder = Path(folder)
+    probe = folder / f".ue_fast_case_{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return False  # cannot tell (read-only, ...): writing would fail anyway
+    os.close(fd)
+    try:
+        return os.path.exists(folder / probe.name.upper())
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+
+
+def output_paths(paths: list[str], out_root=None) -> list[str]:
     """The relative PNG paths :func:`write_image_folder` writes for ``paths``.
 
     Raises ValueError for an absolute path, one with "..", or two inputs that map to
-    the same output (e.g. "cat/a.jpg" and "cat/a.png").
+    the same output (e.g. "cat/a.jpg" and "cat/a.png"). With ``out_root`` (an existing
+    folder) on a case-insensitive file system (macOS, Windows), outputs that differ only
+    in case (or in Unicode normalisation), e.g. "cat/A.png" and "cat/a.png", are refused
+    too: one would silently replace the other.
     """
     out, seen = [], {}
     for p in paths:
@@ -431,17 +342,42 @@ def output_paths(paths: list[str]) -> list[str]:
                              "(PNG output replaces every extension)")
         seen[o] = p
         out.append(o)
+    if out_root is not None and Path(out_root).is_dir() and case_insensitive(out_root):
+        folded: dict[str, str] = {}
+        for o, p in zip(out, paths):
+            k = _fold(o)
+            if k in folded and folded[k] != p:
+                raise ValueError(f"{folded[k]!r} and {p!r} would be written to the same file in "
+                                 f"{display_path(out_root)}, whose file system ignores case in names "
+                                 f"({k!r}): rename one, or write to a case-sensitive file system")
+            folded[k] = p
     return out
 
 
-def write_image_folder(out_root, images: torch.Tensor, paths: list[str], *, progress: bool = False) -> list[str]:
+def _alpha_rows(alpha, n: int, hw) -> np.ndarray | None:
+    if alpha is None:
+        return None
+    if isinstance(alpha, np.ndarray):
+        alpha = torch.from_numpy(np.require(alpha, requirements=["C", "W"]))  # copies a read-only map
+    if not isinstance(alpha, torch.Tensor) or alpha.dtype != torch.uint8 or tuple(alpha.shape) != (n, *hw):
+        desc = f"{alpha.dtype} {tuple(alpha.shape)}" if isinstance(alpha, torch.Tensor) else type(alpha).__name__
+        raise ValueError(f"alpha must be None or a uint8 tensor [N, H, W] = {[n, *hw]}, got {desc}")
+    return alpha.cpu().numpy()
+
+
+def write_image_folder(out_root, images: torch.Tensor, paths: list[str], *, alpha=None,
+                       progress: bool = False) -> list[str]:
     """Write images [N, 3, H, W] uint8 as PNG files at ``out_root/<paths[i]>``.
 
     The extension becomes ".png": PNG is lossless, while a JPEG would wash out an
-    8-bit perturbation. Sub-folders are created. Each file is written to a hidden
-    temporary name and renamed, so an interrupted run leaves no truncated PNG (no
-    fsync per file: that would cost more than the encoding). Collisions are checked
-    before anything is written. Returns the written relative paths.
+    8-bit perturbation. ``alpha``: None, or [N, H, W] uint8 (``ImageSet.alpha``): an image
+    whose alpha is not all 255 is written as an RGBA PNG with that alpha, the others as
+    RGB. Sub-folders are created; names keep their bytes (a name that is not valid UTF-8
+    included). Each file is written to a hidden temporary name and renamed, so an
+    interrupted run leaves no truncated PNG (no fsync per file: that would cost more than
+    the encoding). Collisions are checked before anything is written (see
+    :func:`output_paths`; on a case-insensitive file system, names differing only in case
+    collide). Returns the written relative paths.
     """
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
             or images.shape[1] != 3:
@@ -450,10 +386,19 @@ def write_image_folder(out_root, images: torch.Tensor, paths: list[str], *, prog
     paths = list(paths)
     if len(paths) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(paths)} paths")
-    outs = output_paths(paths)
+    a = _alpha_rows(alpha, images.shape[0], tuple(images.shape[2:]))
     out_root = Path(out_root)
     if out_root.exists() and not out_root.is_dir():
-        raise ValueError(f"output folder is not a directory: {out_root}")
+        raise ValueError(f"output folder is not a directory: {display_path(out_root)}")
+    outs = output_paths(paths)  # exact collisions, before anything is created
+    created = not out_root.exists()
+    out_root.mkdir(parents=True, exist_ok=True)
+    try:
+        output_paths(paths, out_root)  # on a case-insensitive file system, case-only collisions too
+    except ValueError:
+        if created:
+            out_root.rmdir()
+        raise
     images = images.cpu()
     for d in sorted({str(PurePosixPath(o).parent) for o in outs}):
         (out_root / d).mkdir(parents=True, exist_ok=True)
@@ -462,8 +407,11 @@ def write_image_folder(out_root, images: torch.Tensor, paths: list[str], *, prog
             bar.update(1)
             dest = out_root / o
             tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+            px = images[i].permute(1, 2, 0).numpy()
+            if a is not None and int(a[i].min()) < 255:
+                px = np.concatenate([px, a[i][:, :, None]], axis=2)  # [H, W, 4]: an RGBA PNG
             try:
-                Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+                Image.fromarray(np.ascontiguousarray(px)).save(tmp, format="PNG")
                 os.replace(tmp, dest)
             except BaseException:
                 tmp.unlink(missing_ok=True)

@@ -2,13 +2,20 @@
 
 ``ingest_folder(root, work_dir)`` decodes ``root/<class>/<files>`` exactly as
 :func:`~ue_fast.data.folders.read_image_folder` does (same order, RGB conversion,
-EXIF orientation, ``resize``, ``skip_bad``, the same errors) but with several worker
-processes writing rows straight into ``work_dir/images.npy`` [N, 3, H, W], so the
-set never has to fit in memory. ``work_dir/images.json`` (labels, classes, paths,
-skipped files and a signature of the listing: every path, size and modification
-time, and ``resize``) is written last, atomically: it marks a complete ingest, and a
-later call on the same unchanged folder (``--resume``) reuses the array instead of
-decoding again.
+alpha kept apart, EXIF orientation, ``resize``, ``skip_bad``, the same errors) but
+with several worker processes writing rows straight into ``work_dir/images.npy``
+[N, 3, H, W], so the set never has to fit in memory. An image with an alpha channel
+(anything below 255) has it written by its worker to the row of ``work_dir/alpha.npy``
+[N, H, W]; that file is created by the first such image only, so a set without
+transparency costs no extra disk, and at the end the rows of opaque images are
+filled with 255 (``ImageSet.alpha`` is then a read-only memory map of it, else None).
+
+``work_dir/images.json`` (labels, classes, paths, skipped files, the ``ignored``
+entries, whether ``alpha.npy`` exists, and a signature of the listing: every path,
+size and modification time, what was not read, ``resize`` and the decoding's
+version) is written last, atomically: it marks a complete ingest, and a later call
+on the same unchanged folder (``--resume``) reuses the arrays instead of decoding
+again, with the same ``ignored`` and ``skipped``.
 
 The returned :class:`ImageSet` has ``file`` set to the array and ``images`` a
 read-only memory map of it (touch it by chunks: every page read stays resident
@@ -21,6 +28,7 @@ import json
 import multiprocessing
 import os
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -28,11 +36,16 @@ import numpy as np
 import torch
 
 from ..progress import progress as _progress
+from .decode import _check_resize, _decode, _decode_error, _frames_note, display_path
 from .exports import write_json_atomic
-from .folders import ImageSet, _check_resize, _decode_error, _load_rgb, folder_origin, ordered_listing
+from .folders import ImageSet, folder_origin
+from .scan import list_image_folder
 
-IMAGES_FILE, INDEX_FILE = "images.npy", "images.json"
+IMAGES_FILE, INDEX_FILE, ALPHA_FILE = "images.npy", "images.json", "alpha.npy"
 CHUNK = 64  # images per task: large enough to amortise the inter-process call
+# Part of the signature: an ingest made by an older decoding (alpha composited onto black,
+# fewer formats) is not reused.
+DECODE_VERSION = 2
 
 
 def default_workers() -> int:
@@ -44,65 +57,138 @@ def default_workers() -> int:
     return max(1, min(16, n))
 
 
-def _signature(root: Path, rels: list[str], size) -> str:
+def _fs(s: str) -> bytes:
+    """A path's bytes (a name that is not valid UTF-8 included)."""
+    return s.encode("utf-8", "surrogateescape") if isinstance(s, str) else bytes(s)
+
+
+def _signature(root: Path, rels: list[str], size, ignored=()) -> str:
     h = hashlib.blake2b(digest_size=16)
-    h.update(repr(size).encode())
+    h.update(f"v{DECODE_VERSION}\0{size!r}\n".encode())
     for rel in rels:
-        st = os.stat(root / rel)
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(root / rel)
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}".encode()
+        except OSError as e:  # a dangling link, permission denied: decoding names it
+            try:
+                st = os.lstat(root / rel)
+                stamp = f"unreadable {e.errno} {st.st_mtime_ns}".encode()
+            except OSError:
+                stamp = f"missing {e.errno}".encode()
+        h.update(_fs(rel) + b"\0" + stamp + b"\n")
+    for d in ignored:  # a file added next to the images changes what is reported
+        h.update(b"ignored\0" + _fs(d["path"]) + b"\0" + _fs(d.get("kind", "")) + b"\n")
     return h.hexdigest()
 
 
-def _decode_rows(root: str, path: str, offset: int, hw, size, tasks) -> list:
-    """In a worker: decode ``tasks`` [(row, rel)] into rows of the .npy at ``path``. Returns
-    per task (row, rel, None) on success or (row, rel, (kind, message))."""
+def _npy_header(shape) -> bytes:
+    """The header bytes of a C-ordered uint8 ``.npy`` of ``shape`` (what ``open_memmap`` writes)."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": tuple(int(s) for s in shape)})
+    return buf.getvalue()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _open_alpha(path: str, header: bytes, total: int) -> int:
+    """Open (creating it if no worker has yet) the alpha ``.npy``: every worker writes the same
+    header and extends it to the same length, so the order they come in does not matter."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    _pwrite_all(fd, header, 0)
+    if os.fstat(fd).st_size < total:
+        os.ftruncate(fd, total)  # sparse zeros; extending to the same length loses nothing
+    return fd
+
+
+def _decode_rows(root: str, path: str, offset: int, hw, size, alpha_path: str, alpha_header: bytes,
+                 alpha_bytes: int, tasks) -> list:
+    """In a worker: decode ``tasks`` [(row, rel)] into rows of the .npy at ``path`` (and of the
+    alpha .npy, ``alpha_bytes`` bytes in all, for images with alpha). Returns per task
+    (row, rel, None, info) on success, info = (has alpha, the ``ignored`` entry of a
+    multi-frame file or None), or (row, rel, (kind, message), None)."""
     row_bytes = 3 * hw[0] * hw[1]
+    plane = hw[0] * hw[1]
     out = []
     fd = os.open(path, os.O_WRONLY)
+    afd = None
     try:
         for row, rel in tasks:
             try:
-                arr = _load_rgb(Path(root) / rel, size)
+                d = _decode(Path(root) / rel, size)
             except MemoryError:
                 raise
             except Exception as e:  # any decoder failure means "unreadable file"
-                out.append((row, rel, ("bad", _decode_error(e))))
+                out.append((row, rel, ("bad", _decode_error(e)), None))
                 continue
+            arr = d.rgb
             if arr.shape[:2] != tuple(hw):
-                out.append((row, rel, ("size", tuple(arr.shape[:2]))))
+                out.append((row, rel, ("size", tuple(arr.shape[:2])), None))
                 continue
-            data = np.ascontiguousarray(arr.transpose(2, 0, 1)).tobytes()
-            done = 0
-            while done < row_bytes:
-                done += os.pwrite(fd, data[done:], offset + row * row_bytes + done)
-            out.append((row, rel, None))
+            _pwrite_all(fd, np.ascontiguousarray(arr.transpose(2, 0, 1)).tobytes(), offset + row * row_bytes)
+            if d.alpha is not None:
+                if afd is None:
+                    afd = _open_alpha(alpha_path, alpha_header, alpha_bytes)
+                _pwrite_all(afd, np.ascontiguousarray(d.alpha).tobytes(), len(alpha_header) + row * plane)
+            out.append((row, rel, None, (d.alpha is not None, _frames_note(rel, d))))
     finally:
         os.close(fd)
+        if afd is not None:
+            os.close(afd)
     return out
 
 
 def _load_index(work_dir: Path, signature: str):
     index, images = work_dir / INDEX_FILE, work_dir / IMAGES_FILE
     try:
-        meta = json.loads(index.read_text(encoding="utf-8"))
+        meta = json.loads(index.read_bytes().decode("utf-8"))
     except (OSError, ValueError):
         return None
-    if meta.get("signature") != signature or not images.exists():
+    if not isinstance(meta, dict) or meta.get("signature") != signature or not images.exists():
+        return None
+    if "ignored" not in meta or "alpha" not in meta:  # written by an older version
+        return None
+    if meta["alpha"] and not (work_dir / ALPHA_FILE).exists():
         return None
     return meta
+
+
+def _map(path: Path) -> torch.Tensor:
+    arr = np.load(path, mmap_mode="r")
+    with warnings.catch_warnings():  # read-only map: the library never writes it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
 
 
 def _image_set(work_dir: Path, meta: dict, origin: dict) -> ImageSet:
     arr = np.load(work_dir / IMAGES_FILE, mmap_mode="r")
     if list(arr.shape) != meta["shape"] or arr.dtype != np.uint8:
-        raise ValueError(f"{work_dir / IMAGES_FILE} does not match {work_dir / INDEX_FILE}: ingest anew")
-    import warnings
+        raise ValueError(f"{display_path(work_dir / IMAGES_FILE)} does not match "
+                         f"{display_path(work_dir / INDEX_FILE)}: ingest anew")
+    del arr
+    alpha = None
+    if meta["alpha"]:
+        a = np.load(work_dir / ALPHA_FILE, mmap_mode="r")
+        if [*a.shape] != [meta["shape"][0], *meta["shape"][2:]] or a.dtype != np.uint8:
+            raise ValueError(f"{display_path(work_dir / ALPHA_FILE)} does not match "
+                             f"{display_path(work_dir / INDEX_FILE)}: ingest anew")
+        del a
+        alpha = _map(work_dir / ALPHA_FILE)
+    return ImageSet(_map(work_dir / IMAGES_FILE), torch.tensor(meta["labels"], dtype=torch.int64), meta["classes"],
+                    meta["paths"], meta["skipped"], file=work_dir / IMAGES_FILE, origin=origin,
+                    ignored=meta["ignored"], alpha=alpha)
 
-    with warnings.catch_warnings():  # read-only map: the library never writes it
-        warnings.simplefilter("ignore", UserWarning)
-        images = torch.from_numpy(arr)
-    return ImageSet(images, torch.tensor(meta["labels"], dtype=torch.int64), meta["classes"], meta["paths"],
-                    meta["skipped"], file=work_dir / IMAGES_FILE, origin=origin)
+
+def _cannot_read(root: Path, rel: str, reason: str) -> ValueError:
+    return ValueError(f"cannot read image {display_path(root / rel)}: {reason} "
+                      "(pass skip_bad=True / --skip-bad to skip unreadable files)")
 
 
 def ingest_folder(root, work_dir, *, resize=None, skip_bad: bool = False, workers: int | None = None,
@@ -122,10 +208,10 @@ def ingest_folder(root, work_dir, *, resize=None, skip_bad: bool = False, worker
     workers = workers or default_workers()
     root, work_dir = Path(root), Path(work_dir)
     t0 = time.perf_counter()
-    classes, rels, label_of = ordered_listing(root, order)
+    classes, rels, label_of, ignored = list_image_folder(root, order)
     n = len(rels)
     origin = folder_origin(root, order)
-    signature = _signature(root, rels, size)
+    signature = _signature(root, rels, size, ignored)
     meta = _load_index(work_dir, signature)
     if meta is not None:
         if stats is not None:
@@ -135,44 +221,53 @@ def ingest_folder(root, work_dir, *, resize=None, skip_bad: bool = False, worker
 
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / INDEX_FILE).unlink(missing_ok=True)
+    alpha_path = work_dir / ALPHA_FILE
+    alpha_path.unlink(missing_ok=True)  # created again by the first image with alpha
     # The first readable image gives H and W (and the first unreadable ones fail or are skipped here).
     skipped: dict[int, dict] = {}
     first = 0
     while True:
         try:
-            hw = _load_rgb(root / rels[first], size).shape[:2]
+            hw = _decode(root / rels[first], size).rgb.shape[:2]
             break
         except MemoryError:
             raise
         except Exception as e:
             if not skip_bad:
-                raise ValueError(f"cannot read image {root / rels[first]}: {_decode_error(e)} "
-                                 "(pass skip_bad=True / --skip-bad to skip unreadable files)") from e
+                raise _cannot_read(root, rels[first], _decode_error(e)) from e
             skipped[first] = {"path": rels[first], "reason": _decode_error(e)}
             first += 1
             if first == n:
-                raise ValueError(f"no readable images in {root}: all {n} files failed to decode "
-                                 f"(first: {skipped[0]['path']}: {skipped[0]['reason']})") from None
+                raise ValueError(f"no readable images in {display_path(root)}: all {n} files failed to decode "
+                                 f"(first: {display_path(skipped[0]['path'])}: {skipped[0]['reason']})") from None
     path = work_dir / IMAGES_FILE
     m = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 3, *hw))
     offset = int(m.offset)
     del m
     tasks = [(i, rels[i]) for i in range(first, n)]
     chunks = [tasks[i:i + CHUNK] for i in range(0, len(tasks), CHUNK)]
-    args = (str(root), str(path), offset, hw, size)
+    alpha_header = _npy_header((n, *hw))
+    args = (str(root), str(path), offset, hw, size, str(alpha_path), alpha_header,
+            len(alpha_header) + n * hw[0] * hw[1])
     first_rel = rels[first]
+    with_alpha: set[int] = set()
+    frames: list[dict] = []
 
     def take(results):
-        for row, rel, err in results:
+        for row, rel, err, info in results:
             if err is None:
+                if info[0]:
+                    with_alpha.add(row)
+                if info[1] is not None:
+                    frames.append(info[1])
                 continue
             if err[0] == "size":
                 raise ValueError(
-                    f"images of different sizes in {root}: {first_rel} is {hw[0]}x{hw[1]} "
-                    f"but {rel} is {err[1][0]}x{err[1][1]} (HxW); pass resize=(H, W) (--resize) to resize all")
+                    f"images of different sizes in {display_path(root)}: {display_path(first_rel)} is "
+                    f"{hw[0]}x{hw[1]} but {display_path(rel)} is {err[1][0]}x{err[1][1]} (HxW); "
+                    "pass resize=(H, W) (--resize) to resize all")
             if not skip_bad:
-                raise ValueError(f"cannot read image {root / rel}: {err[1]} "
-                                 "(pass skip_bad=True / --skip-bad to skip unreadable files)")
+                raise _cannot_read(root, rel, err[1])
             skipped[row] = {"path": rel, "reason": err[1]}
 
     used = 1 if workers == 1 or len(chunks) < 2 else min(workers, len(chunks))
@@ -200,29 +295,53 @@ def ingest_folder(root, work_dir, *, resize=None, skip_bad: bool = False, worker
     keep = [i for i in range(n) if i not in skipped]
     if skipped and order is not None:
         first_bad = skipped[min(skipped)]
-        raise ValueError(f"{len(skipped)} image(s) of {root} could not be read (first: {first_bad['path']}: "
-                         f"{first_bad['reason']}); with an order file every index must hold its image, so "
-                         "none can be skipped: fix or replace them")
+        raise ValueError(f"{len(skipped)} image(s) of {display_path(root)} could not be read (first: "
+                         f"{display_path(first_bad['path'])}: {first_bad['reason']}); with an order file every "
+                         "index must hold its image, so none can be skipped: fix or replace them")
     if skipped:
         kept = {label_of[i] for i in keep}
         gone = [c for i, c in enumerate(classes) if i not in kept]
         if gone:
-            raise ValueError(f"no readable images left in class folder(s) {', '.join(gone)} of {root}")
+            raise ValueError(f"no readable images left in class folder(s) {', '.join(map(display_path, gone))} "
+                             f"of {display_path(root)}")
+    has_alpha = bool(with_alpha)
+    if has_alpha:
+        _fill_opaque(alpha_path, [i for i in keep if i not in with_alpha], hw)
+    if skipped:
         _compact(path, keep, (n, 3, *hw))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        if has_alpha:
+            _compact(alpha_path, keep, (n, *hw))
+    for p in (path, alpha_path) if has_alpha else (path,):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    ignored = sorted(ignored + frames, key=lambda d: d["path"])
     meta = {"signature": signature, "shape": [len(keep), 3, *hw], "classes": classes,
             "paths": [rels[i] for i in keep], "labels": [label_of[i] for i in keep],
-            "skipped": [skipped[i] for i in sorted(skipped)], "resize": list(size) if size else None}
+            "skipped": [skipped[i] for i in sorted(skipped)], "ignored": ignored, "alpha": has_alpha,
+            "resize": list(size) if size else None}
     write_json_atomic(work_dir / INDEX_FILE, meta)
     seconds = time.perf_counter() - t0
     if stats is not None:
         stats.update(images=len(keep), seconds=seconds, images_per_s=len(keep) / max(seconds, 1e-9), workers=used,
                      reused=False)
     return _image_set(work_dir, meta, origin)
+
+
+def _fill_opaque(path: Path, rows: list[int], hw) -> None:
+    """Write 255 (opaque) into ``rows`` of the alpha .npy: the images without alpha."""
+    from ..generation.rowfile import RowFile, chunk_rows
+
+    f = RowFile(path, writable=True)
+    try:
+        step = chunk_rows(f.row_bytes)
+        for a in range(0, len(rows), step):
+            part = rows[a:a + step]
+            f.write(part, torch.full((len(part), *hw), 255, dtype=torch.uint8))
+    finally:
+        f.close()
 
 
 def _compact(path: Path, keep: list[int], shape) -> None:

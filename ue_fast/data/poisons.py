@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .folders import ImageSet, _load_rgb
+from .decode import _load_rgb
+from .folders import ImageSet
 
 _INDEX_PNG = re.compile(r"^(0|[1-9][0-9]*)\.png$")
 TOLERANCE_255 = 1e-3  # a value this close under a grey level counts as that level
