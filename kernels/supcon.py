@@ -173,22 +173,38 @@ def _meta(features: torch.Tensor):
     )
 
 
-def _blocks(B: int, D: int) -> tuple[dict, dict]:
-    """(forward, backward) tiles and num_warps.
+def _blocks(B: int, D: int, dtype: torch.dtype = torch.float32, aligned: bool = True) -> tuple[dict, dict]:
+    """(forward, backward) tiles and num_warps. ``aligned``: D and the strides of the
+    features are multiples of 16 elements (or 1), so loads vectorise.
 
-    On a GPU, 64 x 64 x 16 forward and 32 x 32 x 32 (BLOCK_D <= 128) backward tiles compile
-    without register spills for sm_80 and sm_90 in every dtype, with triton 3.6 and 3.9; the
-    64 x 64 x 64 (BLOCK_D 256) ones spilled hundreds of bytes a thread at D = 512
-    (benchmarks/triton_compile.py).
+    On a GPU, 64 x 64 x 16 forward tiles with 16 warps (8 in float64) and 32 x 32 x 32
+    backward tiles with 8 warps. The forward with 8 warps spilled 20 B a thread in float32
+    for sm_90 under Triton 3.8.0 (B = 128, D = 512), and 4-8 B where D is unaligned under
+    3.8-3.9; with 16 warps it needs at most 128 registers; in float64, 16 warps spilled
+    where 8 do not. The backward's D slice: 128 in bf16/fp16 where D is aligned, else 64
+    (128 spilled 16-72 B a thread at 255 registers where D is not); 64 in float32 (128
+    spilled 8 B for sm_90 under Triton 3.6 when B is not a multiple of 16, e.g. B = 1000);
+    32 in float64 (64 came within a register of the 255 cap). With 4 warps the backward
+    spilled at BLOCK_D 32 and 64 in float32, and 64 x 64 x 64 (BLOCK_D 256) tiles spilled
+    hundreds of bytes a thread at D = 512. Each choice compiles without a spill for sm_80
+    and sm_90 under Triton 3.6.0, 3.7.0, 3.7.1, 3.8.0 and 3.9.0 (those torch 2.11-2.14 pin,
+    and the newest): benchmarks/triton_compile.py, and .ci/triton_check.sh in CI. None of
+    these tiles has been timed on a GPU yet.
     """
-    block_d = min(128, max(16, triton.next_power_of_2(D)))
-    bwd_warps = 8 if block_d >= 128 else 4
     if interpreted():  # the interpreter runs programs one after another: few, large blocks
+        block_d = min(128, max(16, triton.next_power_of_2(D)))
         block_k = min(128, max(16, triton.next_power_of_2(D)))
         return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=4),
-                dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=bwd_warps))
-    return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8),
-            dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_D=block_d, num_warps=bwd_warps))
+                dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8 if block_d >= 128 else 4))
+    cap = {torch.float64: 32, torch.float32: 64}.get(dtype, 128 if aligned else 64)
+    block_d = min(cap, max(32, triton.next_power_of_2(D)))
+    return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8 if dtype == torch.float64 else 16),
+            dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_D=block_d, num_warps=8))
+
+
+def _aligned(features: torch.Tensor) -> bool:
+    """Whether D and the strides are multiples of 16 elements (or 1): Triton's divisibility."""
+    return all(v == 1 or v % 16 == 0 for v in (features.shape[1], *features.stride()))
 
 
 def supcon_fwd(features: torch.Tensor, labels: torch.Tensor, temperature: float):
@@ -198,7 +214,7 @@ def supcon_fwd(features: torch.Tensor, labels: torch.Tensor, temperature: float)
     lse_all = new_output((B,), dtype=acc, device=features.device)
     lse_pos = new_output((B,), dtype=acc, device=features.device)
     rnorm = new_output((B,), dtype=acc, device=features.device)
-    blk, _ = _blocks(B, D)
+    blk, _ = _blocks(B, D, features.dtype, _aligned(features))
     grid = (triton.cdiv(B, blk["BLOCK_M"]),)
     _supcon_fwd_kernel[grid](
         features, labels, rnorm, lse_all, lse_pos, B, D, features.stride(0), features.stride(1),
@@ -211,7 +227,7 @@ def supcon_bwd(features, labels, lse_all, lse_pos, rnorm, grad_out: torch.Tensor
     """Gradient of the loss w.r.t. features [B, D], for upstream gradient ``grad_out`` (0-d tensor)."""
     B, D = features.shape
     dfeat = new_output((B, D), dtype=features.dtype, device=features.device)
-    _, blk = _blocks(B, D)
+    _, blk = _blocks(B, D, features.dtype, _aligned(features))
     grid = (triton.cdiv(B, blk["BLOCK_M"]), triton.cdiv(D, blk["BLOCK_D"]))
     _supcon_bwd_kernel[grid](
         features, labels, rnorm, lse_all, lse_pos, grad_out.reshape(1), dfeat,
@@ -231,8 +247,9 @@ def compile_cases() -> list[dict]:
     """
     cases = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        cases += [dict(dtype=dtype, B=B, D=512) for B in (128, 1024)]  # the shapes that matter
-        # BLOCK_D 16, 32 and 64 (4 warps); 128 (8 warps) with D % 16 != 0.
+        # The shapes that matter; B = 1000 is not a multiple of 16 (Triton specialises on that).
+        cases += [dict(dtype=dtype, B=B, D=512) for B in (128, 1000, 1024)]
+        # BLOCK_D 32 (D = 16 and 32) and 64; D % 16 != 0: the unaligned cap.
         cases += [dict(dtype=dtype, B=100, D=D) for D in (16, 32, 64, 100)]
     cases.append(dict(dtype=torch.float32, B=100, D=100, transposed=True))
     return cases

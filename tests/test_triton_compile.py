@@ -66,10 +66,15 @@ import ue_fast.kernels.pgd as pgd
 import ue_fast.kernels.supcon as supcon
 Ds = range(1, 2049)
 out["pickable"] = dict(
-    supcon=[sorted({json.dumps(supcon._blocks(128, D)[i], sort_keys=True) for D in Ds}) for i in (0, 1)],
+    # per feature dtype, D aligned to 16 elements or not (the backward's tile depends on both)
+    supcon=[sorted({json.dumps(dict(supcon._blocks(128, D, getattr(torch, dt), aligned)[i], dtype=tag), sort_keys=True)
+                    for D in Ds for dt, tag in (("float32", "*fp32"), ("bfloat16", "*bf16"), ("float16", "*fp16"),
+                                                ("float64", "*fp64"))
+                    for aligned in {D % 16 == 0, False}}) for i in (0, 1)],
     centroid_rows=sorted({(dt, *centroid._row_blocks(D, getattr(torch, dt)))
                           for D in Ds for dt in ("float32", "float64")}),
-    centroid_class=sorted({centroid._class_blocks(D) for D in Ds}),
+    centroid_class=sorted({(dt, *centroid._class_blocks(D, getattr(torch, dt)))
+                           for D in Ds for dt in ("float32", "float64")}),
     pgd={norm: pgd._config(norm) for norm in ("linf", "l2")}, pgd_mask_dims=pgd._MAX_MASK_DIMS)
 
 # The script's specialization against Triton's own (a private API: checked where it exists).
@@ -131,9 +136,9 @@ def test_enumeration_reaches_every_choice_of_the_launchers(enumeration):
     for c in enumeration["configs"]:
         by_kernel.setdefault(c["kernel"].split(":")[1], []).append(c)
 
-    def chosen(name, keys):
-        return {json.dumps(dict({k: c["constexprs"][k] for k in keys}, **c["options"]), sort_keys=True)
-                for c in by_kernel[name]}
+    def chosen(name, keys):  # with the features' dtype (the launchers pick tiles per dtype)
+        return {json.dumps(dict({k: c["constexprs"][k] for k in keys}, **c["options"], dtype=c["signature"]["F_ptr"]),
+                           sort_keys=True) for c in by_kernel[name]}
     assert set(pick["supcon"][0]) <= chosen("_supcon_fwd_kernel", ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     assert set(pick["supcon"][1]) <= chosen("_supcon_bwd_kernel", ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D"))
     for name in ("_centroid_norm_kernel", "_centroid_bwd_kernel"):  # every tile; each accumulation dtype's largest
@@ -143,7 +148,8 @@ def test_enumeration_reaches_every_choice_of_the_launchers(enumeration):
         for acc in ("float32", "float64"):
             assert max(tuple(p) for p in pick["centroid_rows"] if p[0] == acc) in blocks, (name, acc)
     assert {tuple(p) for p in pick["centroid_class"]} <= {
-        (c["constexprs"]["BLOCK_B"], c["constexprs"]["BLOCK_D"]) for c in by_kernel["_centroid_fwd_kernel"]}
+        ("float64" if c["signature"]["S_ptr"] == "*fp64" else "float32", c["constexprs"]["BLOCK_B"],
+         c["constexprs"]["BLOCK_D"], c["options"].get("num_warps", 4)) for c in by_kernel["_centroid_fwd_kernel"]}
     for name in ("_supcon_fwd_kernel", "_supcon_bwd_kernel", "_centroid_norm_kernel", "_centroid_bwd_kernel"):
         inputs = {next(t for t in c["signature"].values() if t.startswith("*")) for c in by_kernel[name]}
         assert inputs == {"*fp32", "*bf16", "*fp16", "*fp64"}, name
