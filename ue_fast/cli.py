@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .data.apbench import APBENCH_DATASETS, APBENCH_TYPES
+from .devices import resolve_device
 from .evaluate.defenses import DEFENSES
 from .generation import COMPILE_MODES, DELTA_DTYPES
 from .generation.store import STORES, parse_size
@@ -63,12 +64,24 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _percent(fraction: float) -> str:
+    """A fraction as a percentage with its precision: 100%, 99.8%, 0.1%, 0.0013%; 0% only for 0."""
+    if fraction == 0:
+        return "0%"
+    p = 100 * fraction
+    for digits in range(3, 10):  # never round a partial change to 100%
+        text = f"{p:.{digits}g}"
+        if p == 100 or float(text) != 100:
+            break
+    return f"{text}%"
+
+
 def _print_summary(m: dict) -> None:
     budget = m.get("budget") or {"kind": "linf"}
     bound = f"eps {m['settings']['eps_255']}/255" if budget["kind"] == "linf" else f"not L-inf: {budget['kind']}"
     print(f"protected {m['num_images']} images of {len(m['classes'])} classes with {m['method']} "
           f"({bound}, max |delta| {m['linf_max_255']}/255, mean "
-          f"{m['mean_abs_delta_255']:.2f}/255, {100 * m['changed_pixels_fraction']:.0f}% of pixels changed) in "
+          f"{m['mean_abs_delta_255']:.2f}/255, {_percent(m['changed_pixels_fraction'])} of pixels changed) in "
           f"{m['total_s']:.1f} s; {m['images_per_s']:.0f} images/s per outer epoch")
     files = ["PNG tree"] + [k for k, v in m["outputs"].items() if k != "images" and v["written"]] + ["manifest.json"]
     print(f"output: {m['output']}  ({', '.join(files)})")
@@ -511,10 +524,20 @@ def main(argv=None) -> int:
         print("error: --device cuda but no CUDA device is visible to torch", file=sys.stderr)
         return 2
     try:
+        if getattr(args, "device", None) is not None and args.command != "check":
+            resolve_device(args.device)  # one message for a device torch does not know or cannot see
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # writing: a full disk, a read-only file system, a permission
+        from .outputs import explain_os_error
+
+        what = explain_os_error(exc)
+        if what is None:
+            raise
+        print(f"error: {what}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the last finished step (round or epoch) is in OUTPUT_DIR/.ue_fast/checkpoint.pt; "
               "run again with --resume to continue", file=sys.stderr)

@@ -79,3 +79,11 @@ def progress(total=None, desc: str = "", unit: str = "it", *, enabled: bool = Tr
         return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=not enabled, leave=leave,
                     unit_scale=unit_scale, dynamic_ncols=True)
     return LineProgress(total=total, desc=desc, unit=unit, initial=initial, interval=interval, disable=not enabled)
+
+
+def note(line: str) -> None:
+    """A line for the person watching, on standard error, that does not break a tqdm bar."""
+    if _is_terminal(sys.stderr):
+        tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)

@@ -42,7 +42,9 @@ warned about (:class:`UnchangedImagesWarning`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import math
 import os
 import platform
@@ -63,8 +65,9 @@ from .data.exports import read_json, save_poison_pt, write_json_atomic
 from .data.folders import output_paths
 from .data.ingest import ingest_folder
 from .data.scan import describe_left_out, ordered_listing
+from .devices import resolve_device
 from .generation import COMPILE_MODES, Runner
-from .generation.distributed import from_env
+from .generation.distributed import env_world_size, from_env
 from .generation.rowfile import RowFile, chunk_rows
 from .generation.store import (
     check_delta_dtype,
@@ -73,9 +76,25 @@ from .generation.store import (
     parse_size,
 )
 from .methods import METHODS, Sparse, SurrogateMethod
+from .models import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from .outputs import (
+    check_not_held,
+    check_output_folder,
+    entries_besides_locks,
+    explain_os_error,
+    hold,
+    remove_debris,
+    remove_listed,
+    remove_owned,
+)
+from .outputs import (
+    human_size as _size,
+)
+from .progress import note
 from .progress import progress as _progress
 
 CHECKPOINT_DIR = ".ue_fast"
+OUTPUTS_FILE = "outputs.json"  # in the work folder: what the run is about to write, before it writes it
 ROUNDINGS = ("stochastic", "nearest")
 
 
@@ -103,36 +122,133 @@ def _versions() -> dict:
 
 
 def _check_dirs(input_dir: Path | None, output_dir: Path, overwrite: bool, resume: bool) -> None:
+    check_output_folder(output_dir, {"input folder": input_dir}, "the output folder")
     out = output_dir.resolve()
-    if input_dir is not None:
-        inp = input_dir.resolve()
-        if out == inp or inp in out.parents:
-            raise ValueError(f"output folder {output_dir} is inside the input folder {input_dir}: "
-                             "the protected copy would be read as input next time")
-        if out in inp.parents:
-            raise ValueError(f"input folder {input_dir} is inside the output folder {output_dir}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {output_dir} exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir():
+        check_not_held(out)
+    if out.exists() and entries_besides_locks(out):
         if not (overwrite or resume):
             raise ValueError(f"output folder {output_dir} is not empty: pass overwrite=True (--overwrite) to "
                              "replace an earlier ue_fast output, or resume=True (--resume) to continue an "
                              "interrupted run")
-        if not is_ue_fast_output(out):
+        if not is_ue_fast_output(output_dir):
             raise ValueError(f"refusing to {'replace' if overwrite else 'resume in'} {output_dir}: it is not a "
                              f"ue_fast output (no manifest.json of ue_fast, no {CHECKPOINT_DIR}/ folder); "
                              f"it holds {_describe(out)}. Choose another output folder, or empty this one yourself")
 
 
-def is_ue_fast_output(folder: Path) -> bool:
-    """True if ``folder`` holds an earlier ``protect`` output: its work folder, or a manifest it wrote."""
-    if (folder / CHECKPOINT_DIR).is_dir():
-        return True
+class WriteError(ValueError):
+    """Writing an output or the work folder failed for a reason the user can fix (a full disk,
+    a read-only file system, a permission): the message says what and what to do."""
+
+
+@contextlib.contextmanager
+def _readable_write_errors(output_dir: Path, ckpt: Path):
+    """Turn the OS errors of writing (and torch.save's report of a short write) into a
+    :class:`WriteError` that says where, roughly how much the run needs, and how to go on."""
     try:
-        manifest = read_json(folder / "manifest.json")
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and "ue_fast_version" in manifest
+        yield
+    except (OSError, RuntimeError) as e:
+        torch_short_write = isinstance(e, RuntimeError) and ("unexpected pos" in str(e)
+                                                              or "failed writing" in str(e))
+        if isinstance(e, OSError):
+            what = explain_os_error(e, e.filename or output_dir)
+        elif torch_short_write:
+            what = f"writing a file in {output_dir} stopped short ({str(e).splitlines()[0]}): is the disk full?"
+        else:
+            what = None
+        if what is None:
+            raise
+        full = torch_short_write or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        images = output_dir / CHECKPOINT_DIR / "images.npy"
+        need = (f"; the run needs roughly {_size(7 * images.stat().st_size)} there (the ingested images, "
+                "the PNG copy, the perturbations as .npy and as float32 poison.pt)") if full and images.exists() else ""
+        go_on = ("free space and run the same command with --resume: it continues from the last finished step"
+                 if ckpt.exists() else "free space (or choose another output folder) and run the command again")
+        raise WriteError(f"{what}{need}; {go_on}" if full else what) from e
+
+
+def _check_resize_for(method: str, resize) -> None:
+    """A surrogate-based method trains networks that take 16..1024 px: refuse other sizes before
+    anything is read."""
+    from .data.decode import _check_resize
+
+    h, w = _check_resize(resize)
+    if issubclass(METHODS[method], SurrogateMethod) and not (MIN_IMAGE_SIZE <= min(h, w) and
+                                                             max(h, w) <= MAX_IMAGE_SIZE):
+        raise ValueError(f"resize {h}x{w}: method {method!r} trains a network on the images, which takes "
+                         f"{MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels a side")
+
+
+def is_ue_fast_output(folder: Path) -> bool:
+    """True if ``folder`` holds an earlier ``protect`` output: its work folder, or a manifest it
+    wrote. A manifest.json that cannot be read is an error naming it."""
+    manifest = _manifest_of(folder)
+    return (folder / CHECKPOINT_DIR).is_dir() or (isinstance(manifest, dict) and "ue_fast_version" in manifest)
+
+
+def _manifest_of(folder: Path):
+    """The parsed ``folder/manifest.json``, None if there is none; a ValueError naming the file
+    if it is there but not JSON."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({e}): a damaged manifest; if {folder} is an earlier ue_fast "
+                         "output, remove it yourself, or choose another output folder") from None
+
+
+def owned_outputs(folder: Path) -> set[str]:
+    """What an earlier ``protect`` run wrote in ``folder`` (relative paths of files), as its
+    manifest and its work folder's ``outputs.json`` (written before the first output file)
+    record it; its work folder ``.ue_fast/`` is ue_fast's too."""
+    owned = set()
+    manifest = _manifest_of(folder)
+    if isinstance(manifest, dict) and "ue_fast_version" in manifest:
+        owned.add("manifest.json")
+        owned.update(f["output"] for f in manifest.get("files") or () if isinstance(f, dict) and "output" in f)
+        owned.update(k for k in manifest.get("outputs") or {} if k != "images")
+    try:
+        planned = read_json(folder / CHECKPOINT_DIR / OUTPUTS_FILE)
+        owned.update(planned["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return {str(PurePosixPath(o)) for o in owned if isinstance(o, str) and not PurePosixPath(o).is_absolute()
+            and ".." not in PurePosixPath(o).parts}
+
+
+@contextlib.contextmanager
+def _output_run(output_dir: Path, main: bool, overwrite: bool, resume: bool, ckpt: Path):
+    """The output folder for one run: created if missing, held (one run at a time), replaced of
+    only what ue_fast wrote (``overwrite``), rid of an interrupted write's temporary files
+    (``resume``). If the run fails with nothing to resume (no checkpoint), what it wrote is
+    removed again, and the folder too if it created it."""
+    if not main:
+        yield
+        return
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with hold(output_dir, "ue-fast protect"):
+            if overwrite and entries_besides_locks(output_dir):
+                remove_owned(output_dir, owned_outputs(output_dir), "an earlier ue_fast output")
+            elif resume:
+                remove_debris(output_dir)
+                if (output_dir / "manifest.json").exists() and not ckpt.exists():
+                    raise ValueError(f"{output_dir} already holds a complete run (manifest.json); nothing to resume")
+            try:
+                yield
+            except BaseException:
+                if not ckpt.exists():  # nothing to resume: leave nothing of this run behind
+                    remove_listed(output_dir, owned_outputs(output_dir))
+                raise
+    finally:
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
 
 
 def _describe(folder: Path, limit: int = 5) -> str:
@@ -309,16 +425,25 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
                          "read whole")
     if fmt is not None and resize is not None:
         raise ValueError(f"resize applies to image folders; {input_dir} is a {fmt} data set, kept at its size")
+    if resize is not None:
+        _check_resize_for(method, resize)
+    cls = METHODS[method]
+    dev = resolve_device(device)  # every run's check, before torchrun's group is joined
+    if env_world_size() > 1 and not cls.distributed:
+        raise ValueError(f"method {method!r} does not run under torchrun yet ({cls.distributed_why}); "
+                         "run it in one process")
     dist, dist_device = from_env(device)
     main = dist is None or dist.main
     if main:
         _check_dirs(input_dir, output_dir, overwrite, resume)
-    dev = dist_device or torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    dev = dist_device or dev
     progress = progress and main
-
-    cls = METHODS[method]
+    if progress and dev.type == "cpu" and preset is None and "cpu-small" in cls.presets and not any(
+            v is not None for v in (epochs, pgd_steps, arch, batch_size, poison_batch_size)) and not settings:
+        paper = cls.config_class()
+        sched = ", ".join(f"{k} {getattr(paper, k)}" for k in ("arch", "epochs", "pgd_steps") if hasattr(paper, k))
+        note(f"note: {method} runs its paper's schedule ({sched}) on the CPU, a GPU-sized job (hours for a few "
+             "hundred images); --preset cpu-small is a CPU-sized schedule that protects measurably in minutes")
     if key_file is not None:
         key_file = Path(key_file)
         if not cls.keyed:
@@ -350,6 +475,13 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             chosen["seed"] = load_checkpoint(saved)["settings"]["seed"]
     cfg = cls.config_class(**chosen)
     check_delta_dtype(delta_dtype, cfg.eps)
+    if cls.lp and cfg.eps * 255 < 1 - 1e-6:
+        raise ValueError(f"eps {cfg.eps * 255:g}/255 is below one grey level: an 8-bit image cannot change by "
+                         "less than 1/255, so no pixel of the output could differ from its input. Use eps >= 1 "
+                         "(units of 1/255; the field's budget is 8)")
+    if store == "disk" and not cls.streams:
+        raise ValueError(f"method {method!r} needs its images and perturbations in memory ({cls.streams_why}); "
+                         "run it with --store memory or auto")
     gen = cls(cfg)
     if sparse is not None:
         gen = Sparse(gen, sparse)
@@ -359,14 +491,22 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         ordered_listing(input_dir, order)  # a bad input (or order) fails here, before an output is replaced
     work = output_dir / CHECKPOINT_DIR
     ckpt = work / "checkpoint.pt"
-    created = False
-    if main:
-        if overwrite and output_dir.exists():
-            shutil.rmtree(output_dir)  # an earlier ue_fast output: _check_dirs refused anything else
-        created = not output_dir.exists()
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if resume and (output_dir / "manifest.json").exists() and not ckpt.exists():
-            raise ValueError(f"{output_dir} already holds a complete run (manifest.json); nothing to resume")
+    # (errors of creating the folder itself are the CLI's to explain: nothing is written yet)
+    with _output_run(output_dir, main, overwrite, resume, ckpt), _readable_write_errors(output_dir, ckpt):
+        return _generate(source=source, input_dir=input_dir, fmt=fmt, split=split, main=main, dist=dist,
+                         work=work, ckpt=ckpt, resize=resize, skip_bad=skip_bad, workers=workers,
+                         progress=progress, order=order, gen=gen, dev=dev, profile=profile,
+                         output_dir=output_dir, compile=compile, delta_dtype=delta_dtype, store=store,
+                         budget=budget, sync_bn=sync_bn, float64=float64, resume=resume, eps=eps,
+                         rounding=rounding, cls=cls, cfg=cfg, method=method, key_file=key_file, sparse=sparse,
+                         preset=preset, t_start=t_start, keep_checkpoint=keep_checkpoint)
+
+
+def _generate(*, source, input_dir, fmt, split, main, dist, work, ckpt, resize, skip_bad, workers, progress, order,
+              gen, dev, profile, output_dir, compile, delta_dtype, store, budget, sync_bn, float64, resume, eps,
+              rounding, cls, cfg, method, key_file, sparse, preset, t_start, keep_checkpoint) -> dict:
+    """Read the data, run the method, write the outputs and the manifest (``protect`` has checked
+    every argument and holds the output folder)."""
     if dist is not None:
         barrier()  # the output folder is ready (replaced, created) before any process writes in it
 
@@ -380,23 +520,21 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         barrier()
         data = ingest_folder(input_dir, work, resize=resize, progress=False, skip_bad=skip_bad, order=order)
     else:
-        try:
-            data = ingest_folder(input_dir, work, resize=resize, skip_bad=skip_bad, workers=workers,
-                                 progress=progress, stats=ingest, order=order)
-        except BaseException:
-            if not ckpt.exists():  # nothing to resume: leave no half-read array behind
-                shutil.rmtree(work, ignore_errors=True)
-                if created and not any(output_dir.iterdir()):
-                    output_dir.rmdir()
-            raise
+        data = ingest_folder(input_dir, work, resize=resize, skip_bad=skip_bad, workers=workers,
+                             progress=progress, stats=ingest, order=order)
         if dist is not None:
             barrier()
     t_read = time.perf_counter() - t0
+    if main:  # what this run will write, recorded before it writes any of it (--overwrite removes only that)
+        planned = [*output_paths(data.paths, output_dir), _npy_name(eps), "poison.pt", "manifest.json",
+                   *(["poison_classwise.pt"] if cls.classwise else []), *(["profile_trace.json"] if profile else [])]
+        write_json_atomic(work / OUTPUTS_FILE, {"files": planned})
 
     runner = Runner(gen, data.images, data.labels, len(data.classes), dev, checkpoint_path=ckpt, progress=progress,
                     profile=profile, trace_path=output_dir / "profile_trace.json" if profile else None,
                     compile=compile, delta_dtype=delta_dtype, store=store, memory_budget=budget, work_dir=work,
-                    images_file=data.file, dist=dist, sync_bn=sync_bn, float64=float64)
+                    images_file=data.file, dist=dist, sync_bn=sync_bn, float64=float64,
+                    notify=note if progress else None)
     result = runner.run(resume=resume)
 
     t0 = time.perf_counter()
@@ -461,7 +599,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         "distributed": None if dist is None else {"world": dist.world, "backend": dist.backend, "sync_bn": sync_bn},
         "float64": float64,
         "perturbation_npy": npy_name,
-        "outputs": out["outputs"],
+        "outputs": {**out["outputs"], **({"profile_trace.json": {
+            "written": True, "why": "--profile: a torch.profiler trace of the first round"}} if profile else {})},
         "files": [{"index": i, "source": p, "output": w, "label": int(y), "linf_255": int(l)}
                   for i, (p, w, y, l) in enumerate(zip(data.paths, written, data.labels.tolist(), linf.tolist()))],
         "history": result.history,
@@ -517,6 +656,11 @@ def _budget_default():
     return None if math.isinf(b) else int(b)
 
 
+def _npy_name(eps: float) -> str:
+    # int8 holds +-127/255; a larger budget (the one-pixel ops) needs int16.
+    return "perturbation_int8.npy" if math.floor(eps + 1e-6) <= 127 else "perturbation_int16.npy"
+
+
 def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding: str, seed: int,
                    class_rows: torch.Tensor | None, budget, progress: bool) -> dict:
     """The PNG tree, the perturbation .npy, (when it fits the memory budget) poison.pt, and for a
@@ -526,10 +670,8 @@ def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, roundin
     classwise = class_rows is not None
     n, shape = len(data), tuple(data.images.shape[1:])
     row_elems = math.prod(shape)
-    lim = math.floor(eps + 1e-6)
-    # int8 holds +-127/255; a larger budget (the one-pixel ops) needs int16.
-    npy_name = "perturbation_int8.npy" if lim <= 127 else "perturbation_int16.npy"
-    npy_dtype = torch.int8 if lim <= 127 else torch.int16
+    npy_name = _npy_name(eps)
+    npy_dtype = torch.int8 if npy_name == "perturbation_int8.npy" else torch.int16
     pt_bytes = n * row_elems * 4
     limit = budget if budget is not None else default_memory_budget()
     write_pt = pt_bytes <= limit

@@ -98,8 +98,10 @@ class Runner:
                  progress: bool = True, amp: bool | None = None, profile: bool = False,
                  trace_path: str | Path | None = None, compile: bool | str = False, delta_dtype: str = "auto",
                  store: str = "auto", memory_budget: float | None = None, work_dir: str | Path | None = None,
-                 images_file: str | Path | None = None, dist=None, sync_bn: bool = False, float64: bool = False):
+                 images_file: str | Path | None = None, dist=None, sync_bn: bool = False, float64: bool = False,
+                 notify: Callable[[str], None] | None = None):
         device = torch.device(device)
+        self.notify = notify  # one line per stage: its time per step and the estimate for the rest
         if work_dir is None and checkpoint_path is not None:
             work_dir = Path(checkpoint_path).parent
         # bf16 autocast on CUDA; on the CPU it would cost accuracy for no speed.
@@ -213,6 +215,7 @@ class Runner:
     def _run_stage(self, stage: Stage) -> None:
         bar = _progress(stage.steps, f"{self.method.name} {stage.name}", stage.key.replace("_", " "),
                         initial=self.done, enabled=self.ctx.progress, interval=0)
+        first = True
         try:
             while self.done < stage.steps and not self.ended:
                 i = self.done + 1
@@ -226,11 +229,23 @@ class Runner:
                 self.history.append(record)
                 self.done, self.ended = i, record["finished"]
                 self._checkpoint()
+                if first and self.notify is not None and not self.ended and self.done < stage.steps:
+                    self.notify(self._estimate(stage, seconds))
+                first = False
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("train_acc", "poison_loss", "images_per_s")
                                  if record.get(k) is not None})
                 bar.update(1)
         finally:
             bar.close()
+
+    def _estimate(self, stage: Stage, seconds: float) -> str:
+        """After a stage's first step: what the rest of it should take (a step that ends the
+        stage early, as EM's stopping rule, makes it shorter)."""
+        left = stage.steps - self.done
+        later = [s.name for s in self.stages[self.stage + 1:]]
+        return (f"{self.method.name} {stage.name}: {_duration(seconds)} per {stage.key.replace('_', ' ')}; "
+                f"the {left} left take about {_duration(seconds * left)}"
+                + (f", then {', '.join(later)} (timed when they start)" if later else ""))
 
     @contextlib.contextmanager
     def _maybe_trace(self, stage: Stage):
@@ -246,3 +261,12 @@ class Runner:
         self.trace_path.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.trace_path))
         self.trace_path = None
+
+
+def _duration(seconds: float) -> str:
+    """12.3 s, 4.5 min, 2.1 h."""
+    if seconds < 90:
+        return f"{seconds:.3g} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds / 3600:.3g} h"

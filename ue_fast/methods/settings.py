@@ -57,6 +57,8 @@ class Config:
         eps_setting(self.eps)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed and numpy's generators take these
+            raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,9 +136,13 @@ def parse_value(text: str):
     num, slash, den = text.partition("/")
     if slash:
         try:
-            return float(num) / float(den)
+            n, d = float(num), float(den)
         except ValueError:
             pass
+        else:
+            if d == 0:
+                raise ValueError(f"--set value {text!r} divides by zero")
+            return n / d
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
