@@ -294,3 +294,78 @@ def test_a_cpu_run_of_the_papers_schedule_says_so_and_every_stage_gives_its_esti
     ue_fast.protect(src, tmp_path / "small", device="cpu", preset="cpu-small", epochs=3)
     err = capsys.readouterr().err
     assert "--preset cpu-small" not in err and "the 2 left take about" in err
+
+
+# ----------------------------------------------------------------------------- no output over an input
+
+
+@pytest.fixture(scope="module")
+def protected(src, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prot") / "out"
+    assert protect_lsp(src, out) == 0
+    return out
+
+
+def test_evaluate_never_gives_two_outputs_one_name_nor_writes_over_its_input(src, protected, tmp_path, capsys):
+    res = tmp_path / "res.png"
+    assert run("evaluate", "--train", protected, "--test", src, "--device", "cpu", "--out", res) == 2
+    assert "expected a .json" in capsys.readouterr().err and not res.exists()
+    inp = protected / "manifest.json"
+    before = inp.read_bytes()
+    assert run("evaluate", "--train", protected, "--test", src, "--device", "cpu", "--out", inp) == 2
+    assert inp.read_bytes() == before
+    png = tmp_path / "r.png"
+    png.write_text("my notes")  # the curves' name, but not a PNG
+    assert run("evaluate", "--train", protected, "--test", src, "--device", "cpu", "--out", tmp_path / "r.json") == 2
+    assert "not a PNG" in capsys.readouterr().err and png.read_text() == "my notes"
+
+
+def test_plot_never_writes_over_the_results_it_reads(src, protected, tmp_path, capsys):
+    r = tmp_path / "r.json"
+    assert run("evaluate", "--train", protected, "--test", src, "--device", "cpu", "--arch", "cnn-small",
+               "--epochs", "1", "--no-progress", "--out", r) == 0
+    before = r.read_bytes()
+    assert run("plot", r, "--out", r) == 2
+    assert r.read_bytes() == before
+    assert run("plot", r, "--out", tmp_path / "curves.png") == 0
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_out_is_never_inside_an_input_nor_a_folder_of_the_users(src, protected, tmp_path, capsys):
+    common = ["--test", src, "--archs", "cnn-small", "--defenses", "none", "--epochs", "1", "--device", "cpu",
+              "--no-progress"]
+    assert run("report", protected, "--clean", src, "--out", src / "report", *common) == 2
+    assert "inside" in capsys.readouterr().err and not (src / "report").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own report")
+    assert run("report", protected, "--clean", src, "--out", mine, *common) == 2
+    assert "holds no earlier report" in capsys.readouterr().err
+    assert (mine / "report.md").read_text() == "my own report" and tree(mine) == ["report.md"]
+
+
+def test_export_apbench_replaces_only_its_own_files_and_never_writes_into_the_protected_folder(src, protected,
+                                                                                              tmp_path, capsys):
+    exp = ["export-apbench", protected]
+    flags = ["--type", "ops", "--allow-folder-order"]
+    assert run(*exp, protected, *flags) == 2
+    assert "inside" in capsys.readouterr().err and not (protected / "ops_poisons").exists()
+    root = tmp_path / "apb"
+    assert run(*exp, root, *flags) == 0
+    data = root / "ops_poisons" / "c10" / "data"
+    (data / "99.png").write_bytes(b"not ours")  # a numbered PNG the export did not write
+    assert run(*exp, root, *flags, "--overwrite") == 2
+    assert "99.png" in capsys.readouterr().err and (data / "99.png").read_bytes() == b"not ours"
+    (data / "99.png").unlink()
+    assert run(*exp, root, *flags, "--overwrite") == 0
+    assert sorted(p.name for p in data.iterdir()) == sorted(f"{i}.png" for i in range(9))
+
+
+def test_reading_a_folder_that_holds_a_ue_fast_output_warns(src, protected, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "folder"
+    shutil.copytree(src, folder)
+    shutil.copytree(protected, folder / "old_run")  # a protect output dropped into the data set
+    assert protect_lsp(folder, tmp_path / "out") == 0
+    assert "old_run/ (a protect output)" in capsys.readouterr().err

@@ -103,20 +103,18 @@ def _print_profile(m: dict) -> None:
 
 
 def _protect_reporting(*args, **kwargs) -> dict:
-    """``protect`` with its unchanged-images warning printed as a plain ``warning:`` line."""
-    from .protect import LeftOutWarning, UnchangedImagesWarning, protect
+    """``protect``, its warnings shown when it ends (after the progress bars), every time, each
+    of ue_fast's as one ``warning:`` line (see :func:`_show_warning`)."""
+    from .protect import protect
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UnchangedImagesWarning)
-        warnings.simplefilter("always", LeftOutWarning)
-        try:
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
             return protect(*args, **kwargs)
-        finally:
-            for w in caught:
-                if issubclass(w.category, (UnchangedImagesWarning, LeftOutWarning)):
-                    print(f"warning: {w.message}", file=sys.stderr)
-                else:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    finally:  # outside the recording context: showing a warning there would record it again
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _unchanged_status(m: dict) -> int:
@@ -168,37 +166,17 @@ def _cmd_protect(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate
+    from .evaluate.run import summary_lines
 
     r = evaluate(args.train, args.test, arch=args.arch, epochs=args.epochs, defense=args.defense,
                  adv_eps=args.adv_eps, adv_norm=args.adv_norm, jpeg_quality=args.jpeg_quality,
                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, device=args.device,
                  seed=args.seed, resize=args.resize, mi=args.mi, clean=args.clean, order=args.order,
                  poison_ratio=args.poison_ratio, ud=args.ud, ud_samples=args.ud_samples or None,
-                 ud_iters=args.ud_iters, ud_rho=args.ud_rho, out=args.out, progress=not args.no_progress)
-    s = r["settings"]
-    src = r.get("train_source") or {}
-    if src.get("format") in ("apbench", "tensor"):
-        print(f"read {src['path']} ({src['layout']}) against the clean base set {src['base']['path']}: "
-              f"{r['num_train']} images, max |protected - clean| {src['linf_255']}/255")
-    print(f"victim {s['arch']} trained {s['epochs']} epochs on {r['num_train']} images of {r['train']} "
-          f"(defense: {s['defense']}); clean test accuracy on {r['num_test']} images: "
-          f"best {100 * r['best']:.2f}%, last {100 * r['last']:.2f}%")
-    part = r.get("poison_ratio")
-    if part and part["clean_part"]:
-        print(f"partial protection: {part['protected']} of {r['num_train']} images protected ({part['ratio']:g}); "
-              f"the victim above trained on them plus the {part['clean']} clean others. Reference, the "
-              f"{part['clean']} clean images alone: best {100 * part['clean_part']['best']:.2f}%, last "
-              f"{100 * part['clean_part']['last']:.2f}%")
-    if "ud" in r:
-        u = r["ud"]
-        fig = "undefined (no clean layer above the threshold)" if u["ud"] is None else f"{u['ud']:.3f}"
-        print(f"unlearnable distance {fig}: {u['learnable_per_epoch']['protected']:.2f} of {u['num_layers']} layers "
-              f"learnable per epoch on the protected data, {u['learnable_per_epoch']['clean']:.2f} on clean "
-              f"(threshold {u['threshold']:.4g}; {u['settings']['samples'] or 'all'} images)")
-    if "mi" in r:
-        m = r["mi"]
-        print("feature statistics (model trained on the clean counterparts): "
-              + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+                 ud_iters=args.ud_iters, ud_rho=args.ud_rho, out=args.out, progress=not args.no_progress,
+                 reference=args.reference)
+    for line in summary_lines(r):
+        print(line)
     if args.out is not None:
         print(f"results: {args.out} (curves: {args.out.with_suffix('.png')})")
     return 0
@@ -206,7 +184,10 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_plot(args) -> int:
     from .evaluate import load_results, plot_curves
+    from .outputs import check_output_file
 
+    check_output_file(args.out, {f"results file {p}": p for p in args.results}, "--out", kind="png",
+                      suffixes=(".png",))
     docs = [load_results(p) for p in args.results]
     print(f"wrote {plot_curves(docs, args.out)}")
     return 0
@@ -277,7 +258,8 @@ def _cmd_demo(args) -> int:
     for name, folder in (("clean", src), ("protected", args.output_dir)):
         data = read_image_folder(folder, progress=False)
         r = train_victim(data.images, data.labels, test.images, test.labels, len(data.classes),
-                         arch="cnn-small", epochs=15, device=args.device, progress=not args.no_progress)
+                         arch="cnn-small", epochs=15, device=args.device, progress=not args.no_progress,
+                         label=f"on the {name} demo images")
         accs[name] = r.last
     print(f"victim test accuracy: trained on clean {100 * accs['clean']:.1f}%, "
           f"trained on protected {100 * accs['protected']:.1f}% (chance: 10%)")
@@ -433,7 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training images UD measures on, a class-balanced seeded subset (default 2048; 0 for all)")
     ev.add_argument("--ud-iters", type=_positive_int, default=10, help="UD's descent/ascent rounds (default 10)")
     ev.add_argument("--ud-rho", type=_positive_float, default=0.05, help="UD's relative weight ball (default 0.05)")
-    ev.add_argument("--out", type=Path, default=None, help="results JSON (the curves go beside it as .png)")
+    ev.add_argument("--reference", action="store_true",
+                    help="also train the same victim, under the same defence, on the clean counterparts (--clean, "
+                    "or the input named in the manifest) and print clean and protected accuracy side by side with "
+                    "the gap and its standard error (a second training run; --mi, --ud and --poison-ratio train "
+                    "one already and give the comparison without it)")
+    ev.add_argument("--out", type=Path, default=None, metavar="FILE.json",
+                    help="results JSON (the curves go beside it as .png); never an input, never over another kind "
+                    "of file")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -518,8 +507,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """ue_fast's own warnings as one ``warning:`` line; others as Python prints them."""
+    if category.__module__.startswith("ue_fast"):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     if args.command == "check" and args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible to torch", file=sys.stderr)
         return 2

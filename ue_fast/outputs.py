@@ -255,6 +255,9 @@ def check_output_file(out, inputs: dict, flag: str, *, kind: str, suffixes=None,
     for what, path in inputs.items():
         if path is not None and _same(out, Path(path)):
             raise ValueError(f"{flag} {_display(out)} is the {what} this command reads: choose another name")
+        if path is not None and Path(path).is_dir() and _inside(out, Path(path)):
+            raise ValueError(f"{flag} {_display(out)} is inside the {what} {_display(path)}, which this command "
+                             "reads: write it outside the data set")
     for what, path in (others or {}).items():
         if path is not None and out.resolve() == Path(path).resolve():
             raise ValueError(f"{flag} {_display(out)} would also be the {what}: two outputs cannot share one name")
@@ -315,3 +318,45 @@ def human_size(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{int(n)} B"
+
+
+# ----------------------------------------------------------------------------- outputs inside inputs
+
+
+class NestedOutputWarning(UserWarning):
+    """A folder about to be read as a data set holds a ue_fast output (which would be read as data)."""
+
+
+def nested_outputs(root) -> list[str]:
+    """The sub-folders of the image folder ``root`` (its would-be classes) that are ue_fast
+    outputs rather than classes of images: an APBench export (``<type>_poisons/`` with its
+    ``index.json``), a report's ``cells/`` (or a report folder), a protect output (its
+    ``manifest.json``)."""
+    root = Path(root)
+    found = []
+    try:
+        subs = sorted((e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError:
+        return found
+    for e in subs:
+        p = Path(e.path)
+        if e.name.endswith("_poisons") and any(p.glob("*/index.json")):
+            found.append(f"{e.name}/ (an export-apbench output)")
+        elif (e.name == "cells" and any(p.glob("*.json"))) or (p / "report.json").is_file():
+            found.append(f"{e.name}/ (a report's cells)" if e.name == "cells" else f"{e.name}/ (a report)")
+        elif (p / "manifest.json").is_file() or (p / WORK_DIR).is_dir():
+            found.append(f"{e.name}/ (a protect output)")
+    return found
+
+
+def warn_nested_outputs(root, what: str) -> None:
+    """Warn (:class:`NestedOutputWarning`) when the image folder ``root``, about to be read as
+    ``what``, holds ue_fast outputs that would be read as classes of images."""
+    import warnings
+
+    if root is None or not Path(root).is_dir():
+        return
+    found = nested_outputs(root)
+    if found:
+        warnings.warn(f"the {what} {_display(root)} holds ue_fast output(s) that would be read as classes of "
+                      f"images: {', '.join(found)}; move them out of it", NestedOutputWarning, stacklevel=3)

@@ -86,6 +86,7 @@ from .outputs import (
     remove_debris,
     remove_listed,
     remove_owned,
+    warn_nested_outputs,
 )
 from .outputs import (
     human_size as _size,
@@ -489,6 +490,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
 
     if input_dir is not None and fmt is None:
         ordered_listing(input_dir, order)  # a bad input (or order) fails here, before an output is replaced
+        if main:
+            warn_nested_outputs(input_dir, "input folder")
     work = output_dir / CHECKPOINT_DIR
     ckpt = work / "checkpoint.pt"
     # (errors of creating the folder itself are the CLI's to explain: nothing is written yet)

@@ -28,6 +28,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+from ..outputs import check_output_folder, remove_owned
 from .exports import read_json, write_json_atomic
 from .scan import read_order
 
@@ -39,7 +40,8 @@ _KEY_OF_FORMAT = {"cifar10": "c10", "cifar100": "c100", "svhn": "svhn"}
 
 
 class APBenchExportWarning(UserWarning):
-    """The export is written but APBench will not read it as it is (a type name it refuses, too few images)."""
+    """The export is written but APBench will not read it as it is (a type name it refuses, a base set that
+    differs from the export)."""
 
 
 def export_apbench(protected_dir, root, *, poison_type: str | None = None, dataset: str = "c10", order=None,
@@ -49,8 +51,11 @@ def export_apbench(protected_dir, root, *, poison_type: str | None = None, datas
     poison_type: the ``<type>`` of the folder name (default: the manifest's method; ``method``
         is an older name of this argument); warns (:class:`APBenchExportWarning`) when APBench
         does not accept it.
-    dataset: APBench's data-set key, one of :data:`APBENCH_DATASETS`; warns when the export
-        holds fewer images than APBench's training set of that key.
+    dataset: APBench's data-set key, one of :data:`APBENCH_DATASETS`; warns when APBench will
+        not pair the export with the base set it reads (:func:`_base_mismatch`: a folder export
+        whose count is not the standard distribution's, a distribution's test split, part of
+        a distribution or another order). An export of a whole CIFAR/SVHN distribution in its
+        index order, of any size, matches APBench run on that same distribution.
     order: a text file (or list) of source paths, one per index: the data set's order, when
         the manifest does not record it (a folder protected without ``--order``), or to
         reorder. allow_folder_order: export a folder's sorted order as the index order.
@@ -59,6 +64,8 @@ def export_apbench(protected_dir, root, *, poison_type: str | None = None, datas
     Refuses a non-empty target unless ``overwrite`` (and then only an earlier export).
     """
     protected_dir = Path(protected_dir)
+    # never inside the protected folder: protecting or evaluating it again would read the export as a class
+    check_output_folder(Path(root), {"protected folder": protected_dir}, "the APBench root")
     manifest_path = protected_dir / "manifest.json"
     if not manifest_path.is_file():
         raise ValueError(f"{protected_dir} has no manifest.json: export a folder written by `ue-fast protect`")
@@ -92,13 +99,9 @@ def export_apbench(protected_dir, root, *, poison_type: str | None = None, datas
         warnings.warn(f"APBench's train.py accepts only the poison types {', '.join(APBENCH_TYPES)} and stops with "
                       f"'ValueError: Valid type poisons' on {poison_type!r}: export under one of them (--type NAME) "
                       "to train on it there", APBenchExportWarning, stacklevel=2)
-    need = APBENCH_DATASETS[dataset]
-    if len(files) < need:
-        why = ("its ImageNet-100 runs (imagenet_train.py) train on whatever the folder holds, beside a clean "
-               "validation set of its own" if dataset == "imagenet100" else
-               "its loader has one item per clean image and fails (IndexError) past the last exported index")
-        warnings.warn(f"the export holds {len(files)} images but APBench's {dataset} training set has {need}: {why}",
-                      APBenchExportWarning, stacklevel=2)
+    mismatch = _base_mismatch(manifest, origin, files, dataset, expected_key)
+    if mismatch:
+        warnings.warn(mismatch, APBenchExportWarning, stacklevel=2)
 
     base = Path(root) / f"{poison_type}_poisons" / dataset
     if dataset == "imagenet100":
@@ -113,17 +116,74 @@ def export_apbench(protected_dir, root, *, poison_type: str | None = None, datas
     else:
         target, dest = base / "data", [f"{i}.png" for i in range(len(files))]
         index_path = base / "index.json"
-    _clear(target, overwrite, nested=dataset == "imagenet100")
+    _clear(target, index_path, overwrite)
     for d in sorted({Path(p).parent for p in dest}):
         (target / d).mkdir(parents=True, exist_ok=True)
     for f, rel in zip(files, dest):
         src = protected_dir / f["output"]
         if not src.is_file():
             raise ValueError(f"{src} is listed in the manifest but missing")
-        shutil.copyfile(src, target / rel)  # protect() writes 8-bit RGB PNGs already
+        shutil.copyfile(src, target / rel)  # protect() writes 8-bit PNGs (RGBA where the input had alpha)
     write_json_atomic(index_path, [{"index": i, "source": f["source"], "label": f["label"], "file": rel}
                                    for i, (f, rel) in enumerate(zip(files, dest))])
     return target
+
+
+_TORCHVISION = {"c10": "CIFAR10(train=True)", "c100": "CIFAR100(train=True)", "svhn": "SVHN(split='train')"}
+
+
+def _base_mismatch(manifest: dict, origin: dict, files: list[dict], dataset: str, expected_key) -> str | None:
+    """Why APBench will not pair this export with its own clean base set, or None when it will.
+
+    APBench's base set for ``c10``/``c100``/``svhn`` is torchvision's training set read from the
+    data folder it is given; ``Dataset_load`` has one item per base image, takes the i-th file of
+    the poison folder's listing for item i and labels file ``<index>.png`` with base image
+    ``<index>``. A protected CIFAR/SVHN distribution (the manifest's ``dataset``: its format, the
+    train split, read in index order) exported whole and in that order is that base set,
+    whatever its size, when APBench reads the same distribution (a 500-image CIFAR-10
+    distribution gives 500 items and 500 files): no warning. Anything else (an image folder, an
+    arrays file) can only match the standard distribution, ``APBENCH_DATASETS`` images: another
+    count fails. ``imagenet100`` is an ImageFolder: it trains on whatever it holds, so another
+    count is another training set, not an error.
+    """
+    n, need = len(files), APBENCH_DATASETS[dataset]
+    if dataset == "imagenet100":
+        if n == need:
+            return None
+        return (f"the export holds {n} images but APBench's imagenet100 training set has {need}: its ImageNet-100 "
+                "runs (imagenet_train.py) train on whatever the folder holds, beside a clean validation set of its "
+                f"own, so they train on these {n} images, not on APBench's training set")
+    if expected_key is not None and origin.get("order") == "index":  # a CIFAR/SVHN distribution of ours
+        split = origin.get("split")
+        if split is None:  # a single .mat file is its own split: its name says which
+            names = " ".join(Path(f).name for f in origin.get("files") or [])
+            split = next((k for k in ("test", "extra") if f"{k}_32x32" in names), "train")
+        if split != "train":
+            return (f"{manifest.get('num_images', n)} images of the {split} split of a {origin.get('format')} "
+                    f"distribution: APBench's {dataset} base set is the training split (torchvision's "
+                    f"{_TORCHVISION[dataset]}), where index i is another image with another label")
+        total = manifest.get("num_images")
+        if isinstance(total, int) and total != n:
+            return (f"the export holds {n} of the {total} images of the {origin.get('format')} distribution: "
+                    f"APBench's Dataset_load has one item per image of it and fails (IndexError) at item {n}")
+        if any(f.get("index") != i for i, f in enumerate(files)):
+            return (f"the export's order is not the {origin.get('format')} distribution's index order: APBench "
+                    "labels file <index>.png with the distribution's image <index>, which is another image here")
+        return None
+    if n == need:
+        return None
+    what = ("an image folder" if origin.get("format") == "image-folder"
+            else f"{origin.get('format', 'unknown')} data, not a distribution APBench reads")
+    if n < need:
+        return (f"the export holds {n} images but APBench's {dataset} training set has {need}: the base set it reads "
+                f"is torchvision's {_TORCHVISION[dataset]} from its data folder, and this export comes from {what}, "
+                f"which matches only the standard distribution of {need} images; Dataset_load has one item per base "
+                f"image and takes the i-th file of the folder's listing for item i, so it fails (IndexError) at item "
+                f"{n}. Protect the data set's own files (cifar-10-batches-py/, ...) of these images to export a "
+                "distribution APBench can read whole")
+    return (f"the export holds {n} images but APBench's {dataset} training set has {need}: Dataset_load reads "
+            f"{need} files of the folder's listing and labels file <index>.png with base image <index>, which the "
+            f"files numbered {need} and above do not have (IndexError)")
 
 
 def _reorder(files: list[dict], paths: list[str]) -> list[dict]:
@@ -137,21 +197,21 @@ def _reorder(files: list[dict], paths: list[str]) -> list[dict]:
     return [by_source[p] for p in paths]
 
 
-def _clear(target: Path, overwrite: bool, nested: bool) -> None:
-    """Refuse a non-empty ``target`` unless ``overwrite``; then remove it if it holds only an
-    earlier export (numbered PNGs, in class folders when ``nested``, and index.json)."""
+def _clear(target: Path, index_path: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``target`` unless ``overwrite``; then remove exactly what the earlier
+    export wrote there, as its ``index.json`` lists it, refusing (and naming them) if the folder
+    holds anything else, or no readable index to tell what is ours."""
     if not (target.exists() and any(target.iterdir())):
         return
     if not overwrite:
-        raise ValueError(f"{target} is not empty: pass overwrite=True (--overwrite) to replace it")
-
-    def ours(p: Path, depth: int) -> bool:
-        if p.is_file():
-            return (p.suffix == ".png" and p.stem.isdigit()) or (depth == 0 and nested and p.name == "index.json")
-        return nested and depth == 0 and p.is_dir() and all(ours(q, 1) for q in p.iterdir())
-
-    foreign = sorted(p.name for p in target.iterdir() if not ours(p, 0))
-    if foreign:
-        raise ValueError(f"refusing to replace {target}: it holds more than an earlier export's "
-                         f"<index>.png files ({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''})")
-    shutil.rmtree(target)
+        raise ValueError(f"{target} is not empty: pass overwrite=True (--overwrite) to replace an earlier export")
+    try:
+        owned = {e["file"] for e in read_json(index_path)}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"refusing to replace {target}: no readable {index_path} of an earlier export says which "
+                         f"of its files ue_fast wrote ({type(e).__name__}: {e}); empty it yourself, or choose "
+                         "another root") from None
+    inside = index_path.parent == target
+    remove_owned(target, owned | ({"index.json"} if inside else set()), "an earlier export", owned_dirs=())
+    if not inside:
+        index_path.unlink(missing_ok=True)

@@ -27,6 +27,16 @@ code writes, on the same footing. :func:`load_poisoned` reads:
 
 The clean base set is a data set in its own order (``ue_fast.data.canonical``: CIFAR
 batches, an SVHN ``.mat``, a ``.npz``) or an image folder with an order file.
+
+What :func:`load_poisoned` records in ``origin`` tells whether the base set is the one the
+poisons were made against (``ue_fast.evaluate.pairs`` decides from it): ``linf_255``, the
+largest |protected - base| (for a perturbation tensor it is bounded by the tensor's own values
+whatever the base set, so it proves nothing there); and for a perturbation tensor
+``clipped_pixels``, the pixels where base + perturbation left [0, 255] and were clipped, beside
+``clipped_pixels_shifted``, the same count with each perturbation set on the next base image (what
+an unrelated base set gives). A generator that clamps its perturbation to the pixel range of
+the images it was made on (PGD-based ones, and ``protect``'s ``poison.pt``) clips no pixel of
+its own base set. Everything is computed by chunks of images: memory stays bounded whatever N.
 """
 from __future__ import annotations
 
@@ -41,6 +51,7 @@ from .folders import ImageSet
 
 _INDEX_PNG = re.compile(r"^(0|[1-9][0-9]*)\.png$")
 TOLERANCE_255 = 1e-3  # a value this close under a grey level counts as that level
+CHUNK_ELEMS = 1 << 23  # image elements per chunk when applying perturbations and measuring distances
 
 
 def apbench_data_dir(path) -> Path | None:
@@ -131,13 +142,36 @@ def _from_tensor(path: Path, base: ImageSet) -> tuple[torch.Tensor, dict]:
         raise ValueError(f"{path} holds perturbations of {tuple(t.shape[1:])} per image but the base set's images "
                          f"are (3, {hw[0]}, {hw[1]})")
     if t.shape[0] == n:
-        layout, delta = "sample-wise", t
+        layout, rows = "sample-wise", (lambda a, b: t[a:b])
     elif t.shape[0] == c:
-        layout, delta = "class-wise", t[base.labels]
+        layout, rows = "class-wise", (lambda a, b: t[base.labels[a:b]])
     else:
         raise ValueError(f"{path} holds {t.shape[0]} perturbations, but the base set has {n} images and {c} classes: "
                          "a poison tensor must have one row per image (sample-wise) or one per class (class-wise)")
-    return apply_perturbation(base.images, delta, per_255), {"layout": layout}
+    out = torch.empty_like(base.images)
+    clipped = torch.zeros(n, dtype=torch.int64)
+    shifted = 0
+    for a, b in _chunks(base):
+        clean, delta = base.images[a:b], rows(a, b)
+        out[a:b] = apply_perturbation(clean, delta, per_255)
+        clipped[a:b] = _clipped(clean, delta, per_255)
+        if n > 1:  # each perturbation on the next base image: what an unrelated base set gives
+            shifted += int(_clipped(base.images[(torch.arange(a, b) + 1) % n], delta, per_255).sum())
+    hit = torch.nonzero(clipped)[:, 0]
+    return out, {"layout": layout, "clipped_pixels": int(clipped.sum()), "clipped_images": len(hit),
+                 "clipped_examples": [base.paths[i] for i in hit[:5].tolist()], "clipped_pixels_shifted": shifted}
+
+
+def _chunks(base: ImageSet):
+    n = len(base)
+    step = max(1, CHUNK_ELEMS // max(1, base.images[0].numel() if n else 1))
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _clipped(clean: torch.Tensor, delta: torch.Tensor, per_255: bool) -> torch.Tensor:
+    """int64 [B]: per image, the pixels where clean + delta leaves [0, 255] by more than the tolerance."""
+    v = clean.to(torch.float64) + delta.to(torch.float64) * (1.0 if per_255 else 255.0)
+    return ((v < -TOLERANCE_255) | (v > 255 + TOLERANCE_255)).flatten(1).sum(1)
 
 
 def _from_apbench(data_dir: Path, base: ImageSet) -> torch.Tensor:
@@ -160,7 +194,9 @@ def _from_apbench(data_dir: Path, base: ImageSet) -> torch.Tensor:
 def load_poisoned(path, base: ImageSet) -> ImageSet:
     """The protected training set that an APBench folder or a poison tensor at ``path`` makes of
     the clean ``base`` set (in the base set's order, with its labels and paths). ``origin``
-    records what was read, the layout, and the L-inf distance to ``base`` in 1/255."""
+    records what was read, the layout, the L-inf distance to ``base`` in 1/255 and, for a
+    perturbation tensor, the clipped pixels (see the module docstring). Whether ``base`` is the
+    set the poisons were made against is checked by ``ue_fast.evaluate.pairs.check_pairs``."""
     path = Path(path)
     kind = kind_of(path)
     if kind == "tensor":
@@ -170,6 +206,8 @@ def load_poisoned(path, base: ImageSet) -> ImageSet:
     else:
         raise ValueError(f"{path} is neither an APBench poison folder (<index>.png files) nor a poison tensor "
                          "(.pt or .npy)")
-    linf = int((images.to(torch.int16) - base.images.to(torch.int16)).abs().amax()) if len(base) else 0
+    linf = 0
+    for a, b in _chunks(base):  # by chunks: int16 copies of both sets at once would double the memory
+        linf = max(linf, int((images[a:b].to(torch.int16) - base.images[a:b].to(torch.int16)).abs().amax()))
     origin = {"format": kind, "path": str(path), **info, "linf_255": linf, "base": base.origin}
     return ImageSet(images, base.labels.clone(), list(base.classes), list(base.paths), origin=origin)

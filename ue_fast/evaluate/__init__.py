@@ -9,13 +9,15 @@ import sys
 import types
 
 from .defenses import DEFENSES, Defense, get_defense
+from .pairs import PairMismatchError, PairsWarning, check_pairs
 from .plot import plot_curves
-from .run import FORMAT, evaluate, load_results
+from .run import FORMAT, evaluate, gap_se, load_results, summary_lines
 from .ud import layer_sharpness, unlearnable_distance
-from .victim import VictimResult, train_victim
+from .victim import DivergenceWarning, VictimResult, divergence, train_victim
 
-__all__ = ["DEFENSES", "FORMAT", "Defense", "VictimResult", "evaluate", "get_defense", "layer_sharpness",
-           "load_results", "plot_curves", "train_victim", "unlearnable_distance"]
+__all__ = ["DEFENSES", "FORMAT", "Defense", "DivergenceWarning", "PairMismatchError", "PairsWarning", "VictimResult",
+           "check_pairs", "divergence", "evaluate", "gap_se", "get_defense", "layer_sharpness", "load_results",
+           "plot_curves", "summary_lines", "train_victim", "unlearnable_distance"]
 
 
 class _CallableModule(types.ModuleType):

@@ -36,7 +36,7 @@ def plot_curves(results: list[dict], path, *, title: str | None = None) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # hidden, renamed when complete
     fig.savefig(tmp, format="png")
     plt.close(fig)
     tmp.replace(path)

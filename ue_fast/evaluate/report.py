@@ -28,6 +28,7 @@ there the gap is clean part alone minus mixed.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -35,11 +36,13 @@ import torch
 
 from .. import __version__
 from ..data import ImageSet, read_json, write_json_atomic
-from ..data.poisons import kind_of, load_poisoned
+from ..data.poisons import kind_of
 from ..models import ARCHS
+from ..outputs import check_not_held, check_output_folder, entries_besides_locks, hold
 from ..progress import progress as _progress
 from .defenses import DEFENSES
-from .run import _clean_counterpart, _load, evaluate
+from .pairs import describe
+from .run import _clean_counterpart, _load, _poisoned, evaluate, gap_se
 
 FORMAT = "ue_fast.report/1"
 DEFAULT_ARCHS = ("resnet18",)
@@ -84,13 +87,17 @@ def _cell_name(kind: str, arch: str, defense: str, ratio: float | None) -> str:
 
 
 def load_sets(protected, clean, test, *, order=None, resize=None):
-    """(protected, clean counterparts in the protected set's order, test) ImageSets and a description."""
+    """(protected, clean counterparts in the protected set's order, test) ImageSets and a description.
+
+    Every protected/clean pair is checked against the protection's budget as ``evaluate`` checks
+    it (``run._clean_counterpart`` / ``run._poisoned``, both through ``pairs.check_pairs``): a clean
+    set that is not the protected set's counterpart is refused (a ValueError naming the files)
+    before any cell trains. The description's ``pairs_checked`` is the check's record."""
     path = Path(protected)
     base = _load(clean, "clean", resize, "train", order)
     kind = kind_of(path) if path.exists() else None
     if kind in ("apbench", "tensor"):
-        prot = load_poisoned(path, base)
-        cl = base
+        prot, cl = _poisoned(path, base)
     else:
         if not path.exists():
             raise ValueError(f"protected set {path} does not exist")
@@ -101,7 +108,8 @@ def load_sets(protected, clean, test, *, order=None, resize=None):
         raise ValueError(f"protected and test sets have different classes: {prot.classes} vs {te.classes}")
     if prot.image_size != te.image_size:
         raise ValueError(f"protected images are {prot.image_size}, test images {te.image_size}: pass resize")
-    return prot, cl, te, {"kind": kind or "folder", "source": prot.origin}
+    return prot, cl, te, {"kind": kind or "folder", "source": prot.origin,
+                          "pairs_checked": (cl.origin or {}).get("pairs_checked")}
 
 
 def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT_DEFENSES,
@@ -126,86 +134,137 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     out = Path(out)
+    _check_report_folder(out, {"protected set": protected, "clean set": clean, "test set": test, "order file": order})
     prot, cl, te, source = load_sets(protected, clean, test, order=order, resize=resize)
-    cells_dir = out / "cells"
-    cells_dir.mkdir(parents=True, exist_ok=True)
-    data = {"protected": _fingerprint(prot), "clean": _fingerprint(cl), "test": _fingerprint(te)}
-    common = dict(epochs=epochs, device=device, seed=seed, batch_size=batch_size, lr=lr, adv_eps=adv_eps,
-                  adv_norm=adv_norm, jpeg_quality=jpeg_quality, progress=progress)
-    ud_opts = dict(ud=ud, ud_samples=ud_samples, ud_iters=ud_iters, ud_rho=ud_rho)
-    shared = {"format": FORMAT, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr, "adv_eps": adv_eps,
-              "adv_norm": adv_norm, "jpeg_quality": jpeg_quality, "data": data,
-              "ud": {"samples": ud_samples, "iters": ud_iters, "rho": ud_rho} if ud else None}
+    out.mkdir(parents=True, exist_ok=True)
+    with hold(out, "ue-fast report"):
+        cells_dir = out / "cells"
+        cells_dir.mkdir(parents=True, exist_ok=True)
+        data = {"protected": _fingerprint(prot), "clean": _fingerprint(cl), "test": _fingerprint(te)}
+        common = dict(epochs=epochs, device=device, seed=seed, batch_size=batch_size, lr=lr, adv_eps=adv_eps,
+                      adv_norm=adv_norm, jpeg_quality=jpeg_quality, progress=progress)
+        ud_opts = dict(ud=ud, ud_samples=ud_samples, ud_iters=ud_iters, ud_rho=ud_rho)
+        shared = {"format": FORMAT, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
+                  "adv_eps": adv_eps, "adv_norm": adv_norm, "jpeg_quality": jpeg_quality, "data": data,
+                  "ud": {"samples": ud_samples, "iters": ud_iters, "rho": ud_rho} if ud else None}
 
-    plan = []
-    for arch in archs:
-        for defense in defenses:
-            plan.append(("clean", arch, defense, None))
-            plan += [("protected", arch, defense, r) for r in ratios]
-    results: dict[str, dict] = {}
-    bar = _progress(len(plan), "report cells", "cell", enabled=progress, interval=0)
-    reused = 0
-    for kind, arch, defense, ratio in plan:
-        name = _cell_name(kind, arch, defense, ratio)
-        path = cells_dir / f"{name}.json"
-        fp = {**shared, "set": kind, "arch": arch, "defense": defense, "ratio": ratio}
-        if kind == "clean":  # a clean cell does not depend on the protected set: reports of several can share it
-            fp["data"] = {k: v for k, v in data.items() if k != "protected"}
-        doc = None
-        if path.is_file():
-            try:
-                cached = read_json(path)
-                doc = cached["results"] if cached.get("fingerprint") == fp else None
-            except (OSError, ValueError, KeyError, TypeError):
-                doc = None
-        if doc is not None:
-            reused += 1
-        else:
-            opts = dict(arch=arch, defense=defense, **common, **ud_opts,
-                        label=f"{kind} {arch} {defense}" + ("" if ratio is None else f" ratio {ratio:g}"))
-            if defense != "adv-train":
-                opts.pop("adv_eps"), opts.pop("adv_norm")
-            if defense != "jpeg":
-                opts.pop("jpeg_quality")
-            if kind == "clean":
-                doc = evaluate(cl, te, ud_reference="self" if ud else None, **opts)
+        plan = []
+        for arch in archs:
+            for defense in defenses:
+                plan.append(("clean", arch, defense, None))
+                plan += [("protected", arch, defense, r) for r in ratios]
+        results: dict[str, dict] = {}
+        bar = _progress(len(plan), "report cells", "cell", enabled=progress, interval=0)
+        reused = 0
+        for kind, arch, defense, ratio in plan:
+            name = _cell_name(kind, arch, defense, ratio)
+            path = cells_dir / f"{name}.json"
+            fp = {**shared, "set": kind, "arch": arch, "defense": defense, "ratio": ratio}
+            if kind == "clean":  # a clean cell does not depend on the protected set: reports of several can share it
+                fp["data"] = {k: v for k, v in data.items() if k != "protected"}
+            doc = None
+            if path.is_file():
+                try:
+                    cached = read_json(path)
+                    doc = cached["results"] if cached.get("fingerprint") == fp else None
+                except (OSError, ValueError, KeyError, TypeError):
+                    doc = None
+            if doc is not None:
+                reused += 1
             else:
-                ref = results[_cell_name("clean", arch, defense, None)].get("ud") if ud else None
-                doc = evaluate(prot, te, clean=cl, poison_ratio=None if ratio == 1 else ratio, ud_reference=ref,
-                               **opts)
-            write_json_atomic(path, {"fingerprint": fp, "results": doc})
-        results[name] = doc
-        bar.set_postfix(cell=name, reused=reused)
-        bar.update(1)
-        _write_outputs(out, results, archs, defenses, ratios, ud, source, shared, prot, cl, te, label,
-                       complete=len(results) == len(plan), elapsed=time.perf_counter() - t0)
-    bar.close()
-    return read_json(out / "report.json")
+                opts = dict(arch=arch, defense=defense, **common, **ud_opts,
+                            label=f"{kind} {arch} {defense}" + ("" if ratio is None else f" ratio {ratio:g}"))
+                if defense != "adv-train":
+                    opts.pop("adv_eps"), opts.pop("adv_norm")
+                if defense != "jpeg":
+                    opts.pop("jpeg_quality")
+                if kind == "clean":
+                    doc = evaluate(cl, te, ud_reference="self" if ud else None, **opts)
+                else:
+                    ref = results[_cell_name("clean", arch, defense, None)].get("ud") if ud else None
+                    doc = evaluate(prot, te, clean=cl, poison_ratio=None if ratio == 1 else ratio, ud_reference=ref,
+                                   **opts)
+                write_json_atomic(path, {"fingerprint": fp, "results": doc})
+            results[name] = doc
+            bar.set_postfix(cell=name, reused=reused)
+            bar.update(1)
+            _write_outputs(out, results, archs, defenses, ratios, ud, source, shared, prot, cl, te, label,
+                           complete=len(results) == len(plan), elapsed=time.perf_counter() - t0)
+        bar.close()
+        return read_json(out / "report.json")
+
+
+def _check_report_folder(out: Path, inputs: dict) -> None:
+    """``out`` is new, empty, or an earlier report (its report.json, or cells of ours): a report never
+    writes its report.md, report.json, heatmap.png or cells/ over a folder of the user's, inside
+    an input data set, or beside another run on the same folder."""
+    check_output_folder(out, {k: v for k, v in inputs.items() if isinstance(v, (str, os.PathLike))}, "out")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"out {out} exists and is not a folder")
+    check_not_held(out)
+    names = entries_besides_locks(out)
+    if not names:
+        return
+    try:
+        earlier = read_json(out / "report.json").get("format") == FORMAT if (out / "report.json").is_file() else False
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{out / 'report.json'} cannot be read ({e}): a damaged report; remove it yourself, or "
+                         "choose another folder") from None
+    if not earlier and not (out / "cells").is_dir():
+        shown = ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ValueError(f"out {out} is not empty and holds no earlier report (it holds {shown}): a report writes "
+                         "report.md, report.json, heatmap.png and cells/ there; choose a new or empty folder")
 
 
 def _row(results, arch, defense, ratios, ud):
+    """One victim x defence: the clean accuracy and, per ratio, protected, gap, its SE and UD.
+
+    A diverged victim (``evaluate``'s ``diverged``) measures nothing: its cells keep the
+    accuracy in the JSON but say ``diverged`` (which runs), and a gap involving it is None."""
     clean = results.get(_cell_name("clean", arch, defense, None))
+    clean_div = bool(clean and clean.get("diverged"))
     row = {"arch": arch, "defense": defense, "clean": clean and clean["last"], "clean_best": clean and clean["best"],
-           "ratios": {}}
+           "clean_diverged": clean_div, "ratios": {}}
     for r in ratios:
         doc = results.get(_cell_name("protected", arch, defense, r))
-        cell = {"protected": None, "gap": None, "clean_part": None, "ud": None}
+        cell = {"protected": None, "gap": None, "gap_se": None, "clean_part": None, "ud": None, "diverged": None}
         if doc is not None:
             cell["protected"], cell["protected_best"] = doc["last"], doc["best"]
             part = (doc.get("poison_ratio") or {}).get("clean_part")
+            diverged = ["protected"] if doc.get("diverged") else []
+            ref = None
             if part:
                 cell["clean_part"] = part["last"]
-                cell["gap"] = part["last"] - doc["last"]
+                ref = part["last"]
+                if part.get("diverged"):
+                    diverged.append("clean part")
             elif clean is not None:
-                cell["gap"] = clean["last"] - doc["last"]
+                ref = clean["last"]
+                if clean_div:
+                    diverged.append("clean")
+            if ref is not None:
+                n = doc.get("num_test") or 0
+                cell["gap"] = None if diverged else ref - doc["last"]
+                cell["gap_se"] = gap_se(ref, doc["last"], n) if n else None
+            cell["diverged"] = diverged or None
             if ud and doc.get("ud"):
                 cell["ud"] = doc["ud"]["ud"]
         row["ratios"][f"{r:g}"] = cell
     return row
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
+def _pct(v, diverged=False) -> str:
+    return "diverged" if diverged else "-" if v is None else f"{100 * v:.1f}"
+
+
+def _gap(cell) -> str:
+    if cell["diverged"]:
+        return "diverged"
+    if cell["gap"] is None:
+        return "-"
+    return f"{100 * cell['gap']:.1f}" + ("" if cell.get("gap_se") is None else f" ± {100 * cell['gap_se']:.1f}")
 
 
 def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shared, prot, cl, te, label, *,
@@ -225,8 +284,13 @@ def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shar
                  f"peak lr {shared['lr'] if shared['lr'] is not None else 'of each recipe'}, seed {shared['seed']}, "
                  f"ue_fast {__version__}." + ("" if complete else " **Incomplete: the report is still running "
                                                                    "or was interrupted; rerun to resume.**"))
+    pairs = source.get("pairs_checked")
+    if pairs:
+        lines += ["", describe(pairs) + "."]
     lines += ["", "Clean test accuracy (%) of each victim at its last epoch. Gap (points): clean minus protected; "
-              "at a ratio below 1, the victim trained on the clean part alone minus the mixed victim."
+              "at a ratio below 1, the victim trained on the clean part alone minus the mixed victim; ± its "
+              "standard error over the test images, sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n). \"diverged\": the "
+              "victim's training diverged (non-finite or exploding loss), so its accuracy measures nothing."
               + (" UD: unlearnable distance (1 for clean data, lower is less learnable)." if ud else ""), ""]
     head = ["victim", "defence", "clean"]
     for r in ratios:
@@ -238,12 +302,14 @@ def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shar
             head.append("UD" if r == 1 else f"UD {r:g}")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["arch"], row["defense"], _pct(row["clean"])]
+        cells = [row["arch"], row["defense"], _pct(row["clean"], row.get("clean_diverged"))]
         for r in ratios:
             c = row["ratios"][f"{r:g}"]
-            cells += [_pct(c["protected"])] + ([] if r == 1 else [_pct(c["clean_part"])]) + [_pct(c["gap"])]
+            div = c["diverged"] or []
+            cells += [_pct(c["protected"], "protected" in div)] + (
+                [] if r == 1 else [_pct(c["clean_part"], "clean part" in div)]) + [_gap(c)]
             if ud:
-                cells.append("-" if c["ud"] is None else f"{c['ud']:.2f}")
+                cells.append("diverged" if div else "-" if c["ud"] is None else f"{c['ud']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     (out / "report.md.tmp").write_text("\n".join(lines) + "\n")
     (out / "report.md.tmp").replace(out / "report.md")
@@ -261,16 +327,20 @@ def _heatmap(path: Path, rows, archs, defenses, ratios, label: str | None = None
     by = {(r["arch"], r["defense"]): r for r in rows}
     for ax, ratio in zip(axes[0], ratios):
         grid = torch.full((len(defenses), len(archs)), float("nan"))
+        diverged = set()
         for i, d in enumerate(defenses):
             for j, a in enumerate(archs):
-                g = by[(a, d)]["ratios"][f"{ratio:g}"]["gap"]
-                if g is not None:
-                    grid[i, j] = 100 * g
+                cell = by[(a, d)]["ratios"][f"{ratio:g}"]
+                if cell.get("diverged"):
+                    diverged.add((i, j))
+                elif cell["gap"] is not None:
+                    grid[i, j] = 100 * cell["gap"]
         im = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=-100, vmax=100, aspect="auto")
         for i in range(len(defenses)):
             for j in range(len(archs)):
                 v = float(grid[i, j])
-                ax.text(j, i, "-" if v != v else f"{v:.1f}", ha="center", va="center", fontsize=8)
+                text = "diverged" if (i, j) in diverged else "-" if v != v else f"{v:.1f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7 if (i, j) in diverged else 8)
         ax.set_xticks(range(len(archs)), archs, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(defenses)), defenses if ax is axes[0][0] else [""] * len(defenses), fontsize=8)
         ax.set_title("protected" if ratio == 1 else f"ratio {ratio:g}", fontsize=9)

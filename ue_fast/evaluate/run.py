@@ -6,9 +6,21 @@ epoch; with ``mi=True`` also the feature statistics of ``ue_fast.metrics`` (MI
 gap, intra-class cosine, covariance trace) from a model trained on the clean
 counterparts of the protected images. Results are a JSON document (``FORMAT``)
 and a PNG plot of the accuracy curves (``ue_fast.evaluate.plot``).
+
+Three guards keep a number from meaning what it does not:
+
+- clean counterparts are checked pair by pair against the protection's budget before any of
+  them is used (``ue_fast.evaluate.pairs``; the results' ``pairs_checked``);
+- a diverged victim (``ue_fast.evaluate.victim.divergence``) is marked (``diverged``) and
+  warned about, not reported as a protection;
+- with a clean reference (``reference=True``, or a clean victim trained anyway by ``mi``,
+  ``ud`` or ``poison_ratio``) the results carry clean and protected accuracy side by side with
+  the gap and its standard error (``comparison``); :func:`summary_lines` prints them.
 """
 from __future__ import annotations
 
+import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -19,8 +31,11 @@ from .. import __version__
 from ..data import ImageSet, read_json, write_json_atomic
 from ..data.canonical import detect, read_dataset
 from ..data.poisons import kind_of, load_poisoned
+from ..devices import resolve_device
 from ..models import ARCHS, recipe
+from ..outputs import check_output_file, warn_nested_outputs
 from .defenses import DEFENSES, get_defense
+from .pairs import check_pairs, describe
 from .victim import VictimResult, train_victim
 
 FORMAT = "ue_fast.evaluate/1"  # the results document's format; plots refuse others
@@ -33,20 +48,26 @@ def _load(source, what: str, resize, split: str = "train", order=None) -> ImageS
     if not path.is_dir() and detect(path) is None:
         raise ValueError(f"{what} folder {path} does not exist or is not a folder (or a data set: "
                          "cifar-10-batches-py/, cifar-100-python/, an SVHN .mat, a .npz)")
+    if detect(path) is None:
+        warn_nested_outputs(path, f"{what} folder")
     return read_dataset(path, split, order=order, resize=resize)
 
 
 def _clean_counterpart(train_dir: Path | None, protected: ImageSet, clean, resize) -> ImageSet:
-    """The clean images of a protected set, in the protected set's order.
+    """The clean images of a protected set, in the protected set's order, checked pair by pair.
 
     ``clean``: a folder (or ImageSet) with the same relative paths up to the file
     extension (protect() writes ``cat/0001.jpg`` as ``cat/0001.png``); None reads the
-    input folder recorded in ``train_dir/manifest.json``.
+    input folder recorded in ``train_dir/manifest.json``. Every pair is checked against the
+    protection's budget (``ue_fast.evaluate.pairs.check_pairs``: ``PairMismatchError``, a
+    ValueError, when the images are not the protected ones' counterparts); the returned set's
+    ``origin["pairs_checked"]`` is the check's record.
     """
+    what = "--clean"
     if clean is None:
         manifest = train_dir / "manifest.json" if train_dir is not None else None
         if manifest is None or not manifest.is_file():
-            raise ValueError("mi, ud and poison_ratio need the clean images: pass clean=DIR (--clean DIR); "
+            raise ValueError("mi, ud, poison_ratio and reference need the clean images: pass clean=DIR (--clean DIR); "
                              "the training folder has no manifest.json from `ue-fast protect` naming its input")
         doc = read_json(manifest)
         # "input" is the path as typed (maybe relative to where protect ran); "input_abs" is resolved.
@@ -55,6 +76,7 @@ def _clean_counterpart(train_dir: Path | None, protected: ImageSet, clean, resiz
             raise ValueError(f"the manifest of {train_dir} names input {src!r}, which is not a folder here: "
                              "pass clean=DIR (--clean DIR)")
         clean = src
+        what = f"the input {src} that the manifest names (changed since protect?)"
         split = (doc.get("dataset") or {}).get("split") or "train"
     else:
         split = "train"
@@ -68,8 +90,56 @@ def _clean_counterpart(train_dir: Path | None, protected: ImageSet, clean, resiz
     idx = torch.tensor([by_stem[str(Path(p).with_suffix(""))] for p in protected.paths])
     if data.image_size != protected.image_size:
         raise ValueError(f"clean images are {data.image_size}, protected {protected.image_size}: pass resize")
-    return ImageSet(images=data.images[idx], labels=data.labels[idx], classes=data.classes,
-                    paths=[data.paths[i] for i in idx.tolist()])
+    out = ImageSet(images=data.images[idx], labels=data.labels[idx], classes=data.classes,
+                   paths=[data.paths[i] for i in idx.tolist()], origin=dict(data.origin or {}))
+    out.origin["pairs_checked"] = check_pairs(protected, out, path=train_dir, what=what)
+    return out
+
+
+def _poisoned(path: Path, base: ImageSet) -> tuple[ImageSet, ImageSet]:
+    """Another tool's poisons at ``path`` against the clean ``base`` set: (protected, clean), the
+    pairs checked (``check_pairs``); the clean set's ``origin["pairs_checked"]`` is the record."""
+    tr = load_poisoned(path, base)
+    record = check_pairs(tr, base, path=path, what="the clean base set (--clean)")
+    cl = ImageSet(base.images, base.labels, base.classes, base.paths, origin={**(base.origin or {}),
+                                                                              "pairs_checked": record})
+    return tr, cl
+
+
+def gap_se(clean_acc: float, protected_acc: float, n: int) -> float:
+    """Standard error of ``clean_acc - protected_acc``, two accuracies each measured on the same
+    ``n`` test images: ``sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)``, the binomial standard errors of
+    the two combined as if independent. The two victims' errors on shared images usually
+    correlate positively, which makes the true SE of the difference smaller: this one is then
+    conservative (a paired, McNemar-style SE would need every image's predictions, not kept)."""
+    if n <= 0:
+        return float("nan")
+    return math.sqrt(clean_acc * (1 - clean_acc) / n + protected_acc * (1 - protected_acc) / n)
+
+
+def _finite(v):
+    return v if v is None or math.isfinite(v) else None
+
+
+def _verdict(v: dict | None) -> dict | None:
+    """A divergence verdict for JSON (a non-finite loss written as null)."""
+    return None if v is None else {k: _finite(x) if isinstance(x, float) else x for k, x in v.items()}
+
+
+def _curve(r: VictimResult, **extra) -> dict:
+    return {"test_acc": r.test_acc, "train_acc": r.train_acc, "best": r.best, "last": r.last,
+            "train_loss": [_finite(x) for x in r.train_loss], "diverged": _verdict(r.diverged), **extra}
+
+
+def _comparison(clean: dict, protected: VictimResult, n_test: int, reference: str, source: str) -> dict:
+    """Clean and protected accuracy side by side (last epoch), the gap and its SE (:func:`gap_se`)."""
+    p1, p2 = clean["last"], protected.last
+    diverged = [k for k, v in (("clean", clean.get("diverged")), ("protected", protected.diverged)) if v]
+    return {"reference": reference, "from": source, "n_test": n_test,
+            "clean": clean, "protected": {"best": protected.best, "last": p2, "diverged": _verdict(protected.diverged)},
+            "gap": None if diverged else p1 - p2, "gap_se": gap_se(p1, p2, n_test), "diverged": diverged or None,
+            "se_formula": "sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n), n test images (conservative: both victims are "
+                          "tested on the same images)"}
 
 
 def protected_mask(labels: torch.Tensor, num_classes: int, ratio: float, seed: int = 0) -> torch.Tensor:
@@ -92,7 +162,7 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
              device: str | None = None, seed: int = 0, resize=None, mi: bool = False, clean=None,
              order=None, poison_ratio: float | None = None, ud: bool = False, ud_samples: int | None = 2048,
              ud_iters: int = 10, ud_rho: float = 0.05, ud_reference=None, out=None, plot: bool = True,
-             progress: bool = True,
+             progress: bool = True, reference: bool = False,
              label: str | None = None) -> dict:
     """Train a victim on ``train``, test it on clean ``test`` after every epoch; return the results.
 
@@ -106,7 +176,18 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
             same classes.
         clean: the clean base set of another tool's poisons (required for them), in its own order:
             a data set (``cifar-10-batches-py/``, an SVHN ``.mat``, ...) or a folder with ``order``;
-            for ``mi``, the clean counterparts of a protected folder.
+            for a protected folder, its clean counterparts (for ``mi``, ``ud``, ``poison_ratio`` and
+            ``reference``; None reads the input its manifest names when one of those needs them).
+            Whenever clean counterparts are read, every pair is checked against the protection's
+            budget first (``ue_fast.evaluate.pairs.check_pairs``): a clean set that is not the
+            protected set's counterpart (shuffled, another set) is refused with a ValueError naming
+            the files; the results' ``pairs_checked`` says what was checked and what was not.
+        reference: also train a victim of the same recipe and defence on the clean counterparts and
+            report clean and protected accuracy side by side (``comparison``). A second training
+            run, so off by default; a clean victim that ``ud`` (or ``ud_reference``), ``mi`` (without
+            a defence) or ``poison_ratio`` trains anyway is used instead of training another, and
+            gives a ``comparison`` without ``reference``. With ``poison_ratio`` below 1 the reference
+            is the victim trained on the clean part alone.
         order: an order file for a ``clean`` image folder (one relative path per line).
         poison_ratio: partial protection: only a fraction in (0, 1] of the training set, the same
             share of every class drawn with ``seed`` (:func:`protected_mask`), is the protected
@@ -137,8 +218,21 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         out: write the results JSON there (and, with ``plot``, the curves beside it as .png).
         label: the run's name in plots (default: the training folder's name and the defence).
 
-    Returns the results document: per-epoch ``test_acc`` / ``train_acc``, ``best``,
-    ``last`` (fractions), settings, versions, timings and ``mi`` when asked for.
+    Returns the results document: per-epoch ``test_acc`` / ``train_acc`` / ``train_loss``,
+    ``best``, ``last`` (fractions), settings, versions, timings and ``mi`` when asked for; also
+
+    - ``diverged``: None, or when and why the victim diverged (``ue_fast.evaluate.victim.divergence``:
+      a non-finite training loss, or a last epoch's loss above 10 x max(first batch's loss, ln C));
+      a ``DivergenceWarning`` says so as well. A diverged victim's accuracy measures nothing.
+    - ``comparison``: None, or with a clean reference: ``clean`` and ``protected`` accuracy (last
+      epoch), ``gap`` (clean minus protected; None when either run diverged), ``gap_se`` (its
+      standard error over the ``n_test`` test images, :func:`gap_se`: ``sqrt(p1 (1 - p1) / n +
+      p2 (1 - p2) / n)``), and which run the reference is.
+    - ``pairs_checked``: None when no clean counterparts were read, else the record of
+      ``check_pairs``: ``count``, ``max_linf_255``, ``budget``, ``bound_255``, ``source``,
+      ``checked``, ``not_checked``.
+
+    :func:`summary_lines` turns the document into the lines to print.
     """
     t0 = time.perf_counter()
     if arch not in ARCHS:
@@ -166,18 +260,25 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
     if poison_ratio is not None:
         if isinstance(poison_ratio, bool) or not isinstance(poison_ratio, (int, float)) or not 0 < poison_ratio <= 1:
             raise ValueError(f"poison_ratio must be a fraction in (0, 1] (0.2 for 20%), got {poison_ratio!r}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    dev = resolve_device(device)
+    if out is not None:  # before a victim is trained: never over an input, never two outputs one name
+        out = Path(out)
+        inputs = {"training set": train, "test set": test, "clean set": clean, "order file": order}
+        inputs = {k: v for k, v in inputs.items() if isinstance(v, (str, os.PathLike))}
+        check_output_file(out, inputs, "out", kind="json", suffixes=(".json",),
+                          others={"curves": out.with_suffix(".png") if plot else None})
+        if plot:
+            check_output_file(out.with_suffix(".png"), inputs, "the curves (out's .png)", kind="png")
+    if not isinstance(reference, bool):
+        raise ValueError(f"reference must be True or False, got {reference!r}")
     train_dir = None if isinstance(train, ImageSet) else Path(train)
-    base = None
+    cl = None  # the clean counterparts of tr, in its order, checked pair by pair
     if train_dir is not None and kind_of(train_dir) in ("apbench", "tensor"):
         if clean is None:
             raise ValueError(f"{train_dir} holds another tool's poisons ({kind_of(train_dir)}): pass the clean base set "
                              "they were made from, in its own order (clean=..., --clean CIFAR_DIR or --clean FOLDER "
                              "--order FILE)")
-        base = _load(clean, "clean base", resize, "train", order)
-        tr = load_poisoned(train_dir, base)
+        tr, cl = _poisoned(train_dir, _load(clean, "clean base", resize, "train", order))
     else:
         if train_dir is not None and not train_dir.exists():
             raise ValueError(f"training folder {train_dir} does not exist")
@@ -193,18 +294,22 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
     options = {"adv-train": {"eps": adv_eps / 255, "norm": adv_norm}, "jpeg": {"quality": jpeg_quality}}.get(defense, {})
     common = dict(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                   device=dev, progress=progress)
-    partial, train_set = None, tr
-    if poison_ratio is not None and poison_ratio < 1:
-        cl = base if base is not None else _clean_counterpart(train_dir, tr, clean, resize)
+    partial_run = poison_ratio is not None and poison_ratio < 1
+    reuses_ud = ud and ud_reference is not None  # the clean side comes from ud_reference: no clean images needed
+    if cl is None and (clean is not None or mi or (ud and ud_reference is None) or partial_run
+                       or (reference and not reuses_ud)):
+        cl = _clean_counterpart(train_dir, tr, clean, resize)
+    pairs = cl.origin.get("pairs_checked") if cl is not None else None
+    partial, train_set, part_ref = None, tr, None
+    if partial_run:
         mask = protected_mask(tr.labels, len(tr.classes), poison_ratio, seed)
         train_set = ImageSet(torch.where(mask[:, None, None, None], tr.images, cl.images), tr.labels, tr.classes,
                              tr.paths, origin=tr.origin)
         keep = (~mask).nonzero()[:, 0]
-        ref = train_victim(cl.images[keep], cl.labels[keep], te.images, te.labels, len(tr.classes),
-                           defense=get_defense(defense, **options), **common)
+        part_ref = train_victim(cl.images[keep], cl.labels[keep], te.images, te.labels, len(tr.classes),
+                                defense=get_defense(defense, **options), label="on the clean part alone", **common)
         partial = {"ratio": poison_ratio, "protected": int(mask.sum()), "clean": len(keep), "seed": seed,
-                   "clean_part": {"test_acc": ref.test_acc, "train_acc": ref.train_acc, "best": ref.best,
-                                  "last": ref.last}}
+                   "clean_part": _curve(part_ref)}
     sal = {"protected": [], "clean": []}
     ud_opts = dict(rho=ud_rho, iters=ud_iters)
 
@@ -222,12 +327,18 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
     t_ud = 0.0
     victim = train_victim(train_set.images, train_set.labels, te.images, te.labels, len(tr.classes),
                           defense=get_defense(defense, **options), on_epoch=measure("protected", train_set) if ud
-                          else None, **common)
+                          else None, label=f"on {label or (train_dir.name if train_dir else 'the training set')}",
+                          **common)
     t_victim = time.perf_counter() - t0
     mi_ref = None
+    clean_ref, ref_from = None, None  # the clean reference of `comparison`: a curve dict, and which run it is
+    if partial_run:
+        clean_ref, ref_from = partial["clean_part"], "poison_ratio's victim trained on the clean part alone"
     if ud and ud_reference == "self":
         sal["clean"] = sal["protected"]
         ref = victim
+        if reference and clean_ref is None:
+            clean_ref, ref_from = _curve(victim), "the victim itself (ud_reference='self': the training set is clean)"
     elif ud and ud_reference is not None:
         sal["clean"] = ud_reference["sal"]["clean"]
         theirs = {k: ud_reference["settings"].get(k) for k in ("samples", "iters", "rho", "seed")}
@@ -236,14 +347,30 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
             raise ValueError(f"ud_reference is of another run ({len(sal['clean'])} epochs, settings {theirs}): "
                              "its clean values are not this run's reference")
         ref = VictimResult(test_acc=list(ud_reference["clean_run"]["test_acc"]))
+        ref.diverged = ud_reference["clean_run"].get("diverged")
+        if clean_ref is None:
+            clean_ref = {"test_acc": ref.test_acc, "best": ref.best, "last": ref.last, "diverged": ref.diverged}
+            ref_from = "the clean run of ud_reference (same recipe and defence)"
     elif ud:
         t1 = time.perf_counter()
-        cl = base if base is not None else _clean_counterpart(train_dir, tr, clean, resize)
         ref = train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes),
                            defense=get_defense(defense, **options), on_epoch=measure("clean", cl),
-                           return_model=mi and defense == "none", **common)
+                           return_model=mi and defense == "none", label="on the clean counterparts", **common)
         mi_ref = ref if mi and defense == "none" else None
         t_ud = time.perf_counter() - t1
+        if clean_ref is None:
+            clean_ref, ref_from = _curve(ref), "ud's clean run (same recipe and defence)"
+    t_ref = None
+    if clean_ref is None and (reference or (mi and defense == "none")):
+        # mi's reference model is trained with no defence: with defense "none" it is this recipe's
+        # clean victim, trained once for both
+        t1 = time.perf_counter()
+        mi_ref = train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes),
+                              defense=get_defense(defense, **options), return_model=mi and defense == "none",
+                              label="on the clean counterparts", **common)
+        clean_ref, ref_from = _curve(mi_ref), "a victim of the same recipe and defence on the clean counterparts"
+        mi_ref = mi_ref if mi and defense == "none" else None
+        t_ref = time.perf_counter() - t1
 
     results = {
         "format": FORMAT,
@@ -263,8 +390,15 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         "versions": {"ue_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "test_acc": victim.test_acc, "train_acc": victim.train_acc,
         "best": victim.best, "last": victim.last,
+        "train_loss": [_finite(x) for x in victim.train_loss],
+        "diverged": _verdict(victim.diverged),
+        "comparison": None if clean_ref is None else _comparison(
+            clean_ref, victim, len(te), "clean part alone" if partial_run else "clean counterparts", ref_from),
+        "pairs_checked": pairs,
         "timings_s": {"victim": t_victim},
     }
+    if t_ref is not None:
+        results["timings_s"]["reference"] = t_ref
     if poison_ratio is not None:
         results["poison_ratio"] = partial or {"ratio": poison_ratio, "protected": len(tr), "clean": 0, "seed": seed,
                                               "clean_part": None}
@@ -274,18 +408,19 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         results["ud"] = {**unlearnable_distance(torch.tensor(sal["protected"]), torch.tensor(sal["clean"])),
                          "settings": {"samples": ud_samples, "iters": ud_iters, "rho": ud_rho, "lr": LR,
                                       "batch_size": BATCH_SIZE, "seed": seed},
-                         "clean_run": {"test_acc": ref.test_acc, "best": ref.best, "last": ref.last},
+                         "clean_run": {"test_acc": ref.test_acc, "best": ref.best, "last": ref.last,
+                                       "diverged": _verdict(ref.diverged)},
                          "layers": sal.pop("layers"), "sal": sal}
         results["timings_s"]["ud_clean_run"] = t_ud
     if mi:
         from ..metrics import mi_report
 
         t1 = time.perf_counter()
-        cl = base if base is not None else _clean_counterpart(train_dir, tr, clean, resize)
         ref = mi_ref or train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes), return_model=True,
-                                     **common)
+                                     label="on the clean counterparts (MI reference)", **common)
         results["mi"] = mi_report(ref.model, cl.images, tr.images, tr.labels, len(tr.classes), device=dev)
         results["mi"]["reference_model_test_acc"] = ref.last
+        results["mi"]["reference_model_diverged"] = _verdict(ref.diverged)
         results["timings_s"]["mi"] = time.perf_counter() - t1
     results["timings_s"]["total"] = time.perf_counter() - t0
     if out is not None:
@@ -297,6 +432,65 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
 
             plot_curves([results], out.with_suffix(".png"))
     return results
+
+
+def _pts(v: float) -> str:
+    return f"{100 * v:.2f}%"
+
+
+def summary_lines(results: dict) -> list[str]:
+    """The lines ``ue-fast evaluate`` prints for a results document of :func:`evaluate`: what was
+    read, the victim's accuracy (marked when it diverged), clean and protected accuracy side by
+    side with the gap and its standard error when there is a clean reference, the partial
+    protection, UD and feature statistics when measured, and what the pairs check verified."""
+    r = results
+    s = r["settings"]
+    lines = []
+    src = r.get("train_source") or {}
+    if src.get("format") in ("apbench", "tensor"):
+        lines.append(f"read {src['path']} ({src['layout']}) against the clean base set "
+                     f"{(src.get('base') or {}).get('path', '?')}: {r['num_train']} images, max |protected - clean| "
+                     f"{src['linf_255']}/255")
+    div = r.get("diverged")
+    lines.append(f"victim {s['arch']} trained {s['epochs']} epochs on {r['num_train']} images of {r['train']} "
+                 f"(defense: {s['defense']}); clean test accuracy on {r['num_test']} images: "
+                 f"best {_pts(r['best'])}, last {_pts(r['last'])}" + (" [DIVERGED]" if div else ""))
+    if div:
+        lines.append(f"DIVERGED at epoch {div['epoch']}: {div['reason']}. This accuracy is a broken network's, not a "
+                     f"measure of protection: lower the learning rate (lr {s['lr']:g}) and rerun")
+    c = r.get("comparison")
+    if c:
+        gap = ("diverged (" + " and ".join(c["diverged"]) + " victim), no gap" if c["gap"] is None else
+               f"{100 * c['gap']:.2f} ± {100 * c['gap_se']:.2f} points")
+        lines.append(f"clean reference ({c['reference']}): last {_pts(c['clean']['last'])} vs protected "
+                     f"{_pts(c['protected']['last'])}: gap {gap} (SE over {c['n_test']} test images; reference: "
+                     f"{c['from']})")
+    else:
+        lines.append("no clean reference: nothing to set this accuracy against (reference=True, --reference, trains "
+                     "a victim of the same recipe on the clean counterparts)")
+    part = r.get("poison_ratio")
+    if part and part["clean_part"]:
+        lines.append(f"partial protection: {part['protected']} of {r['num_train']} images protected "
+                     f"({part['ratio']:g}); the victim above trained on them plus the {part['clean']} clean others. "
+                     f"Reference, the {part['clean']} clean images alone: best {_pts(part['clean_part']['best'])}, "
+                     f"last {_pts(part['clean_part']['last'])}"
+                     + (" [DIVERGED]" if part["clean_part"].get("diverged") else ""))
+    if "ud" in r:
+        u = r["ud"]
+        fig = "undefined (no clean layer above the threshold)" if u["ud"] is None else f"{u['ud']:.3f}"
+        lines.append(f"unlearnable distance {fig}: {u['learnable_per_epoch']['protected']:.2f} of {u['num_layers']} "
+                     f"layers learnable per epoch on the protected data, {u['learnable_per_epoch']['clean']:.2f} on "
+                     f"clean (threshold {u['threshold']:.4g}; {u['settings']['samples'] or 'all'} images)"
+                     + (" [a victim DIVERGED: this UD measures nothing]"
+                        if div or (u.get("clean_run") or {}).get("diverged") else ""))
+    if "mi" in r:
+        m = r["mi"]
+        lines.append("feature statistics (model trained on the clean counterparts"
+                     + (", which DIVERGED" if m.get("reference_model_diverged") else "") + "): "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+    if r.get("pairs_checked"):
+        lines.append(describe(r["pairs_checked"]))
+    return lines
 
 
 def load_results(path) -> dict:
