@@ -12,7 +12,7 @@ Floor: none computed; both do the same forward and backward work per copy except
 gradients ``batched-all`` adds, so on a CPU, where a batch of 64-256 CIFAR images already keeps
 the cores busy, the variants should be within tens of percent, and the gain is for a GPU, where one
 copy's batch leaves most of it idle. The measurement's real saving is the data: UD's default
-subset of 2,048 images is 1/24 of CIFAR-10's training set (README, "The unlearnable distance").
+subset of 2,048 images is 1/24 of CIFAR-10's training set (docs/ud.md, "The unlearnable distance").
 """
 import pytest
 import torch

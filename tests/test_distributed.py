@@ -191,7 +191,7 @@ def test_torchrun_two_processes_end_to_end(two, single):
     """torchrun with 2 processes, memory and disk stores: the two give the same result bit for
     bit, and one process's losses to the tolerance SGD leaves in float32: its steps agree to
     float tolerance (test above), which a few epochs of SGD amplify, as a change of thread
-    count in one process does (see the README; in float64, the next test, they agree)."""
+    count in one process does (see docs/torchrun.md; in float64, the next test, they agree)."""
     runs = two
     for store, out in runs.items():
         m = json.loads((out / "manifest.json").read_text())

@@ -25,7 +25,7 @@ Measured 2026-11-29 on a 2-core CPU, victim seeds 0 / 1 (/ 2) (clean: 0.395 / 0.
 At 32 x 32 (``benchmarks/results/reproduce-small-cpu-2026-11-29-new-methods.md``, 1,000
 CIFAR-10 images, 30 victim epochs, clean 0.501): cuda 0.289, hypo 0.407, sep 0.365, aue 0.346,
 aap 0.279. AP, TAP, REM, EM and EM-classwise were tested at 32 x 32 until 2026-11-29 (the
-figures are in the README's table); moved here, the suite takes about 4 minutes less. PIL has no
+figures are in docs/methods.md's table); moved here, the suite takes about 4 minutes less. PIL has no
 test: its effect does not show at this scale (16 px: 0.410 / 0.405 / 0.390; 32 px, its paper
 settings: 0.435 / 0.445 / 0.455 against 0.485 / 0.470 / 0.485, and 0.486 against 0.501 in the
 file above): a linear surrogate fitted to 1,000 images plants a weak linear shortcut, which the

@@ -345,7 +345,7 @@ def test_gpu_triton_vs_torch(shape, norm, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_drop_in_for_the_miue_authors_update(backend, triton_device, gen):
-    """The README's drop-in: in the MI-UE authors' gen_miue.py the update after ``loss.backward()``
+    """The drop-in of docs/backend.md: in the MI-UE authors' gen_miue.py the update after ``loss.backward()``
     is a sign step, ``delta.grad = None``, the L-inf clamp and the pixel-range clamp;
     ``pgd_step_(delta.data, delta.grad, data, eps=eps, step_size=alpha)`` then ``delta.grad = None``
     gives the same float32 values bit for bit."""

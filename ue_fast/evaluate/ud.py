@@ -32,7 +32,7 @@ training set after every epoch, hundreds of times the epoch itself):
   every copy). :func:`layer_sharpness_reference` is the one-copy-at-a-time loop of the
   definition, and the tests hold the two equal;
 - the data are a class-balanced, seeded subset of ``samples`` images (the figure's
-  sensitivity to it is measured; see the README), the same subset every epoch.
+  sensitivity to it is measured; see docs/ud.md), the same subset every epoch.
 
 Differences from the authors' code, and why:
 
