@@ -369,3 +369,17 @@ def test_reading_a_folder_that_holds_a_ue_fast_output_warns(src, protected, tmp_
     shutil.copytree(protected, folder / "old_run")  # a protect output dropped into the data set
     assert protect_lsp(folder, tmp_path / "out") == 0
     assert "old_run/ (a protect output)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export-apbench"])
+def test_a_damaged_manifest_is_named_by_every_reader(src, protected, tmp_path, capsys, command):
+    import shutil
+
+    broken = tmp_path / "prot"
+    shutil.copytree(protected, broken)
+    (broken / "manifest.json").write_text("{broken")
+    args = (["evaluate", "--train", broken, "--test", src, "--clean", src, "--device", "cpu"] if command == "evaluate"
+            else ["export-apbench", broken, tmp_path / "apb", "--allow-folder-order"])
+    assert run(*args) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json is not a readable JSON file" in err and "Traceback" not in err

@@ -148,5 +148,9 @@ def write_json_atomic(path, obj) -> None:
 
 def read_json(path):
     """Read a JSON file written by :func:`write_json_atomic` (UTF-8; escaped lone surrogates
-    come back as the ``str`` written)."""
-    return json.loads(Path(path).read_bytes().decode("utf-8"))
+    come back as the ``str`` written). A file that is not JSON is a ValueError naming it."""
+    data = Path(path).read_bytes()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
+        raise ValueError(f"{path} is not a readable JSON file ({e}): damaged or not written by ue_fast") from None

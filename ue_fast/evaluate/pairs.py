@@ -89,10 +89,7 @@ def _manifest_near(protected: ImageSet, path) -> tuple[Path, dict] | tuple[None,
         return None, None
     if not m.is_file():
         return None, None
-    try:
-        doc = read_json(m)
-    except (OSError, ValueError):
-        return None, None
+    doc = read_json(m)  # a damaged manifest is an error naming it, never a set without a budget
     return (m, doc) if isinstance(doc, dict) and isinstance(doc.get("files"), list) else (None, None)
 
 
