@@ -22,16 +22,7 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 # The working tree as git sees it: tracked and untracked, not ignored (no build outputs).
-python3 - "$ROOT" "$WORK/src" <<'PY'
-import os, shutil, subprocess, sys
-root, dst = sys.argv[1:]
-listed = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                        capture_output=True, check=True).stdout.split(b"\0")
-for name in filter(None, map(os.fsdecode, listed)):
-    if os.path.isfile(os.path.join(root, name)):
-        os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
-        shutil.copy2(os.path.join(root, name), os.path.join(dst, name))
-PY
+python3 "$ROOT/.ci/copy_tree.py" "$ROOT" "$WORK/src"
 
 python3 -m venv "$WORK/venv"
 # shellcheck disable=SC1091

@@ -48,16 +48,7 @@ logged() {
 torch_version() { "$VENV_PY" -c 'import importlib.metadata as m; print(m.version("torch"))'; }
 
 step "copy of the working tree -> $WORK/src"
-"$PYTHON" - "$ROOT" "$WORK/src" <<'PY'
-import os, shutil, subprocess, sys
-root, dst = sys.argv[1:]
-listed = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                        capture_output=True, check=True).stdout.split(b"\0")
-for name in filter(None, map(os.fsdecode, listed)):
-    if os.path.isfile(os.path.join(root, name)):
-        os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
-        shutil.copy2(os.path.join(root, name), os.path.join(dst, name))
-PY
+"$PYTHON" "$ROOT/.ci/copy_tree.py" "$ROOT" "$WORK/src"
 
 step "fresh virtual environment: $TORCH_REQ first, then setuptools, wheel, ninja, build"
 "$PYTHON" -m venv "$WORK/venv"

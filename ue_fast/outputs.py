@@ -59,20 +59,26 @@ def _holder(folder: Path) -> str:
         return "a process that has not said who it is"
 
 
-@contextlib.contextmanager
-def hold(folder, command: str):
-    """Hold ``folder`` (which must exist) for one run of ``command``: refuse with
-    :class:`OutputBusyError`, naming the holder, if another live run holds it. The lock and
-    holder files are removed when the block ends."""
+def _acquire(folder: Path):
+    """The folder's lock, acquired at once, or :class:`OutputBusyError` naming its holder."""
     from filelock import FileLock, Timeout
 
-    folder = Path(folder)
     lock = FileLock(str(folder / LOCK_FILE))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise OutputBusyError(f"{_display(folder)} is in use by another ue_fast run ({_holder(folder)}): wait for "
                               "it to finish, or choose another output folder") from None
+    return lock
+
+
+@contextlib.contextmanager
+def hold(folder, command: str):
+    """Hold ``folder`` (which must exist) for one run of ``command``: refuse with
+    :class:`OutputBusyError`, naming the holder, if another live run holds it. The lock and
+    holder files are removed when the block ends."""
+    folder = Path(folder)
+    lock = _acquire(folder)
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                 "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -88,18 +94,9 @@ def hold(folder, command: str):
 def check_not_held(folder) -> None:
     """Refuse (:class:`OutputBusyError`, naming the holder) if a live run holds ``folder``
     now; a lock left by a dead process is no obstacle."""
-    from filelock import FileLock, Timeout
-
     folder = Path(folder)
-    if not (folder / LOCK_FILE).exists():
-        return
-    lock = FileLock(str(folder / LOCK_FILE))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise OutputBusyError(f"{_display(folder)} is in use by another ue_fast run ({_holder(folder)}): wait for "
-                              "it to finish, or choose another output folder") from None
-    lock.release()
+    if (folder / LOCK_FILE).exists():
+        _acquire(folder).release()
 
 
 def entries_besides_locks(folder) -> list[str]:
