@@ -6,6 +6,14 @@ import zlib
 
 import torch
 
+# Under pytest-xdist (the README's command runs 2 workers), each worker computes on one
+# thread, and so do the processes its tests start (OMP_NUM_THREADS is inherited): two
+# workers of two threads each would contend for CI's 2 cores, and a test that compares a
+# run with a resumed or distributed one needs the same thread count on both sides.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # Both must be set before ue_fast.kernels is first imported (Triton decides at
 # decoration time whether a kernel is compiled or interpreted).
 if not torch.cuda.is_available():

@@ -232,11 +232,16 @@ METHOD_FLAGS = {  # each method's parts that differ under torchrun
 
 @pytest.mark.parametrize("method", list(METHOD_FLAGS))
 def test_torchrun_in_float64_gives_one_process_result(tmp_path, src, method):
-    """The equivalence itself: with rounding made small (``--float64``), 2 processes and one
-    give the same losses at every round to 1e-9 and the same 8-bit perturbations on at least
-    99% of pixels (100% measured). In float32 each step agrees to float tolerance but SGD
-    amplifies the rounding over the rounds (as a change of thread count in one process does),
-    so whole float32 runs agree on the losses to about 1% only (test above)."""
+    """The equivalence itself, with rounding made small (``--float64``): 2 processes and one
+    train the surrogate's first round to the same loss (1e-9 relative; measured 6e-16) and
+    make the same first PGD pass up to sign flips. Exact agreement beyond that depends on the
+    CPU: a sign step, sign(grad), flips where a gradient component's terms nearly cancel, and
+    the last bit of such a sum depends on how the BLAS kernels block a batch, which differs
+    between a whole batch and its halves on some CPUs. Measured: 100% of pixels equal and
+    losses to 1e-9 at every round on the machines this test was written on; on an AMD EPYC
+    with AVX2, first-round poison losses within 2e-8 (miue), 1.5e-5 (em-classwise) and 2e-15
+    (bayes), later rounds within 7.5e-3, and 69-100% of pixels equal. The bounds below hold
+    on both with room; the float32 runs of the test above agree on the losses to about 1%."""
     one, two = tmp_path / "one", tmp_path / "two"
     flags = [*METHOD_FLAGS[method], "--float64"]
     _cli(["protect", str(src), str(one), *flags])
@@ -247,12 +252,14 @@ def test_torchrun_in_float64_gives_one_process_result(tmp_path, src, method):
     h1, h2 = (json.loads((o / "manifest.json").read_text())["history"] for o in (one, two))
     keys = sorted({k for h in h1 for k in h if k.endswith(("_loss", "_acc"))})
     assert "train_loss" in keys and "poison_loss" in keys and len(h1) == len(h2)
-    for a, b in zip(h1, h2):
+    for i, (a, b) in enumerate(zip(h1, h2)):
         assert a.keys() == b.keys()
         for k in keys:
             if k in a:
-                assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-12), (k, a, b)
-    assert _pixels_equal(one, two) >= 0.99
+                first_training = i == 0 and k.startswith("train_")
+                rel = 1e-9 if first_training else (1e-3 if i == 0 else 3e-2)
+                assert b[k] == pytest.approx(a[k], rel=rel, abs=1e-12), (k, a, b)
+    assert _pixels_equal(one, two) >= 0.5
     assert float(np.abs(np.load(one / "perturbation_int8.npy")).max()) > 0
 
 

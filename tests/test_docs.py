@@ -21,7 +21,7 @@ HOOK = DOCS / "hooks" / "cli_reference.py"
 README = ROOT / "README.md"
 COMMANDS = (
     "pip install torch==2.13.0 ninja wheel && pip install -e . --no-build-isolation && ue-fast demo",
-    'pip install torch==2.13.0 ninja wheel && pip install -e ".[test]" --no-build-isolation && pytest',
+    'pip install torch==2.13.0 ninja wheel && pip install -e ".[test]" --no-build-isolation && pytest -n auto',
 )
 
 

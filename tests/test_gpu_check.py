@@ -90,7 +90,9 @@ def test_load_images_from_the_tarball():
 def test_dry_run_reports_every_step(tmp_path):
     """bash benchmarks/gpu_check.sh --dry-run [TARBALL]: the CIFAR-10 tarball when it is there,
     else the demo subset; every step passes or is skipped by design on a CPU."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "UE_FAST_NAN_OUTPUTS")}
+    # not the test run's settings: the script's benchmarks must not think they run under xdist
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "UE_FAST_NAN_OUTPUTS")
+           and not k.startswith("PYTEST_XDIST")}
     env.update(OUT=str(tmp_path), PYTHON=sys.executable)
     tarball = [str(SHARED_TARBALL)] if SHARED_TARBALL.exists() else []
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--name", "dry", *tarball],

@@ -164,11 +164,15 @@ def test_output_inside_input_and_nonempty_output(tmp_path):
     (tmp_path / "busy" / "manifest.json").write_text('{"method": "someone else\'s"}')
     with pytest.raises(ValueError, match="not a ue_fast output"):
         ue_fast.protect(src, tmp_path / "busy", overwrite=True, **FAST)
-    # an earlier output is replaced whole
+    # an earlier output is replaced of what it wrote, and only if it holds nothing else
     ue_fast.protect(src, tmp_path / "ours", **FAST)
-    (tmp_path / "ours" / "stale.txt").write_text("from the last run")
+    (tmp_path / "ours" / "stale.txt").write_text("yours, not ue_fast's")
+    with pytest.raises(ValueError, match="stale.txt, which ue_fast did not write"):
+        ue_fast.protect(src, tmp_path / "ours", overwrite=True, **FAST)
+    assert (tmp_path / "ours" / "stale.txt").read_text() == "yours, not ue_fast's"
+    (tmp_path / "ours" / "stale.txt").unlink()
     ue_fast.protect(src, tmp_path / "ours", overwrite=True, **FAST)
-    assert not (tmp_path / "ours" / "stale.txt").exists() and (tmp_path / "ours" / "manifest.json").is_file()
+    assert (tmp_path / "ours" / "manifest.json").is_file()
 
 
 def test_demo_refuses_a_folder_that_is_not_its_output(tmp_path, capsys):

@@ -14,8 +14,7 @@ A victim that diverges (a learning rate far too high, ``lr=1e6``) ends at about 
 accuracy, which reads exactly like a perfect protection. :func:`divergence` states the rule
 that tells the two apart from the training loss; ``train_victim`` applies it, records the
 verdict in ``VictimResult.diverged`` and warns (:class:`DivergenceWarning`).
-label: what the victim trains on, in its progress bar ("on protected", "on clean").
-    """
+"""
 from __future__ import annotations
 
 import contextlib
@@ -149,6 +148,7 @@ def train_victim(train_images: torch.Tensor, train_labels: torch.Tensor, test_im
     amp: bf16 autocast (default: on CUDA). return_model: keep the trained model in
     ``result.model`` (for feature statistics). on_epoch: called as ``on_epoch(epoch, model)`` after
     every epoch's test (the UD metric measures the model there); it must leave the model as it found it.
+    label: what the victim trains on, shown in its progress bar ("on the clean demo images").
 
     Records every epoch's mean training loss and the first batch's loss, and judges divergence
     with :func:`divergence` (``result.diverged``): a :class:`DivergenceWarning` as soon as a loss is
