@@ -1,8 +1,6 @@
 """Defences of the victim loop (ue_fast.evaluate.defenses): each changes the part of
 the pipeline it should, as its paper defines it, reproducibly from the generator."""
 import io
-import math
-import shutil
 
 import numpy as np
 import pytest
@@ -10,122 +8,27 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-from conftest import HAS_CUDA
-from ue_fast.data import demo_dir, read_image_folder
+from _defense_fixtures import UERASERS, batch, ce, clone, demo, model, small  # noqa: F401 (fixtures)
 from ue_fast.evaluate.augment import PHOTOMETRIC, trivial_augment
 from ue_fast.evaluate.defenses import (
-    DEFENSES, AdversarialTraining, BitDepthReduction, CutMix, Cutout, Defense, GaussianBlur, Grayscale, JPEG, Mixup,
+    DEFENSES, AdversarialTraining, BitDepthReduction, CutMix, Cutout, GaussianBlur, Grayscale, JPEG, Mixup,
     UEraser, get_defense,
 )
-from ue_fast.models import build_model
 
-DATA_LEVEL = ("none", "jpeg", "grayscale", "gaussian", "bdr")
-BATCH_LEVEL = ("cutout", "cutmix", "mixup", "adv-train", "ueraser-lite", "ueraser", "ueraser-max")
-UERASERS = ("ueraser-lite", "ueraser", "ueraser-max")
+DATA_LEVEL = ("none", "jpeg", "grayscale", "gaussian", "bdr", "op")
+BATCH_LEVEL = ("cutout", "cutmix", "mixup", "adv-train", "ueraser-lite", "ueraser", "ueraser-max", "coin")
 
 
-def small(name):
-    """The defence ``name`` with UEraser's repeats cut to 2 (tests' time)."""
-    return get_defense(name, repeats=2) if name in UERASERS else get_defense(name)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """Two CIFAR-10 images per class of the shipped demo subset: uint8 [20, 3, 32, 32], labels [20]."""
-    root = tmp_path_factory.mktemp("demo2")
-    for src in sorted(p for p in (demo_dir() / "train").iterdir() if p.is_dir()):
-        (root / src.name).mkdir()
-        for f in sorted(src.glob("*.jpg"))[:2]:
-            shutil.copy(f, root / src.name / f.name)
-    data = read_image_folder(root, progress=False)
-    return data.images, data.labels
-
-
-@pytest.fixture
-def batch(demo):
-    """One image per class as the victim loop sees it: x float [10, 3, 32, 32] in [0, 1], y [10]."""
-    images, labels = demo
-    return images[::2].float() / 255, labels[::2]
-
-
-@pytest.fixture
-def model():
-    torch.manual_seed(0)
-    return build_model("cnn-small", 10)
-
-
-def clone(gen: torch.Generator) -> torch.Generator:
-    twin = torch.Generator()
-    twin.set_state(gen.get_state())
-    return twin
-
-
-def ce(model, x, y):
-    return F.cross_entropy(model(x)[1], y)
-
-
-# --- registry and validation ------------------------------------------------
-
-def test_registry_builds_every_defense():
-    assert DEFENSES == ("none", "jpeg", "grayscale", "gaussian", "bdr", "cutout", "cutmix", "mixup", "adv-train",
-                        "ueraser-lite", "ueraser", "ueraser-max")
-    for name in DEFENSES:
-        d = get_defense(name)
-        assert isinstance(d, Defense) and d.name == name
-
-
-def test_unknown_defense_names_the_choices():
-    with pytest.raises(ValueError, match="'nope'") as info:
-        get_defense("nope")
-    assert all(name in str(info.value) for name in DEFENSES)
-
-
-@pytest.mark.parametrize("name, options, error, text", [
-    ("jpeg", {"quality": 0}, ValueError, "got 0"),
-    ("jpeg", {"quality": 10.5}, TypeError, "10.5"),
-    ("cutout", {"size": True}, TypeError, "True"),
-    ("mixup", {"alpha": float("nan")}, ValueError, "nan"),
-    ("cutmix", {"alpha": 0}, ValueError, "alpha"),
-    ("adv-train", {"eps": 0.0}, ValueError, "eps"),
-    ("adv-train", {"eps": 2.0}, ValueError, "got 2.0"),
-    ("adv-train", {"steps": 0}, ValueError, "steps"),
-    ("ueraser", {"repeats": 0}, ValueError, "repeats"),
-    ("ueraser", {"max_epochs": -1}, ValueError, "max_epochs"),
-    ("gaussian", {"kernel_size": 4}, ValueError, "odd"),
-    ("gaussian", {"sigma": 0}, ValueError, "sigma"),
-    ("bdr", {"bits": 9}, ValueError, "bits"),
-    ("adv-train", {"norm": "l1"}, ValueError, "norm"),
-    ("cutmix", {"quality": 10}, TypeError, "'quality'"),
-    ("none", {"eps": 0.1}, TypeError, "'eps'"),
-])
-def test_bad_options_are_rejected(name, options, error, text):
-    with pytest.raises(error, match=text):
-        get_defense(name, **options)
-
-
-def test_bad_inputs_are_rejected(batch, model, gen):
-    x, y = batch
-    images = (x * 255).to(torch.uint8)
-    with pytest.raises(TypeError, match="uint8"):
-        JPEG().prepare(x, gen)
-    with pytest.raises(ValueError, match=r"\(10, 1, 32, 32\)"):
-        Grayscale().prepare(images[:, :1], gen)
-    with pytest.raises(TypeError, match="int64"):
-        Cutout().loss(model, x, y.float(), gen)
-    with pytest.raises(ValueError, match=r"\(9,\)"):
-        Mixup().loss(model, x, y[:9], gen)
-    with pytest.raises(TypeError, match="floating"):
-        Defense().loss(model, images, y, gen)
-    with pytest.raises(TypeError, match="Generator"):
-        UEraser().loss(model, x, y, None)
+def test_every_defense_acts_at_one_level():
+    assert sorted(DATA_LEVEL + BATCH_LEVEL) == sorted(DEFENSES)
 
 
 # --- which part of the pipeline each defence changes ------------------------
 
 @pytest.mark.parametrize("name", ("none",) + BATCH_LEVEL)
 def test_batch_level_defenses_leave_the_data_alone(name, demo, gen):
-    images = demo[0]
-    assert torch.equal(get_defense(name).prepare(images, gen), images)
+    images, labels = demo
+    assert torch.equal(get_defense(name).prepare(images, gen, labels), images)
 
 
 @pytest.mark.parametrize("name", DATA_LEVEL)
@@ -431,61 +334,3 @@ def test_ueraser_strengths_are_max_loss_phases(batch, model, gen):
     one = get_defense("ueraser-lite").at_epoch(0)
     expected = ce(model, one.augment(x, clone(gen)), y)
     torch.testing.assert_close(one.loss(model, x, y, gen)[0], expected)
-
-
-# --- every defence: reproducible and trainable --------------------------------
-
-@pytest.mark.parametrize("name", DEFENSES)
-def test_same_seed_same_result(name, demo, batch, model):
-    x, y = batch
-    d = small(name)
-    runs = [(d.prepare(demo[0], torch.Generator().manual_seed(s)),
-             d.loss(model, x, y, torch.Generator().manual_seed(s))[0]) for s in (3, 3, 4)]
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    if name in BATCH_LEVEL:
-        assert not torch.equal(runs[0][1], runs[2][1])
-
-
-@pytest.mark.parametrize("name", DEFENSES)
-def test_loss_is_differentiable(name, batch, model, gen):
-    x, y = batch
-    d = small(name)
-    model.zero_grad(set_to_none=True)
-    loss, logits = d.loss(model, x, y, gen)
-    assert loss.dim() == 0 and math.isfinite(loss.item()) and logits.shape == (len(x), 10)
-    loss.backward()
-    for pname, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
-    assert model.classifier.weight.grad.abs().sum() > 0
-
-
-def test_defenses_run_under_bf16_autocast(batch, model, gen):
-    # The victim loop calls ``loss`` under bf16 autocast on CUDA; CPU autocast takes the same paths.
-    x, y = batch
-    for name in DEFENSES:
-        d = small(name)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, logits = d.loss(model, x.contiguous(memory_format=torch.channels_last), y, gen)
-        assert math.isfinite(loss.item()) and logits.shape == (len(x), 10), name
-        loss.backward()
-    # Augmentation keeps full precision (sharpness's smoothing convolution would otherwise
-    # run in bf16); 144 samples all but surely draw that op.
-    x = x.repeat(16, 1, 1, 1)
-    plain = [UEraser().augment(x, twin) for twin in [clone(gen)] for _ in range(3)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        for expected in plain:
-            torch.testing.assert_close(UEraser().augment(x, gen), expected, atol=1e-6, rtol=0)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("name", DEFENSES)
-def test_defenses_on_cuda(name, demo, batch, model):
-    images, (x, y) = demo[0], batch
-    model = model.cuda()
-    d = get_defense(name)
-    prepared = d.prepare(images.cuda(), torch.Generator().manual_seed(0))
-    assert prepared.is_cuda and torch.equal(prepared.cpu(), d.prepare(images, torch.Generator().manual_seed(0)))
-    losses = [d.loss(model, x.cuda(), y.cuda(), torch.Generator().manual_seed(5)) for _ in range(2)]
-    assert losses[0][1].is_cuda and torch.equal(losses[0][0], losses[1][0])
-    losses[0][0].backward()

@@ -49,7 +49,13 @@ class VictimResult:
 
     @property
     def best(self) -> float:
+        """The peak test accuracy over the epochs (``evaluate``'s ``peak_accuracy``)."""
         return max(self.test_acc)
+
+    @property
+    def peak_epoch(self) -> int:
+        """The first epoch (1-based) at which the test accuracy reached its peak."""
+        return self.test_acc.index(self.best) + 1
 
     @property
     def last(self) -> float:
@@ -168,8 +174,8 @@ def train_victim(train_images: torch.Tensor, train_labels: torch.Tensor, test_im
         model = model.to(memory_format=torch.channels_last)
     lr = recipe(arch)["lr"] if lr is None else lr
     opt = make_optimizer(model.parameters(), arch, lr=lr, weight_decay=weight_decay)
-    xs = defense.prepare(train_images.to(dev), gen)
     ys = train_labels.to(dev, torch.int64)
+    xs = defense.prepare(train_images.to(dev), gen, ys)
     xt, yt = test_images.to(dev), test_labels.to(dev, torch.int64)
     n = len(xs)
     result = VictimResult()
