@@ -41,6 +41,7 @@ def test_cli_writes_results_and_plot(folders, tmp_path, capsys):
     assert r["format"] == FORMAT and r["num_train"] == 30 and r["num_test"] == 15
     assert len(r["test_acc"]) == 2 and len(r["train_acc"]) == 2
     assert r["best"] == max(r["test_acc"]) and r["last"] == r["test_acc"][-1]
+    assert r["peak_accuracy"] == r["best"] and r["test_acc"].index(r["best"]) == r["peak_epoch"] - 1
     assert all(0 <= a <= 1 for a in r["test_acc"] + r["train_acc"])
     assert r["settings"]["defense"] == "none" and r["settings"]["weight_decay"] == 5e-4
     with Image.open(out.with_suffix(".png")) as im:

@@ -145,6 +145,9 @@ def test_true_counterparts_are_accepted_and_the_check_recorded(sets, tmp_path):
     assert "clean test accuracy on 12 images" in text
     assert f"gap {100 * (p1 - p2):.2f} ± {100 * c['gap_se']:.2f} points" in text
     assert "pairs checked: 24 protected/clean pairs" in text and "DIVERGED" not in text
+    q1, q2 = c["clean"]["peak_accuracy"], c["protected"]["peak_accuracy"]
+    assert c["peak_gap"] == pytest.approx(q1 - q2) and c["peak_gap_se"] == pytest.approx(gap_se(q1, q2, 12))
+    assert c["protected"]["peak_epoch"] == r["peak_epoch"] and "at each victim's peak epoch" in text
     # without reference (and nothing that trains a clean victim anyway) no second run, but the pairs are checked
     r = ue_fast.evaluate(prot, test, clean=train, **FAST)
     assert r["comparison"] is None and r["pairs_checked"]["count"] == 24

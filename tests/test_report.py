@@ -62,8 +62,23 @@ def test_report_runs_every_cell_and_writes_table_heatmap_json(sets, tmp_path, ca
     part = cells["protected_cnn-small_bdr_r0.5"]["poison_ratio"]
     assert part["protected"] == 12 and half["clean_part"] == part["clean_part"]["last"]
     assert half["gap"] == pytest.approx(half["clean_part"] - half["protected"])
+    # peaks: the protected victim's best epoch, the gap at both victims' peaks
+    prot_cell, clean_cell = cells["protected_cnn-small_bdr_r1"], cells["clean_cnn-small_bdr"]
+    assert full["protected_peak"] == prot_cell["peak_accuracy"] == max(prot_cell["test_acc"])
+    assert prot_cell["test_acc"][full["protected_peak_epoch"] - 1] == full["protected_peak"]
+    assert full["peak_gap"] == pytest.approx(clean_cell["peak_accuracy"] - prot_cell["peak_accuracy"])
+    assert half["peak_gap"] == pytest.approx(part["clean_part"]["best"] - half["protected_peak"])
+    # robustness: the worst case over the defences, per victim and ratio
+    (rob,) = doc["robustness"]["1"]
+    worst = max(doc["rows"], key=lambda r: r["ratios"]["1"]["protected"])
+    assert rob["arch"] == "cnn-small" and rob["defenses"] == ["none", "bdr"]
+    assert rob["last"]["accuracy"] == worst["ratios"]["1"]["protected"] and rob["last"]["defense"] == worst["defense"]
+    assert rob["last"]["gap"] == min(r["ratios"]["1"]["gap"] for r in doc["rows"])
+    assert rob["peak"]["accuracy"] == max(r["ratios"]["1"]["protected_peak"] for r in doc["rows"])
     md = (out / "report.md").read_text()
-    assert "| victim | defence | clean | protected | gap | mixed 0.5 | clean part 0.5 | gap 0.5 |" in md
+    assert ("| victim | defence | clean | protected | gap | peak (epoch) | peak gap | mixed 0.5 | clean part 0.5 | "
+            "gap 0.5 | peak 0.5 (epoch) | peak gap 0.5 |") in md
+    assert "## Robustness" in md and f"- cnn-small: worst case {100 * rob['last']['accuracy']:.1f}% under" in md
     assert md.count("| cnn-small |") == 2 and "Incomplete" not in md
     assert md in capsys.readouterr().out
     with Image.open(out / "heatmap.png") as im:

@@ -229,25 +229,30 @@ def _row(results, arch, defense, ratios, ud):
            "clean_diverged": clean_div, "ratios": {}}
     for r in ratios:
         doc = results.get(_cell_name("protected", arch, defense, r))
-        cell = {"protected": None, "gap": None, "gap_se": None, "clean_part": None, "ud": None, "diverged": None}
+        cell = {"protected": None, "gap": None, "gap_se": None, "clean_part": None, "ud": None, "diverged": None,
+                "protected_peak": None, "protected_peak_epoch": None, "peak_gap": None, "peak_gap_se": None}
         if doc is not None:
             cell["protected"], cell["protected_best"] = doc["last"], doc["best"]
+            cell["protected_peak"] = doc["best"]
+            cell["protected_peak_epoch"] = doc["test_acc"].index(doc["best"]) + 1
             part = (doc.get("poison_ratio") or {}).get("clean_part")
             diverged = ["protected"] if doc.get("diverged") else []
-            ref = None
+            ref = ref_peak = None
             if part:
                 cell["clean_part"] = part["last"]
-                ref = part["last"]
+                ref, ref_peak = part["last"], part["best"]
                 if part.get("diverged"):
                     diverged.append("clean part")
             elif clean is not None:
-                ref = clean["last"]
+                ref, ref_peak = clean["last"], clean["best"]
                 if clean_div:
                     diverged.append("clean")
             if ref is not None:
                 n = doc.get("num_test") or 0
                 cell["gap"] = None if diverged else ref - doc["last"]
                 cell["gap_se"] = gap_se(ref, doc["last"], n) if n else None
+                cell["peak_gap"] = None if diverged else ref_peak - doc["best"]
+                cell["peak_gap_se"] = gap_se(ref_peak, doc["best"], n) if n else None
             cell["diverged"] = diverged or None
             if ud and doc.get("ud"):
                 cell["ud"] = doc["ud"]["ud"]
@@ -255,16 +260,64 @@ def _row(results, arch, defense, ratios, ud):
     return row
 
 
+def robustness(rows, ratio: float = 1.0) -> list[dict]:
+    """Per victim: the protection's worst case over the report's defences at ``ratio``, by
+    last-epoch and by peak accuracy: the highest protected accuracy (the defence that restores
+    the most), the smallest gap, and the defences that achieve them. Diverged cells are left out
+    (and counted); a protection is only as strong as its worst case over what was measured."""
+    out = []
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        cells = [(r["defense"], r["ratios"][f"{ratio:g}"]) for r in rows if r["arch"] == arch]
+        ok = [(d, c) for d, c in cells if c["protected"] is not None and not c["diverged"]]
+        entry = {"arch": arch, "ratio": ratio, "defenses": [d for d, _ in ok],
+                 "left_out": sorted(d for d, c in cells if c["diverged"])}
+        for key, acc, gap in (("last", "protected", "gap"), ("peak", "protected_peak", "peak_gap")):
+            if not ok:
+                entry[key] = None
+                continue
+            worst = max(ok, key=lambda dc: dc[1][acc])
+            gaps = [(d, c[gap]) for d, c in ok if c[gap] is not None]
+            least = min(gaps, key=lambda dg: dg[1]) if gaps else None
+            entry[key] = {"accuracy": worst[1][acc], "defense": worst[0],
+                          "gap": least and least[1], "gap_defense": least and least[0]}
+            if key == "peak":
+                entry[key]["epoch"] = worst[1]["protected_peak_epoch"]
+        out.append(entry)
+    return out
+
+
 def _pct(v, diverged=False) -> str:
     return "diverged" if diverged else "-" if v is None else f"{100 * v:.1f}"
 
 
-def _gap(cell) -> str:
+def _gap(cell, key: str = "gap") -> str:
     if cell["diverged"]:
         return "diverged"
-    if cell["gap"] is None:
+    if cell.get(key) is None:
         return "-"
-    return f"{100 * cell['gap']:.1f}" + ("" if cell.get("gap_se") is None else f" ± {100 * cell['gap_se']:.1f}")
+    se = cell.get(key + "_se")
+    return f"{100 * cell[key]:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
+
+
+def _robustness_lines(summary: dict, n_defenses: int) -> list[str]:
+    lines = ["", "## Robustness", "",
+             f"The protection's worst case over the {n_defenses} defence(s) of this report, per victim: the highest "
+             "protected accuracy any of them restores, and the smallest gap, by last and by peak accuracy. It holds "
+             "only against the defences measured here.", ""]
+    for ratio, entries in summary.items():
+        for e in entries:
+            where = e["arch"] + ("" if ratio == "1" else f" at ratio {ratio}")
+            if e["last"] is None:
+                lines.append(f"- {where}: no defence measured yet" + (
+                    f" (diverged: {', '.join(e['left_out'])})" if e["left_out"] else ""))
+                continue
+            last, peak = e["last"], e["peak"]
+            gap = "" if last["gap"] is None else f"; smallest gap {100 * last['gap']:.1f} points under {last['gap_defense']}"
+            pgap = "" if peak["gap"] is None else f", smallest peak gap {100 * peak['gap']:.1f} under {peak['gap_defense']}"
+            lines.append(f"- {where}: worst case {_pct(last['accuracy'])}% under {last['defense']} (last epoch){gap}; "
+                         f"at the peak {_pct(peak['accuracy'])}% under {peak['defense']} (epoch {peak['epoch']}){pgap}"
+                         + (f"; diverged, left out: {', '.join(e['left_out'])}" if e["left_out"] else ""))
+    return lines
 
 
 def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shared, prot, cl, te, label, *,
@@ -275,7 +328,7 @@ def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shar
                       "classes": prot.classes, "image_size": list(prot.image_size)},
            "settings": {k: v for k, v in shared.items() if k != "format"}, "archs": list(archs),
            "defenses": list(defenses), "poison_ratios": list(ratios), "rows": rows,
-           "cells": results, "elapsed_s": elapsed}
+           "robustness": {f"{r:g}": robustness(rows, r) for r in ratios}, "cells": results, "elapsed_s": elapsed}
     write_json_atomic(out / "report.json", doc)
     lines = [f"# ue_fast report{': ' + label if label else ''}", ""]
     src = source.get("source") or {}
@@ -290,14 +343,16 @@ def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shar
     lines += ["", "Clean test accuracy (%) of each victim at its last epoch. Gap (points): clean minus protected; "
               "at a ratio below 1, the victim trained on the clean part alone minus the mixed victim; ± its "
               "standard error over the test images, sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n). \"diverged\": the "
-              "victim's training diverged (non-finite or exploding loss), so its accuracy measures nothing."
+              "victim's training diverged (non-finite or exploding loss), so its accuracy measures nothing. "
+              "Peak: the protected victim's best test accuracy over its epochs (and that epoch), what a trainer "
+              "who stops early keeps; peak gap: the reference's peak minus it."
               + (" UD: unlearnable distance (1 for clean data, lower is less learnable)." if ud else ""), ""]
     head = ["victim", "defence", "clean"]
     for r in ratios:
         if r == 1:
-            head += ["protected", "gap"]
+            head += ["protected", "gap", "peak (epoch)", "peak gap"]
         else:
-            head += [f"mixed {r:g}", f"clean part {r:g}", f"gap {r:g}"]
+            head += [f"mixed {r:g}", f"clean part {r:g}", f"gap {r:g}", f"peak {r:g} (epoch)", f"peak gap {r:g}"]
         if ud:
             head.append("UD" if r == 1 else f"UD {r:g}")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -306,11 +361,15 @@ def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shar
         for r in ratios:
             c = row["ratios"][f"{r:g}"]
             div = c["diverged"] or []
+            peak = _pct(c.get("protected_peak"), "protected" in div)
+            if c.get("protected_peak") is not None and not div:
+                peak += f" ({c['protected_peak_epoch']})"
             cells += [_pct(c["protected"], "protected" in div)] + (
-                [] if r == 1 else [_pct(c["clean_part"], "clean part" in div)]) + [_gap(c)]
+                [] if r == 1 else [_pct(c["clean_part"], "clean part" in div)]) + [_gap(c), peak, _gap(c, "peak_gap")]
             if ud:
                 cells.append("diverged" if div else "-" if c["ud"] is None else f"{c['ud']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _robustness_lines(doc["robustness"], len(defenses))
     (out / "report.md.tmp").write_text("\n".join(lines) + "\n")
     (out / "report.md.tmp").replace(out / "report.md")
     _heatmap(out / "heatmap.png", rows, archs, defenses, ratios, label)

@@ -128,16 +128,19 @@ def _verdict(v: dict | None) -> dict | None:
 
 def _curve(r: VictimResult, **extra) -> dict:
     return {"test_acc": r.test_acc, "train_acc": r.train_acc, "best": r.best, "last": r.last,
-            "train_loss": [_finite(x) for x in r.train_loss], "diverged": _verdict(r.diverged), **extra}
+            "peak_accuracy": r.best, "peak_epoch": r.peak_epoch, "train_loss": [_finite(x) for x in r.train_loss], "diverged": _verdict(r.diverged), **extra}
 
 
 def _comparison(clean: dict, protected: VictimResult, n_test: int, reference: str, source: str) -> dict:
     """Clean and protected accuracy side by side (last epoch), the gap and its SE (:func:`gap_se`)."""
     p1, p2 = clean["last"], protected.last
+    q1, q2 = clean["best"], protected.best  # the peaks: what stopping early at the best epoch would keep
     diverged = [k for k, v in (("clean", clean.get("diverged")), ("protected", protected.diverged)) if v]
     return {"reference": reference, "from": source, "n_test": n_test,
-            "clean": clean, "protected": {"best": protected.best, "last": p2, "diverged": _verdict(protected.diverged)},
+            "clean": clean, "protected": {"best": protected.best, "last": p2, "peak_accuracy": q2,
+                                          "peak_epoch": protected.peak_epoch, "diverged": _verdict(protected.diverged)},
             "gap": None if diverged else p1 - p2, "gap_se": gap_se(p1, p2, n_test), "diverged": diverged or None,
+            "peak_gap": None if diverged else q1 - q2, "peak_gap_se": gap_se(q1, q2, n_test),
             "se_formula": "sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n), n test images (conservative: both victims are "
                           "tested on the same images)"}
 
@@ -349,7 +352,8 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         ref = VictimResult(test_acc=list(ud_reference["clean_run"]["test_acc"]))
         ref.diverged = ud_reference["clean_run"].get("diverged")
         if clean_ref is None:
-            clean_ref = {"test_acc": ref.test_acc, "best": ref.best, "last": ref.last, "diverged": ref.diverged}
+            clean_ref = {"test_acc": ref.test_acc, "best": ref.best, "last": ref.last, "peak_accuracy": ref.best,
+                         "peak_epoch": ref.peak_epoch, "diverged": ref.diverged}
             ref_from = "the clean run of ud_reference (same recipe and defence)"
     elif ud:
         t1 = time.perf_counter()
@@ -390,6 +394,7 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         "versions": {"ue_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "test_acc": victim.test_acc, "train_acc": victim.train_acc,
         "best": victim.best, "last": victim.last,
+        "peak_accuracy": victim.best, "peak_epoch": victim.peak_epoch,
         "train_loss": [_finite(x) for x in victim.train_loss],
         "diverged": _verdict(victim.diverged),
         "comparison": None if clean_ref is None else _comparison(
@@ -454,7 +459,8 @@ def summary_lines(results: dict) -> list[str]:
     div = r.get("diverged")
     lines.append(f"victim {s['arch']} trained {s['epochs']} epochs on {r['num_train']} images of {r['train']} "
                  f"(defense: {s['defense']}); clean test accuracy on {r['num_test']} images: "
-                 f"best {_pts(r['best'])}, last {_pts(r['last'])}" + (" [DIVERGED]" if div else ""))
+                 f"last {_pts(r['last'])}, peak {_pts(r['best'])}"
+                 + (f" (epoch {r['peak_epoch']})" if r.get("peak_epoch") else "") + (" [DIVERGED]" if div else ""))
     if div:
         lines.append(f"DIVERGED at epoch {div['epoch']}: {div['reason']}. This accuracy is a broken network's, not a "
                      f"measure of protection: lower the learning rate (lr {s['lr']:g}) and rerun")
@@ -465,6 +471,10 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(f"clean reference ({c['reference']}): last {_pts(c['clean']['last'])} vs protected "
                      f"{_pts(c['protected']['last'])}: gap {gap} (SE over {c['n_test']} test images; reference: "
                      f"{c['from']})")
+        if c.get("peak_gap") is not None:
+            lines.append(f"at each victim's peak epoch (what stopping early would keep): clean {_pts(c['clean']['best'])}"
+                         f" vs protected {_pts(c['protected']['best'])} (epoch {c['protected']['peak_epoch']}): gap "
+                         f"{100 * c['peak_gap']:.2f} ± {100 * c['peak_gap_se']:.2f} points")
     else:
         lines.append("no clean reference: nothing to set this accuracy against (reference=True, --reference, trains "
                      "a victim of the same recipe on the clean counterparts)")
