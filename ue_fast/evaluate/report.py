@@ -37,12 +37,14 @@ import torch
 from .. import __version__
 from ..data import ImageSet, read_json, write_json_atomic
 from ..data.poisons import kind_of
+from ..devices import resolve_device
 from ..models import ARCHS
+from ..ops._checks import check_int
 from ..outputs import check_not_held, check_output_folder, entries_besides_locks, hold
 from ..progress import progress as _progress
 from .defenses import DEFENSES
 from .pairs import describe
-from .run import _clean_counterpart, _load, _poisoned, evaluate, gap_se
+from .run import _clean_counterpart, _detection, _load, _poisoned, evaluate, gap_se
 
 FORMAT = "ue_fast.report/1"
 DEFAULT_ARCHS = ("resnet18",)
@@ -116,7 +118,8 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
            poison_ratios=DEFAULT_RATIOS, epochs: int = 40, ud: bool = False, ud_samples: int | None = 2048,
            ud_iters: int = 10, ud_rho: float = 0.05, order=None, resize=None, device: str | None = None,
            seed: int = 0, batch_size: int = 128, lr: float | None = None, adv_eps: float = 8, adv_norm: str = "linf",
-           jpeg_quality: int = 10, label: str | None = None, progress: bool = True) -> dict:
+           jpeg_quality: int = 10, detect: bool = False, detect_epochs: int = 100, detect_model: str = "linear",
+           label: str | None = None, progress: bool = True) -> dict:
     """Run (or resume) every cell of the report and write ``out``/report.md, heatmap.png, report.json.
 
     protected: a ``protect`` output folder, or another tool's poisons (an APBench poison folder, a
@@ -124,7 +127,9 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
     order, of another tool's poisons; ``order`` for an image folder). test: the clean test set.
     archs, defenses: victims and defences (``ue_fast.models.ARCHS``, ``DEFENSES``). poison_ratios:
     fractions in (0, 1] of the training set protected (``evaluate``'s ``poison_ratio``). lr: the peak
-    learning rate of every victim (default: each architecture's recipe). The other arguments are
+    learning rate of every victim (default: each architecture's recipe). detect: UDP's detection score
+    of the protected set and of its clean counterparts, once per report (``evaluate``'s ``detect``,
+    ``detect_epochs`` epochs of ``detect_model``; ``detection`` in report.json). The other arguments are
     ``evaluate``'s. Returns the report document (``report.json``).
     """
     t0 = time.perf_counter()
@@ -133,6 +138,14 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
     ratios = _check_ratios(poison_ratios)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not isinstance(detect, bool):
+        raise ValueError(f"detect must be True or False, got {detect!r}")
+    if detect:
+        from .detect import MODELS
+
+        check_int("detect_epochs", detect_epochs, 1)
+        if detect_model not in MODELS:
+            raise ValueError(f"detect_model must be one of {', '.join(MODELS)}, got {detect_model!r}")
     out = Path(out)
     _check_report_folder(out, {"protected set": protected, "clean set": clean, "test set": test, "order file": order})
     prot, cl, te, source = load_sets(protected, clean, test, order=order, resize=resize)
@@ -154,6 +167,11 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
                 plan.append(("clean", arch, defense, None))
                 plan += [("protected", arch, defense, r) for r in ratios]
         results: dict[str, dict] = {}
+        detection = None
+        if detect:  # one score per data set, not per cell: cached like a cell
+            fp = {**shared, "set": "detect", "detect_epochs": detect_epochs, "detect_model": detect_model}
+            detection = _cached(cells_dir / "detect.json", fp,
+                                lambda: _detection(prot, cl, detect_epochs, seed, resolve_device(device), detect_model))
         bar = _progress(len(plan), "report cells", "cell", enabled=progress, interval=0)
         reused = 0
         for kind, arch, defense, ratio in plan:
@@ -189,9 +207,23 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
             bar.set_postfix(cell=name, reused=reused)
             bar.update(1)
             _write_outputs(out, results, archs, defenses, ratios, ud, source, shared, prot, cl, te, label,
-                           complete=len(results) == len(plan), elapsed=time.perf_counter() - t0)
+                           complete=len(results) == len(plan), elapsed=time.perf_counter() - t0, detection=detection)
         bar.close()
         return read_json(out / "report.json")
+
+
+def _cached(path: Path, fp: dict, compute):
+    """The results cached at ``path`` under fingerprint ``fp``, or ``compute()``'s, then cached."""
+    if path.is_file():
+        try:
+            cached = read_json(path)
+            if cached.get("fingerprint") == fp:
+                return cached["results"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    doc = compute()
+    write_json_atomic(path, {"fingerprint": fp, "results": doc})
+    return doc
 
 
 def _check_report_folder(out: Path, inputs: dict) -> None:
@@ -312,8 +344,10 @@ def _robustness_lines(summary: dict, n_defenses: int) -> list[str]:
                     f" (diverged: {', '.join(e['left_out'])})" if e["left_out"] else ""))
                 continue
             last, peak = e["last"], e["peak"]
-            gap = "" if last["gap"] is None else f"; smallest gap {100 * last['gap']:.1f} points under {last['gap_defense']}"
-            pgap = "" if peak["gap"] is None else f", smallest peak gap {100 * peak['gap']:.1f} under {peak['gap_defense']}"
+            gap = ("" if last["gap"] is None else
+                   f"; smallest gap {100 * last['gap']:.1f} points under {last['gap_defense']}")
+            pgap = ("" if peak["gap"] is None else
+                    f", smallest peak gap {100 * peak['gap']:.1f} under {peak['gap_defense']}")
             lines.append(f"- {where}: worst case {_pct(last['accuracy'])}% under {last['defense']} (last epoch){gap}; "
                          f"at the peak {_pct(peak['accuracy'])}% under {peak['defense']} (epoch {peak['epoch']}){pgap}"
                          + (f"; diverged, left out: {', '.join(e['left_out'])}" if e["left_out"] else ""))
@@ -321,14 +355,15 @@ def _robustness_lines(summary: dict, n_defenses: int) -> list[str]:
 
 
 def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shared, prot, cl, te, label, *,
-                   complete: bool, elapsed: float) -> None:
+                   complete: bool, elapsed: float, detection: dict | None = None) -> None:
     rows = [_row(results, a, d, ratios, ud) for a in archs for d in defenses]
     doc = {"format": FORMAT, "ue_fast_version": __version__, "label": label, "complete": complete,
            "inputs": {"protected": source, "num_train": len(prot), "num_clean": len(cl), "num_test": len(te),
                       "classes": prot.classes, "image_size": list(prot.image_size)},
            "settings": {k: v for k, v in shared.items() if k != "format"}, "archs": list(archs),
            "defenses": list(defenses), "poison_ratios": list(ratios), "rows": rows,
-           "robustness": {f"{r:g}": robustness(rows, r) for r in ratios}, "cells": results, "elapsed_s": elapsed}
+           "robustness": {f"{r:g}": robustness(rows, r) for r in ratios}, "detection": detection,
+           "cells": results, "elapsed_s": elapsed}
     write_json_atomic(out / "report.json", doc)
     lines = [f"# ue_fast report{': ' + label if label else ''}", ""]
     src = source.get("source") or {}
@@ -370,6 +405,13 @@ def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shar
                 cells.append("diverged" if div else "-" if c["ud"] is None else f"{c['ud']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += _robustness_lines(doc["robustness"], len(defenses))
+    if detection:
+        p, c = detection["protected"], detection["clean"]
+        lines += ["", "## Detection", "",
+                  f"UDP (Zhu et al. 2024): a {p['model']} network trained {p['epochs']} epochs on {p['num_train']} "
+                  f"images of the set, its accuracy on the {p['num_held_out']} held out: protected set "
+                  f"{_pct(p['score'])}%, {'detected' if p['detected'] else 'not detected'} (the paper's bound "
+                  f"{_pct(p['bound'])}%)" + ("" if c is None else f"; clean counterparts {_pct(c['score'])}%") + "."]
     (out / "report.md.tmp").write_text("\n".join(lines) + "\n")
     (out / "report.md.tmp").replace(out / "report.md")
     _heatmap(out / "heatmap.png", rows, archs, defenses, ratios, label)

@@ -30,6 +30,7 @@ import torch
 from .. import __version__
 from ..data import ImageSet, read_json, write_json_atomic
 from ..data.canonical import detect, read_dataset
+from ..ops._checks import check_int
 from ..data.poisons import kind_of, load_poisoned
 from ..devices import resolve_device
 from ..models import ARCHS, recipe
@@ -128,7 +129,8 @@ def _verdict(v: dict | None) -> dict | None:
 
 def _curve(r: VictimResult, **extra) -> dict:
     return {"test_acc": r.test_acc, "train_acc": r.train_acc, "best": r.best, "last": r.last,
-            "peak_accuracy": r.best, "peak_epoch": r.peak_epoch, "train_loss": [_finite(x) for x in r.train_loss], "diverged": _verdict(r.diverged), **extra}
+            "peak_accuracy": r.best, "peak_epoch": r.peak_epoch, "train_loss": [_finite(x) for x in r.train_loss],
+            "diverged": _verdict(r.diverged), **extra}
 
 
 def _comparison(clean: dict, protected: VictimResult, n_test: int, reference: str, source: str) -> dict:
@@ -143,6 +145,18 @@ def _comparison(clean: dict, protected: VictimResult, n_test: int, reference: st
             "peak_gap": None if diverged else q1 - q2, "peak_gap_se": gap_se(q1, q2, n_test),
             "se_formula": "sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n), n test images (conservative: both victims are "
                           "tested on the same images)"}
+
+
+def _detection(train_set: ImageSet, clean: ImageSet | None, epochs: int, seed: int, device,
+               model: str = "linear") -> dict:
+    """UDP's detection score of the training set and, when known, of its clean counterparts."""
+    from .detect import detection_score
+
+    opts = {"epochs": epochs, "seed": seed, "device": device, "model": model}
+    out = {"protected": detection_score(train_set.images, train_set.labels, **opts)}
+    out["clean"] = None if clean is None else detection_score(clean.images, clean.labels, **opts)
+    out["difference"] = None if clean is None else out["protected"]["score"] - out["clean"]["score"]
+    return out
 
 
 def protected_mask(labels: torch.Tensor, num_classes: int, ratio: float, seed: int = 0) -> torch.Tensor:
@@ -165,7 +179,8 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
              device: str | None = None, seed: int = 0, resize=None, mi: bool = False, clean=None,
              order=None, poison_ratio: float | None = None, ud: bool = False, ud_samples: int | None = 2048,
              ud_iters: int = 10, ud_rho: float = 0.05, ud_reference=None, out=None, plot: bool = True,
-             progress: bool = True, reference: bool = False,
+             progress: bool = True, reference: bool = False, detect: bool = False, detect_epochs: int = 100,
+             detect_model: str = "linear",
              label: str | None = None) -> dict:
     """Train a victim on ``train``, test it on clean ``test`` after every epoch; return the results.
 
@@ -218,6 +233,12 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
             (train the clean victim), ``"self"`` (``train`` is clean data: its own values are the
             reference, UD 1), or the ``ud`` document of an earlier run with the same settings,
             whose clean run is reused (``ue-fast report`` trains each clean victim once).
+        detect: also UDP's detection score (``ue_fast.evaluate.detect``): a simple network
+            (``detect_model``: "linear", or the authors' default "2nn", which needs their full-scale
+            schedule) trained ``detect_epochs`` epochs on 80% of the training set (as the victim sees
+            it), its accuracy on the other 20%; above 0.7 the paper calls the set detected. With clean counterparts
+            (``clean``, or the input a protect manifest names) the same on them, for comparison.
+            Results in ``detect``.
         out: write the results JSON there (and, with ``plot``, the curves beside it as .png).
         label: the run's name in plots (default: the training folder's name and the defence).
 
@@ -274,6 +295,14 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
             check_output_file(out.with_suffix(".png"), inputs, "the curves (out's .png)", kind="png")
     if not isinstance(reference, bool):
         raise ValueError(f"reference must be True or False, got {reference!r}")
+    if not isinstance(detect, bool):
+        raise ValueError(f"detect must be True or False, got {detect!r}")
+    if detect:
+        from .detect import MODELS
+
+        check_int("detect_epochs", detect_epochs, 1)
+        if detect_model not in MODELS:
+            raise ValueError(f"detect_model must be one of {', '.join(MODELS)}, got {detect_model!r}")
     train_dir = None if isinstance(train, ImageSet) else Path(train)
     cl = None  # the clean counterparts of tr, in its order, checked pair by pair
     if train_dir is not None and kind_of(train_dir) in ("apbench", "tensor"):
@@ -300,7 +329,8 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
     partial_run = poison_ratio is not None and poison_ratio < 1
     reuses_ud = ud and ud_reference is not None  # the clean side comes from ud_reference: no clean images needed
     if cl is None and (clean is not None or mi or (ud and ud_reference is None) or partial_run
-                       or (reference and not reuses_ud)):
+                       or (reference and not reuses_ud)
+                       or (detect and train_dir is not None and (train_dir / "manifest.json").is_file())):
         cl = _clean_counterpart(train_dir, tr, clean, resize)
     pairs = cl.origin.get("pairs_checked") if cl is not None else None
     partial, train_set, part_ref = None, tr, None
@@ -313,6 +343,11 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
                                 defense=get_defense(defense, **options), label="on the clean part alone", **common)
         partial = {"ratio": poison_ratio, "protected": int(mask.sum()), "clean": len(keep), "seed": seed,
                    "clean_part": _curve(part_ref)}
+    detection = None
+    if detect:
+        t1 = time.perf_counter()
+        detection = _detection(train_set, cl, detect_epochs, seed, dev, detect_model)
+        detection["seconds"] = time.perf_counter() - t1
     sal = {"protected": [], "clean": []}
     ud_opts = dict(rho=ud_rho, iters=ud_iters)
 
@@ -400,6 +435,7 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         "comparison": None if clean_ref is None else _comparison(
             clean_ref, victim, len(te), "clean part alone" if partial_run else "clean counterparts", ref_from),
         "pairs_checked": pairs,
+        "detect": detection,
         "timings_s": {"victim": t_victim},
     }
     if t_ref is not None:
@@ -472,12 +508,22 @@ def summary_lines(results: dict) -> list[str]:
                      f"{_pts(c['protected']['last'])}: gap {gap} (SE over {c['n_test']} test images; reference: "
                      f"{c['from']})")
         if c.get("peak_gap") is not None:
-            lines.append(f"at each victim's peak epoch (what stopping early would keep): clean {_pts(c['clean']['best'])}"
-                         f" vs protected {_pts(c['protected']['best'])} (epoch {c['protected']['peak_epoch']}): gap "
+            lines.append(f"at each victim's peak epoch (what stopping early would keep): clean "
+                         f"{_pts(c['clean']['best'])} vs protected {_pts(c['protected']['best'])} (epoch {c['protected']['peak_epoch']}): gap "
                          f"{100 * c['peak_gap']:.2f} ± {100 * c['peak_gap_se']:.2f} points")
     else:
         lines.append("no clean reference: nothing to set this accuracy against (reference=True, --reference, trains "
                      "a victim of the same recipe on the clean counterparts)")
+    d = r.get("detect")
+    if d:
+        p = d["protected"]
+        verdict = "detected" if p["detected"] else "not detected"
+        line = (f"detection (UDP, a {p['model']} network trained {p['epochs']} epochs on {p['num_train']} of the training "
+                f"images): held-out accuracy {_pts(p['score'])} on the {p['num_held_out']} others, {verdict} (bound "
+                f"{_pts(p['bound'])})")
+        if d.get("clean"):
+            line += f"; on the clean counterparts {_pts(d['clean']['score'])} (difference {100 * d['difference']:.2f} points)"
+        lines.append(line)
     part = r.get("poison_ratio")
     if part and part["clean_part"]:
         lines.append(f"partial protection: {part['protected']} of {r['num_train']} images protected "

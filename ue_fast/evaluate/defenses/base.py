@@ -78,7 +78,8 @@ class Defense:
         _check_images(images, gen)
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
-                raise TypeError(f"labels must be an int64 tensor [N], got {getattr(labels, 'dtype', type(labels).__name__)}")
+                got = getattr(labels, "dtype", type(labels).__name__)
+                raise TypeError(f"labels must be an int64 tensor [N], got {got}")
             if labels.shape != (images.shape[0],) or labels.device != images.device:
                 raise ValueError(f"labels must have shape [{images.shape[0]}] on {images.device}, "
                                  f"got {tuple(labels.shape)} on {labels.device}")
