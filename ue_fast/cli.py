@@ -188,7 +188,7 @@ def _cmd_evaluate(args) -> int:
                  poison_ratio=args.poison_ratio, ud=args.ud, ud_samples=args.ud_samples or None,
                  ud_iters=args.ud_iters, ud_rho=args.ud_rho, out=args.out, progress=not args.no_progress,
                  reference=args.reference, detect=args.detect, detect_epochs=args.detect_epochs,
-                 detect_model=args.detect_model)
+                 detect_model=args.detect_model, learner=args.learner, probe_epochs=args.probe_epochs)
     for line in summary_lines(r):
         print(line)
     if args.out is not None:
@@ -215,8 +215,8 @@ def _cmd_report(args) -> int:
                  ud_iters=args.ud_iters, ud_rho=args.ud_rho, order=args.order, resize=args.resize,
                  device=args.device, seed=args.seed, batch_size=args.batch_size, lr=args.lr, adv_eps=args.adv_eps,
                  adv_norm=args.adv_norm, jpeg_quality=args.jpeg_quality, detect=args.detect,
-                 detect_epochs=args.detect_epochs, detect_model=args.detect_model, label=args.label,
-                 progress=not args.no_progress)
+                 detect_epochs=args.detect_epochs, detect_model=args.detect_model, learners=args.learner,
+                 probe_epochs=args.probe_epochs, label=args.label, progress=not args.no_progress)
     print((args.out / "report.md").read_text(), end="")
     print(f"report: {args.out / 'report.md'}, {args.out / 'heatmap.png'}, {args.out / 'report.json'} "
           f"({len(doc['cells'])} cells, {doc['elapsed_s']:.0f} s)")
@@ -436,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "the gap and its standard error (a second training run; --mi, --ud and --poison-ratio train "
                     "one already and give the comparison without it)")
     _detect_arguments(ev)
+    ev.add_argument("--learner", default="supervised", choices=["supervised", "simclr", "moco"],
+                    help="supervised (the victim network, default), or a contrastive learner as APBench's: SimCLR or "
+                    "MoCo v2 pretrained --epochs epochs on the training images without labels, then a linear probe "
+                    "on its frozen features of the clean counterparts (no --defense, --mi, --ud or --poison-ratio)")
+    ev.add_argument("--probe-epochs", type=_positive_int, default=100, metavar="N",
+                    help="epochs of a contrastive learner's linear probe (default 100, APBench's)")
     ev.add_argument("--out", type=Path, default=None, metavar="FILE.json",
                     help="results JSON (the curves go beside it as .png); never an input, never over another kind "
                     "of file")
@@ -477,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--resize", type=_resize, default=None, help="resize every image to N or HxW")
     _detect_arguments(rp)
+    rp.add_argument("--learner", type=_comma_list, default=["supervised"], metavar="L,M",
+                    help="an axis like --archs: supervised (the victims under --defenses, default) and contrastive "
+                    "learners, simclr and moco (APBench's: pretrained --epochs epochs without labels, then a linear "
+                    "probe), each a row of its own per victim, with no other defence, at ratio 1")
+    rp.add_argument("--probe-epochs", type=_positive_int, default=100, metavar="N",
+                    help="epochs of a contrastive learner's linear probe (default 100)")
     rp.add_argument("--label", default=None, help="the report's title")
     rp.add_argument("--no-progress", action="store_true")
     rp.set_defaults(func=_cmd_report)

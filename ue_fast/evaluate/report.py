@@ -43,6 +43,7 @@ from ..ops._checks import check_int
 from ..outputs import check_not_held, check_output_folder, entries_besides_locks, hold
 from ..progress import progress as _progress
 from .defenses import DEFENSES
+from .learners import LEARNERS
 from .pairs import describe
 from .run import _clean_counterpart, _detection, _load, _poisoned, evaluate, gap_se
 
@@ -119,7 +120,8 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
            ud_iters: int = 10, ud_rho: float = 0.05, order=None, resize=None, device: str | None = None,
            seed: int = 0, batch_size: int = 128, lr: float | None = None, adv_eps: float = 8, adv_norm: str = "linf",
            jpeg_quality: int = 10, detect: bool = False, detect_epochs: int = 100, detect_model: str = "linear",
-           label: str | None = None, progress: bool = True) -> dict:
+           learners=("supervised",), probe_epochs: int = 100, label: str | None = None,
+           progress: bool = True) -> dict:
     """Run (or resume) every cell of the report and write ``out``/report.md, heatmap.png, report.json.
 
     protected: a ``protect`` output folder, or another tool's poisons (an APBench poison folder, a
@@ -129,12 +131,19 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
     fractions in (0, 1] of the training set protected (``evaluate``'s ``poison_ratio``). lr: the peak
     learning rate of every victim (default: each architecture's recipe). detect: UDP's detection score
     of the protected set and of its clean counterparts, once per report (``evaluate``'s ``detect``,
-    ``detect_epochs`` epochs of ``detect_model``; ``detection`` in report.json). The other arguments are
+    ``detect_epochs`` epochs of ``detect_model``; ``detection`` in report.json). learners: "supervised"
+    (the victims under each defence) and contrastive learners ("simclr", "moco": ``evaluate``'s
+    ``learner``, its probe ``probe_epochs`` epochs), each a row of its own per victim, with no other
+    defence and at ratio 1 only. The other arguments are
     ``evaluate``'s. Returns the report document (``report.json``).
     """
     t0 = time.perf_counter()
     archs = _check_list("archs", archs, ARCHS)
     defenses = _check_list("defenses", defenses, DEFENSES)
+    learners = _check_list("learners", learners, LEARNERS)
+    check_int("probe_epochs", probe_epochs, 1)
+    contrastive = [k for k in learners if k != "supervised"]
+    rows_keys = (list(defenses) if "supervised" in learners else []) + contrastive  # a row: a defence or a learner
     ratios = _check_ratios(poison_ratios)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -163,9 +172,9 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
 
         plan = []
         for arch in archs:
-            for defense in defenses:
-                plan.append(("clean", arch, defense, None))
-                plan += [("protected", arch, defense, r) for r in ratios]
+            for key in rows_keys:
+                plan.append(("clean", arch, key, None))
+                plan += [("protected", arch, key, r) for r in ratios if key not in contrastive or r == 1]
         results: dict[str, dict] = {}
         detection = None
         if detect:  # one score per data set, not per cell: cached like a cell
@@ -178,6 +187,8 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
             name = _cell_name(kind, arch, defense, ratio)
             path = cells_dir / f"{name}.json"
             fp = {**shared, "set": kind, "arch": arch, "defense": defense, "ratio": ratio}
+            if defense in contrastive:  # a learner's row: no defence, its own recipe
+                fp.update(defense="none", learner=defense, probe_epochs=probe_epochs)
             if kind == "clean":  # a clean cell does not depend on the protected set: reports of several can share it
                 fp["data"] = {k: v for k, v in data.items() if k != "protected"}
             doc = None
@@ -192,21 +203,23 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
             else:
                 opts = dict(arch=arch, defense=defense, **common, **ud_opts,
                             label=f"{kind} {arch} {defense}" + ("" if ratio is None else f" ratio {ratio:g}"))
-                if defense != "adv-train":
+                if defense in contrastive:
+                    opts.update(defense="none", learner=defense, probe_epochs=probe_epochs, ud=False)
+                if opts["defense"] != "adv-train":
                     opts.pop("adv_eps"), opts.pop("adv_norm")
-                if defense != "jpeg":
+                if opts["defense"] != "jpeg":
                     opts.pop("jpeg_quality")
                 if kind == "clean":
-                    doc = evaluate(cl, te, ud_reference="self" if ud else None, **opts)
+                    doc = evaluate(cl, te, ud_reference="self" if opts["ud"] else None, **opts)
                 else:
-                    ref = results[_cell_name("clean", arch, defense, None)].get("ud") if ud else None
+                    ref = results[_cell_name("clean", arch, defense, None)].get("ud") if opts["ud"] else None
                     doc = evaluate(prot, te, clean=cl, poison_ratio=None if ratio == 1 else ratio, ud_reference=ref,
                                    **opts)
                 write_json_atomic(path, {"fingerprint": fp, "results": doc})
             results[name] = doc
             bar.set_postfix(cell=name, reused=reused)
             bar.update(1)
-            _write_outputs(out, results, archs, defenses, ratios, ud, source, shared, prot, cl, te, label,
+            _write_outputs(out, results, archs, rows_keys, ratios, ud, source, shared, prot, cl, te, label,
                            complete=len(results) == len(plan), elapsed=time.perf_counter() - t0, detection=detection)
         bar.close()
         return read_json(out / "report.json")
@@ -257,8 +270,9 @@ def _row(results, arch, defense, ratios, ud):
     accuracy in the JSON but say ``diverged`` (which runs), and a gap involving it is None."""
     clean = results.get(_cell_name("clean", arch, defense, None))
     clean_div = bool(clean and clean.get("diverged"))
-    row = {"arch": arch, "defense": defense, "clean": clean and clean["last"], "clean_best": clean and clean["best"],
-           "clean_diverged": clean_div, "ratios": {}}
+    row = {"arch": arch, "defense": defense, "learner": defense if defense in LEARNERS else "supervised",
+           "clean": clean and clean["last"], "clean_best": clean and clean["best"], "clean_diverged": clean_div,
+           "ratios": {}}
     for r in ratios:
         doc = results.get(_cell_name("protected", arch, defense, r))
         cell = {"protected": None, "gap": None, "gap_se": None, "clean_part": None, "ud": None, "diverged": None,
@@ -361,7 +375,9 @@ def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shar
            "inputs": {"protected": source, "num_train": len(prot), "num_clean": len(cl), "num_test": len(te),
                       "classes": prot.classes, "image_size": list(prot.image_size)},
            "settings": {k: v for k, v in shared.items() if k != "format"}, "archs": list(archs),
-           "defenses": list(defenses), "poison_ratios": list(ratios), "rows": rows,
+           "defenses": [d for d in defenses if d not in LEARNERS],
+           "learners": [k for k in LEARNERS if any(r["learner"] == k for r in rows)], "poison_ratios": list(ratios),
+           "rows": rows,
            "robustness": {f"{r:g}": robustness(rows, r) for r in ratios}, "detection": detection,
            "cells": results, "elapsed_s": elapsed}
     write_json_atomic(out / "report.json", doc)
@@ -382,6 +398,11 @@ def _write_outputs(out: Path, results, archs, defenses, ratios, ud, source, shar
               "Peak: the protected victim's best test accuracy over its epochs (and that epoch), what a trainer "
               "who stops early keeps; peak gap: the reference's peak minus it."
               + (" UD: unlearnable distance (1 for clean data, lower is less learnable)." if ud else ""), ""]
+    learner_rows = [k for k in defenses if k in LEARNERS]
+    if learner_rows:
+        lines += [f"Rows {' and '.join(learner_rows)}: a contrastive learner (APBench's) pretrained on the set "
+                        "without its labels, with no other defence, then a linear probe on its frozen features of the "
+                        "clean counterparts; its accuracies are the probe's.", ""]
     head = ["victim", "defence", "clean"]
     for r in ratios:
         if r == 1:

@@ -147,6 +147,13 @@ def _comparison(clean: dict, protected: VictimResult, n_test: int, reference: st
                           "tested on the same images)"}
 
 
+def _learner_settings(kind: str) -> dict:
+    from .learners import SETTINGS
+
+    return {**SETTINGS[kind], "batch_size": 512, "weight_decay": 1e-4, "momentum": 0.9, "probe_batch_size": 128,
+            "probe_augmentation": "none (features computed once)", "source": "APBench us_train.py @ 9a6fb91"}
+
+
 def _detection(train_set: ImageSet, clean: ImageSet | None, epochs: int, seed: int, device,
                model: str = "linear") -> dict:
     """UDP's detection score of the training set and, when known, of its clean counterparts."""
@@ -180,7 +187,7 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
              order=None, poison_ratio: float | None = None, ud: bool = False, ud_samples: int | None = 2048,
              ud_iters: int = 10, ud_rho: float = 0.05, ud_reference=None, out=None, plot: bool = True,
              progress: bool = True, reference: bool = False, detect: bool = False, detect_epochs: int = 100,
-             detect_model: str = "linear",
+             detect_model: str = "linear", learner: str = "supervised", probe_epochs: int = 100,
              label: str | None = None) -> dict:
     """Train a victim on ``train``, test it on clean ``test`` after every epoch; return the results.
 
@@ -239,6 +246,12 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
             it), its accuracy on the other 20%; above 0.7 the paper calls the set detected. With clean counterparts
             (``clean``, or the input a protect manifest names) the same on them, for comparison.
             Results in ``detect``.
+        learner: "supervised" (the victim above), or "simclr" / "moco": a contrastive learner
+            (``ue_fast.evaluate.learners``, APBench's) pretrained ``epochs`` epochs on the training
+            images without their labels, then a linear probe trained ``probe_epochs`` epochs on its
+            frozen features of the clean counterparts (when known; else of the training set): the
+            curves are the probe's. Not with a defence, ``mi``, ``ud`` or ``poison_ratio``. Results
+            in ``learner``.
         out: write the results JSON there (and, with ``plot``, the curves beside it as .png).
         label: the run's name in plots (default: the training folder's name and the defence).
 
@@ -297,6 +310,18 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         raise ValueError(f"reference must be True or False, got {reference!r}")
     if not isinstance(detect, bool):
         raise ValueError(f"detect must be True or False, got {detect!r}")
+    from .learners import LEARNERS
+
+    if learner not in LEARNERS:
+        raise ValueError(f"unknown learner {learner!r}; choose one of {', '.join(LEARNERS)}")
+    contrastive = learner != "supervised"
+    if contrastive:
+        check_int("probe_epochs", probe_epochs, 1)
+        clash = [n for n, on in (("defense " + repr(defense), defense != "none"), ("mi", mi), ("ud", ud),
+                                 ("poison_ratio", poison_ratio is not None)) if on]
+        if clash:
+            raise ValueError(f"learner {learner!r} runs without {', '.join(clash)}: a contrastive learner and its "
+                             "probe are their own training recipe (run the supervised victim for those)")
     if detect:
         from .detect import MODELS
 
@@ -330,7 +355,8 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
     reuses_ud = ud and ud_reference is not None  # the clean side comes from ud_reference: no clean images needed
     if cl is None and (clean is not None or mi or (ud and ud_reference is None) or partial_run
                        or (reference and not reuses_ud)
-                       or (detect and train_dir is not None and (train_dir / "manifest.json").is_file())):
+                       or ((detect or contrastive) and train_dir is not None
+                           and (train_dir / "manifest.json").is_file())):
         cl = _clean_counterpart(train_dir, tr, clean, resize)
     pairs = cl.origin.get("pairs_checked") if cl is not None else None
     partial, train_set, part_ref = None, tr, None
@@ -363,10 +389,22 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         return on_epoch
 
     t_ud = 0.0
-    victim = train_victim(train_set.images, train_set.labels, te.images, te.labels, len(tr.classes),
-                          defense=get_defense(defense, **options), on_epoch=measure("protected", train_set) if ud
-                          else None, label=f"on {label or (train_dir.name if train_dir else 'the training set')}",
-                          **common)
+    what = f"on {label or (train_dir.name if train_dir else 'the training set')}"
+    probe = cl if cl is not None else train_set  # APBench probes on the clean training set
+
+    def learn(images: torch.Tensor, on: str):
+        from .learners import train_learner
+
+        return train_learner(learner, images, probe.images, probe.labels, te.images, te.labels, len(tr.classes),
+                             arch=arch, epochs=epochs, probe_epochs=probe_epochs, seed=seed, device=dev,
+                             progress=progress, label=on)
+
+    if contrastive:
+        victim = learn(train_set.images, what)
+    else:
+        victim = train_victim(train_set.images, train_set.labels, te.images, te.labels, len(tr.classes),
+                              defense=get_defense(defense, **options), on_epoch=measure("protected", train_set) if ud
+                              else None, label=what, **common)
     t_victim = time.perf_counter() - t0
     mi_ref = None
     clean_ref, ref_from = None, None  # the clean reference of `comparison`: a curve dict, and which run it is
@@ -404,9 +442,12 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         # mi's reference model is trained with no defence: with defense "none" it is this recipe's
         # clean victim, trained once for both
         t1 = time.perf_counter()
-        mi_ref = train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes),
-                              defense=get_defense(defense, **options), return_model=mi and defense == "none",
-                              label="on the clean counterparts", **common)
+        if contrastive:
+            mi_ref = learn(cl.images, "on the clean counterparts")
+        else:
+            mi_ref = train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes),
+                                  defense=get_defense(defense, **options), return_model=mi and defense == "none",
+                                  label="on the clean counterparts", **common)
         clean_ref, ref_from = _curve(mi_ref), "a victim of the same recipe and defence on the clean counterparts"
         mi_ref = mi_ref if mi and defense == "none" else None
         t_ref = time.perf_counter() - t1
@@ -424,7 +465,7 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
                          jpeg_quality=jpeg_quality if defense == "jpeg" else None, poison_ratio=poison_ratio,
                          batch_size=batch_size, optimizer=rec["optimizer"], lr=lr, weight_decay=weight_decay, seed=seed,
                          momentum=rec.get("momentum"), augmentation="crop 4 px padding + horizontal flip",
-                         schedule="cosine"),
+                         schedule="cosine", learner=learner),
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         "versions": {"ue_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "test_acc": victim.test_acc, "train_acc": victim.train_acc,
@@ -436,6 +477,10 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
             clean_ref, victim, len(te), "clean part alone" if partial_run else "clean counterparts", ref_from),
         "pairs_checked": pairs,
         "detect": detection,
+        "learner": None if not contrastive else {
+            "kind": learner, "pretrain_epochs": epochs, "pretrain_loss": [_finite(x) for x in victim.pretrain_loss],
+            "probe_epochs": probe_epochs, "probe_on": "clean counterparts" if cl is not None else "training set",
+            "settings": _learner_settings(learner)},
         "timings_s": {"victim": t_victim},
     }
     if t_ref is not None:
@@ -509,20 +554,27 @@ def summary_lines(results: dict) -> list[str]:
                      f"{c['from']})")
         if c.get("peak_gap") is not None:
             lines.append(f"at each victim's peak epoch (what stopping early would keep): clean "
-                         f"{_pts(c['clean']['best'])} vs protected {_pts(c['protected']['best'])} (epoch {c['protected']['peak_epoch']}): gap "
+                         f"{_pts(c['clean']['best'])} vs protected {_pts(c['protected']['best'])} "
+                         f"(epoch {c['protected']['peak_epoch']}): gap "
                          f"{100 * c['peak_gap']:.2f} ± {100 * c['peak_gap_se']:.2f} points")
     else:
         lines.append("no clean reference: nothing to set this accuracy against (reference=True, --reference, trains "
                      "a victim of the same recipe on the clean counterparts)")
+    lrn = r.get("learner")
+    if lrn:
+        lines.append(f"learner {lrn['kind']}: pretrained {lrn['pretrain_epochs']} epochs on the training images "
+                     f"without their labels, then a linear probe trained {lrn['probe_epochs']} epochs on the "
+                     f"{lrn['probe_on']}; the accuracies above are the probe's")
     d = r.get("detect")
     if d:
         p = d["protected"]
         verdict = "detected" if p["detected"] else "not detected"
-        line = (f"detection (UDP, a {p['model']} network trained {p['epochs']} epochs on {p['num_train']} of the training "
-                f"images): held-out accuracy {_pts(p['score'])} on the {p['num_held_out']} others, {verdict} (bound "
+        line = (f"detection (UDP, a {p['model']} network trained {p['epochs']} epochs on {p['num_train']} of the "
+                f"training images): held-out accuracy {_pts(p['score'])} on the {p['num_held_out']} others, {verdict} (bound "
                 f"{_pts(p['bound'])})")
         if d.get("clean"):
-            line += f"; on the clean counterparts {_pts(d['clean']['score'])} (difference {100 * d['difference']:.2f} points)"
+            line += (f"; on the clean counterparts {_pts(d['clean']['score'])} "
+                     f"(difference {100 * d['difference']:.2f} points)")
         lines.append(line)
     part = r.get("poison_ratio")
     if part and part["clean_part"]:

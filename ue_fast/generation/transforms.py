@@ -144,7 +144,8 @@ def _jitter(x: torch.Tensor, f: torch.Tensor, order: torch.Tensor) -> torch.Tens
 CONTRASTIVE_DRAWS = 15  # area, log-ratio, x0, y0, flip, jitter?, 4 jitter factors, gray?, 4 order keys
 
 
-def contrastive_augment(x: torch.Tensor, u: torch.Tensor, strength: float) -> torch.Tensor:
+def contrastive_augment(x: torch.Tensor, u: torch.Tensor, strength: float,
+                        crop_min: float | None = None) -> torch.Tensor:
     """AUE/AAP's strong augmentation at ``strength`` s (their ``utils.Augment(s).aug_cl``), per
     sample, differentiable in x: a random resized crop (area fraction in
     ``[max(1 - 0.9 s, 0.05), 1]``, aspect ratio in [3/4, 4/3] log-uniform, bilinear), a
@@ -154,13 +155,14 @@ def contrastive_augment(x: torch.Tensor, u: torch.Tensor, strength: float) -> to
 
     x [B, 3, H, W] in [0, 1]; ``u`` [B, CONTRASTIVE_DRAWS] uniform in [0, 1) (the caller draws
     it from the run's generator). A crop wider or taller than the image is clipped to it (torchvision
-    and kornia redraw it up to 10 times instead).
+    and kornia redraw it up to 10 times instead). ``crop_min``: the smallest area fraction of the
+    crop instead of ``max(1 - 0.9 s, 0.05)`` (SimCLR's 0.2 for the contrastive learners).
     """
     b, c, h, w = x.shape
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     u = u.to(device=x.device, dtype=dt)
     s = float(strength)
-    lo = max(1 - 0.9 * s, 0.05)
+    lo = max(1 - 0.9 * s, 0.05) if crop_min is None else float(crop_min)
     area = lo + (1 - lo) * u[:, 0]
     ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1])
     cw = torch.sqrt(area * ratio * h * w).clamp(max=w)  # crop size in pixels
