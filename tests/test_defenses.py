@@ -15,7 +15,7 @@ from ue_fast.evaluate.defenses import (
     UEraser, get_defense,
 )
 
-DATA_LEVEL = ("none", "jpeg", "grayscale", "gaussian", "bdr", "op")
+DATA_LEVEL = ("none", "jpeg", "grayscale", "gaussian", "bdr", "op", "dvae")
 BATCH_LEVEL = ("cutout", "cutmix", "mixup", "adv-train", "ueraser-lite", "ueraser", "ueraser-max", "coin")
 
 

@@ -39,12 +39,14 @@ BAD_OPTIONS = [
     ("coin", {"severity": 8}, ValueError, "severity"),
     ("coin", {"severity": 0}, ValueError, "severity"),
     ("coin", {"alpha": 2.0}, TypeError, "'alpha'"),
+    ("dvae", {"epochs": 0}, ValueError, "epochs"),
+    ("dvae", {"batch_size": 1.5}, TypeError, "batch_size"),
 ]
 
 
 def test_registry_builds_every_defense():
     assert DEFENSES == ("none", "jpeg", "grayscale", "gaussian", "bdr", "cutout", "cutmix", "mixup", "adv-train",
-                        "ueraser-lite", "ueraser", "ueraser-max", "op", "coin")
+                        "ueraser-lite", "ueraser", "ueraser-max", "op", "coin", "dvae")
     for name in DEFENSES:
         d = get_defense(name)
         assert isinstance(d, Defense) and d.name == name
@@ -144,12 +146,14 @@ def test_defenses_run_under_bf16_autocast(demo, batch, model, gen):
 def test_defenses_on_cuda(name, demo, batch, model):
     (images, labels), (x, y) = demo, batch
     model = model.cuda()
-    d = get_defense(name)
+    d = small(name)
     prepared = d.prepare(images.cuda(), torch.Generator().manual_seed(0), labels.cuda())
     assert prepared.is_cuda and prepared.dtype == torch.uint8
     on_cpu = d.prepare(images, torch.Generator().manual_seed(0), labels)
     if name == "op":  # its fit is float32 arithmetic in another order on the GPU: rounding may differ
         assert (prepared.cpu().float() - on_cpu.float()).abs().mean() < 1
+    elif name == "dvae":  # its latent noise comes from a generator on the device: another stream on the GPU
+        assert torch.equal(prepared, d.prepare(images.cuda(), torch.Generator().manual_seed(0), labels.cuda()))
     else:
         assert torch.equal(prepared.cpu(), on_cpu)
     losses = [d.loss(model, x.cuda(), y.cuda(), torch.Generator().manual_seed(5)) for _ in range(2)]

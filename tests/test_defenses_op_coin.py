@@ -169,3 +169,82 @@ def test_op_removes_a_class_wise_shortcut():
     print(f"class-wise signal: clean {signal(train.images):.3f}, poisoned {before:.3f}, after op {after:.3f}")
     assert before > 0.9 and abs(after) < 0.25
     assert out.dtype == torch.uint8 and torch.equal(labels, train.labels)
+
+
+# --- dvae ---------------------------------------------------------------------
+
+def their_train_batch_loss(images, rec, perturbation, mu, log_var, kld_target, epoch):
+    """main_vae_disentangle.py's train_batch, L180-205, transcribed (the logged-only terms left out)."""
+    loss_rec = F.mse_loss(rec, images)
+    loss_rec_p = F.mse_loss((rec + perturbation).clamp(0, 1), images)
+    loss_p = F.mse_loss(perturbation, torch.zeros_like(perturbation))
+    kld_weight = 0.01 if kld_target > 0.99 else 0.5
+    kld_loss = torch.mean(-0.5 * torch.sum(1 + log_var - mu ** 2 - log_var.exp(), dim=1), dim=(0, 1, 2))
+    loss = loss_rec + loss_rec_p + kld_weight * max(kld_loss, kld_target)
+    if epoch > 10:
+        loss = loss + max(loss_p, 0.002)
+    return loss
+
+
+@pytest.mark.parametrize("tau, epoch", [(1.0, 3), (3.0, 11), (1.0, 40)])
+def test_dvae_loss_is_their_train_batch(tau, epoch, gen):
+    from ue_fast.evaluate.defenses.dvae import DVAEPurification, dvae_loss
+
+    x = torch.rand(4, 3, 8, 8, generator=gen)
+    rec, p = torch.rand(4, 3, 8, 8, generator=gen), 0.1 * torch.randn(4, 3, 8, 8, generator=gen)
+    for scale in (0.01, 3.0):  # KL below and above the floor
+        mu, log_var = scale * torch.randn(4, 16, 4, 4, generator=gen), scale * torch.randn(4, 16, 4, 4, generator=gen)
+        penalise = epoch >= DVAEPurification().penalty_from()
+        torch.testing.assert_close(dvae_loss(x, rec, p, mu, log_var, tau, penalise),
+                                   their_train_batch_loss(x, rec, p, mu, log_var, tau, epoch))
+
+
+def test_dvae_is_their_architecture():
+    """ResNetDVAE at stem_end_block 7, latent 256: h 128 x H/2 x W/2, a 256-channel latent, two
+    decoders of their layers, the class embedding a 128 x H/2 x W/2 map; odd sizes cropped back."""
+    from ue_fast.evaluate.defenses.dvae import DVAE
+
+    for h, w in ((32, 32), (17, 20)):
+        vae = DVAE(10, h, w)
+        x, y = torch.rand(2, 3, h, w), torch.tensor([1, 7])
+        rec, p, mu, log_var = vae(x, y)
+        assert rec.shape == p.shape == x.shape and mu.shape == log_var.shape == (2, 256, (h + 1) // 2, (w + 1) // 2)
+        assert 0 <= rec.min() and rec.max() <= 1
+    assert [type(m).__name__ for m in vae.decoder] == ["ConvTranspose2d", "ConvTranspose2d", "InstanceNorm2d", "ReLU",
+                                                        "ConvTranspose2d", "InstanceNorm2d", "ReLU", "ConvTranspose2d",
+                                                        "Sigmoid"]
+    assert [type(m).__name__ for m in vae.decoder_p] == [type(m).__name__ for m in vae.decoder][:-1]
+    assert [type(m).__name__ for m in vae.stem] == ["Conv2d", "BatchNorm2d", "ReLU", "BasicBlock", "BasicBlock",
+                                                     "BasicBlock"]
+    assert vae.emb_p.weight.shape == (10, 128 * 9 * 10)
+
+
+def test_dvae_purifies_in_two_stages(monkeypatch, gen):
+    """Stage 1: clamp(x - p) truncated to 8 bits; stage 2: the reconstruction of clamp(x1 - p),
+    each with its own freshly trained VAE (tau 1, then 3); labels read, never changed."""
+    from ue_fast.evaluate.defenses import dvae as mod
+
+    calls = []
+
+    class Stub(torch.nn.Module):
+        def __init__(self, shift):
+            super().__init__()
+            self.shift, self.noise = shift, None
+
+        def forward(self, x, y, gen=None):
+            p = torch.full_like(x, self.shift)
+            return (x * 0.5).clamp(0, 1), p, None, None
+
+    def train_vae(self, images, labels, tau, g):
+        calls.append((tau, images.clone()))
+        return Stub(0.1 if tau == 1.0 else 0.2)
+
+    monkeypatch.setattr(mod.DVAEPurification, "train_vae", train_vae)
+    images = torch.randint(0, 256, (6, 3, 8, 8), generator=gen, dtype=torch.uint8)
+    labels = torch.arange(6) % 3
+    kept = labels.clone()
+    out = mod.DVAEPurification(epochs=1).prepare(images, gen, labels)
+    once = ((images.float() / 255 - 0.1).clamp(0, 1) * 255).to(torch.uint8)
+    twice = (((once.float() / 255 - 0.2).clamp(0, 1) * 0.5) * 255).to(torch.uint8)
+    assert [c[0] for c in calls] == [1.0, 3.0] and torch.equal(calls[0][1], images) and torch.equal(calls[1][1], once)
+    assert torch.equal(out, twice) and torch.equal(labels, kept)

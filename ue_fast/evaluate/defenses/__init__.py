@@ -27,6 +27,8 @@ op            orthogonal projection: a linear model fitted to the training set,
               et al. 2023)
 coin          every pixel resampled bilinearly at a U(-2, 2)-pixel displacement
               (``severity`` 4), per image and batch (COIN, Wang et al. 2025)
+dvae          two VAEs trained ``epochs`` 60 each on the training set purify it
+              (D-VAE, Yu et al. 2024): clamp(x - p), then the reconstruction
 ============  ==============================================================
 
 One file per defence in this package, and a line in ``_REGISTRY`` below: adding one is a
@@ -50,6 +52,7 @@ from .base import Defense
 from .bdr import BitDepthReduction
 from .coin import COIN
 from .cutout import Cutout
+from .dvae import DVAEPurification
 from .gaussian import GaussianBlur
 from .grayscale import Grayscale
 from .jpeg import JPEG
@@ -57,7 +60,8 @@ from .mix import CutMix, MixedBatch, Mixup
 from .op import OrthogonalProjection
 from .ueraser import UEraser, UEraserLite, UEraserMax
 
-__all__ = ["COIN", "DEFENSES", "JPEG", "AdversarialTraining", "BitDepthReduction", "CutMix", "Cutout", "Defense",
+__all__ = ["COIN", "DEFENSES", "JPEG", "AdversarialTraining", "BitDepthReduction", "CutMix", "Cutout", "DVAEPurification",
+           "Defense",
            "GaussianBlur", "Grayscale", "MixedBatch", "Mixup", "OrthogonalProjection", "UEraser", "UEraserLite",
            "UEraserMax", "get_defense"]
 
@@ -77,6 +81,7 @@ _REGISTRY = {cls.name: cls for cls in (
     UEraserMax,
     OrthogonalProjection,
     COIN,
+    DVAEPurification,
 )}
 DEFENSES = tuple(_REGISTRY)
 
