@@ -248,3 +248,38 @@ def test_dvae_purifies_in_two_stages(monkeypatch, gen):
     twice = (((once.float() / 255 - 0.2).clamp(0, 1) * 0.5) * 255).to(torch.uint8)
     assert [c[0] for c in calls] == [1.0, 3.0] and torch.equal(calls[0][1], images) and torch.equal(calls[1][1], once)
     assert torch.equal(out, twice) and torch.equal(labels, kept)
+
+
+def test_defense_options_reach_evaluate_and_report(tmp_path, capsys):
+    """--defense-option DEFENSE.KEY=VALUE: the option reaches the defence (in the results'
+    settings and a report cell's fingerprint); a bad one is refused before anything runs."""
+    import json
+
+    from _helpers import demo_subset
+    from ue_fast.cli import main as cli_main
+
+    train = demo_subset(tmp_path / "train", per_class=6)
+    test = demo_subset(tmp_path / "test", per_class=2, split="test")
+    base = ["evaluate", "--train", str(train), "--test", str(test), "--arch", "cnn-small", "--epochs", "1",
+            "--device", "cpu", "--no-progress"]
+    out = tmp_path / "r.json"
+    assert cli_main(base + ["--defense", "dvae", "--defense-option", "dvae.epochs=1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["defense_options"] == {"epochs": 1}
+    capsys.readouterr()
+    for bad, text in ((["--defense", "coin", "--defense-option", "coin.alpha=2"], "'alpha'"),
+                      (["--defense", "coin", "--defense-option", "dvae.epochs=1"], "not the --defense coin"),
+                      (["--defense", "coin", "--defense-option", "coin.severity=9"], "severity"),
+                      (["--defense", "jpeg", "--defense-option", "jpeg.quality=50"], "--jpeg-quality"),
+                      (["--defense", "coin", "--defense-option", "severity=2"], "DEFENSE.KEY=VALUE")):
+        assert cli_main(base + bad) == 2
+        assert text in capsys.readouterr().err, bad
+    rep = tmp_path / "rep"
+    args = ["report", str(train), "--clean", str(train), "--test", str(test), "--out", str(rep), "--archs", "cnn-small",
+            "--defenses", "coin", "--defense-option", "coin.severity=1", "--epochs", "1", "--device", "cpu",
+            "--no-progress"]
+    assert cli_main(args) == 0
+    cell = json.loads((rep / "cells" / "protected_cnn-small_coin_r1.json").read_text())
+    assert cell["fingerprint"]["defense_options"] == {"severity": 1}
+    assert cell["results"]["settings"]["defense_options"] == {"severity": 1}
+    assert cli_main(args[:-7] + ["--defense-option", "dvae.epochs=1", "--epochs", "1", "--device", "cpu"]) == 2
+    assert "not among the report's defenses" in capsys.readouterr().err

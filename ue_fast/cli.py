@@ -177,10 +177,33 @@ def _detect_arguments(parser) -> None:
                         help="epochs of the detection network (default 100, the authors')")
 
 
+def _defense_options(items) -> dict:
+    """``["dvae.epochs=10", "coin.severity=7"]`` -> ``{"dvae": {"epochs": 10}, "coin": {"severity": 7}}``."""
+    from .methods.settings import parse_sets
+
+    out: dict[str, dict] = {}
+    for item in items or ():
+        name, dot, rest = item.partition(".")
+        if not dot or "=" not in rest:
+            raise ValueError(f"--defense-option takes DEFENSE.KEY=VALUE (dvae.epochs=10), got {item!r}")
+        out.setdefault(name.strip(), {}).update(parse_sets([rest]))
+    return out
+
+
+def _defense_option_argument(parser) -> None:
+    parser.add_argument("--defense-option", action="append", default=[], metavar="DEFENSE.KEY=VALUE",
+                        help="an option of a defence, as get_defense takes it (repeatable): dvae.epochs=10 "
+                        "(D-VAE's VAEs, 60 by default), op.epochs=20, coin.severity=7, ueraser.repeats=3")
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate
     from .evaluate.run import summary_lines
 
+    options = _defense_options(args.defense_option)
+    if set(options) - {args.defense}:
+        raise ValueError(f"--defense-option names {', '.join(sorted(set(options) - {args.defense}))}, not the "
+                         f"--defense {args.defense}")
     r = evaluate(args.train, args.test, arch=args.arch, epochs=args.epochs, defense=args.defense,
                  adv_eps=args.adv_eps, adv_norm=args.adv_norm, jpeg_quality=args.jpeg_quality,
                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, device=args.device,
@@ -188,7 +211,8 @@ def _cmd_evaluate(args) -> int:
                  poison_ratio=args.poison_ratio, ud=args.ud, ud_samples=args.ud_samples or None,
                  ud_iters=args.ud_iters, ud_rho=args.ud_rho, out=args.out, progress=not args.no_progress,
                  reference=args.reference, detect=args.detect, detect_epochs=args.detect_epochs,
-                 detect_model=args.detect_model, learner=args.learner, probe_epochs=args.probe_epochs)
+                 detect_model=args.detect_model, learner=args.learner, probe_epochs=args.probe_epochs,
+                 defense_options=options.get(args.defense))
     for line in summary_lines(r):
         print(line)
     if args.out is not None:
@@ -216,7 +240,8 @@ def _cmd_report(args) -> int:
                  device=args.device, seed=args.seed, batch_size=args.batch_size, lr=args.lr, adv_eps=args.adv_eps,
                  adv_norm=args.adv_norm, jpeg_quality=args.jpeg_quality, detect=args.detect,
                  detect_epochs=args.detect_epochs, detect_model=args.detect_model, learners=args.learner,
-                 probe_epochs=args.probe_epochs, label=args.label, progress=not args.no_progress)
+                 probe_epochs=args.probe_epochs, defense_options=_defense_options(args.defense_option),
+                 label=args.label, progress=not args.no_progress)
     print((args.out / "report.md").read_text(), end="")
     print(f"report: {args.out / 'report.md'}, {args.out / 'heatmap.png'}, {args.out / 'report.json'} "
           f"({len(doc['cells'])} cells, {doc['elapsed_s']:.0f} s)")
@@ -436,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the gap and its standard error (a second training run; --mi, --ud and --poison-ratio train "
                     "one already and give the comparison without it)")
     _detect_arguments(ev)
+    _defense_option_argument(ev)
     ev.add_argument("--learner", default="supervised", choices=["supervised", "simclr", "moco"],
                     help="supervised (the victim network, default), or a contrastive learner as APBench's: SimCLR or "
                     "MoCo v2 pretrained --epochs epochs on the training images without labels, then a linear probe "
@@ -483,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--resize", type=_resize, default=None, help="resize every image to N or HxW")
     _detect_arguments(rp)
+    _defense_option_argument(rp)
     rp.add_argument("--learner", type=_comma_list, default=["supervised"], metavar="L,M",
                     help="an axis like --archs: supervised (the victims under --defenses, default) and contrastive "
                     "learners, simclr and moco (APBench's: pretrained --epochs epochs without labels, then a linear "

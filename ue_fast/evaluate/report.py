@@ -42,7 +42,7 @@ from ..models import ARCHS
 from ..ops._checks import check_int
 from ..outputs import check_not_held, check_output_folder, entries_besides_locks, hold
 from ..progress import progress as _progress
-from .defenses import DEFENSES
+from .defenses import DEFENSES, get_defense
 from .learners import LEARNERS
 from .pairs import describe
 from .run import _clean_counterpart, _detection, _load, _poisoned, evaluate, gap_se
@@ -120,7 +120,8 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
            ud_iters: int = 10, ud_rho: float = 0.05, order=None, resize=None, device: str | None = None,
            seed: int = 0, batch_size: int = 128, lr: float | None = None, adv_eps: float = 8, adv_norm: str = "linf",
            jpeg_quality: int = 10, detect: bool = False, detect_epochs: int = 100, detect_model: str = "linear",
-           learners=("supervised",), probe_epochs: int = 100, label: str | None = None,
+           learners=("supervised",), probe_epochs: int = 100, defense_options: dict | None = None,
+           label: str | None = None,
            progress: bool = True) -> dict:
     """Run (or resume) every cell of the report and write ``out``/report.md, heatmap.png, report.json.
 
@@ -134,13 +135,23 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
     ``detect_epochs`` epochs of ``detect_model``; ``detection`` in report.json). learners: "supervised"
     (the victims under each defence) and contrastive learners ("simclr", "moco": ``evaluate``'s
     ``learner``, its probe ``probe_epochs`` epochs), each a row of its own per victim, with no other
-    defence and at ratio 1 only. The other arguments are
+    defence and at ratio 1 only. defense_options: ``{defence name: {option: value}}``, as ``evaluate``
+    takes them for that defence (``{"dvae": {"epochs": 10}}``). The other arguments are
     ``evaluate``'s. Returns the report document (``report.json``).
     """
     t0 = time.perf_counter()
     archs = _check_list("archs", archs, ARCHS)
     defenses = _check_list("defenses", defenses, DEFENSES)
     learners = _check_list("learners", learners, LEARNERS)
+    defense_options = dict(defense_options or {})
+    for name, opts in defense_options.items():
+        if name not in defenses:
+            raise ValueError(f"defense_options names {name!r}, which is not among the report's defenses "
+                             f"({', '.join(defenses)})")
+        try:  # an unknown option or a bad value is refused before anything runs
+            get_defense(name, **opts)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
     check_int("probe_epochs", probe_epochs, 1)
     contrastive = [k for k in learners if k != "supervised"]
     rows_keys = (list(defenses) if "supervised" in learners else []) + contrastive  # a row: a defence or a learner
@@ -189,6 +200,8 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
             fp = {**shared, "set": kind, "arch": arch, "defense": defense, "ratio": ratio}
             if defense in contrastive:  # a learner's row: no defence, its own recipe
                 fp.update(defense="none", learner=defense, probe_epochs=probe_epochs)
+            elif defense in defense_options:
+                fp["defense_options"] = defense_options[defense]
             if kind == "clean":  # a clean cell does not depend on the protected set: reports of several can share it
                 fp["data"] = {k: v for k, v in data.items() if k != "protected"}
             doc = None
@@ -205,6 +218,8 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
                             label=f"{kind} {arch} {defense}" + ("" if ratio is None else f" ratio {ratio:g}"))
                 if defense in contrastive:
                     opts.update(defense="none", learner=defense, probe_epochs=probe_epochs, ud=False)
+                elif defense in defense_options:
+                    opts["defense_options"] = defense_options[defense]
                 if opts["defense"] != "adv-train":
                     opts.pop("adv_eps"), opts.pop("adv_norm")
                 if opts["defense"] != "jpeg":

@@ -188,6 +188,7 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
              ud_iters: int = 10, ud_rho: float = 0.05, ud_reference=None, out=None, plot: bool = True,
              progress: bool = True, reference: bool = False, detect: bool = False, detect_epochs: int = 100,
              detect_model: str = "linear", learner: str = "supervised", probe_epochs: int = 100,
+             defense_options: dict | None = None,
              label: str | None = None) -> dict:
     """Train a victim on ``train``, test it on clean ``test`` after every epoch; return the results.
 
@@ -224,6 +225,9 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         epochs: training epochs (cosine schedule over them).
         lr, weight_decay: default the victim's recipe (``ue_fast.models.RECIPES``): SGD at 0.1
             with 5e-4 for the CNNs, AdamW at 1e-3 with 0.05 for ``vit-small`` and ``cait-small``.
+        defense_options: more options of ``defense``, as ``get_defense`` takes them
+            (``{"epochs": 10}`` for dvae); refused before anything is read when the defence has no
+            such option or the value is bad.
         defense: one of ``DEFENSES``; ``adv_eps`` (units of 1/255) is the radius of
             ``adv-train`` in the norm ``adv_norm`` ("linf" or "l2": an L2 radius of 0.5 is
             127.5); ``jpeg_quality`` (1-100) the quality of ``jpeg``.
@@ -308,6 +312,17 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
             check_output_file(out.with_suffix(".png"), inputs, "the curves (out's .png)", kind="png")
     if not isinstance(reference, bool):
         raise ValueError(f"reference must be True or False, got {reference!r}")
+    if defense_options:
+        if not isinstance(defense_options, dict):
+            raise ValueError(f"defense_options must be a dict of options, got {defense_options!r}")
+        clash = sorted({"eps", "norm", "quality"} & set(defense_options))
+        if clash and defense in ("adv-train", "jpeg"):
+            raise ValueError(f"give {', '.join(clash)} of {defense!r} with adv_eps/adv_norm/jpeg_quality "
+                             "(--adv-eps, --adv-norm, --jpeg-quality), not as a defense option")
+        try:  # an unknown option or a bad value is refused now
+            get_defense(defense, **defense_options)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
     if not isinstance(detect, bool):
         raise ValueError(f"detect must be True or False, got {detect!r}")
     from .learners import LEARNERS
@@ -348,7 +363,8 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
     rec = recipe(arch)
     lr = rec["lr"] if lr is None else lr
     weight_decay = rec["weight_decay"] if weight_decay is None else weight_decay
-    options = {"adv-train": {"eps": adv_eps / 255, "norm": adv_norm}, "jpeg": {"quality": jpeg_quality}}.get(defense, {})
+    options = {**{"adv-train": {"eps": adv_eps / 255, "norm": adv_norm},
+                  "jpeg": {"quality": jpeg_quality}}.get(defense, {}), **(defense_options or {})}
     common = dict(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                   device=dev, progress=progress)
     partial_run = poison_ratio is not None and poison_ratio < 1
@@ -465,7 +481,7 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
                          jpeg_quality=jpeg_quality if defense == "jpeg" else None, poison_ratio=poison_ratio,
                          batch_size=batch_size, optimizer=rec["optimizer"], lr=lr, weight_decay=weight_decay, seed=seed,
                          momentum=rec.get("momentum"), augmentation="crop 4 px padding + horizontal flip",
-                         schedule="cosine", learner=learner),
+                         schedule="cosine", learner=learner, defense_options=defense_options or None),
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         "versions": {"ue_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "test_acc": victim.test_acc, "train_acc": victim.train_acc,
