@@ -34,6 +34,17 @@ def demo_subset(dst: Path, classes=("airplane", "cat", "ship"), per_class: int =
     return dst
 
 
+def ops_protected_subset(root: Path, per_class: int) -> tuple[Path, Path, Path]:
+    """(train, test, protected): ``per_class`` demo training images of 3 classes, 4 test images
+    each, and the training images protected with OPS (training-free: a second)."""
+    import ue_fast
+
+    train = demo_subset(root / "train", per_class=per_class)
+    test = demo_subset(root / "test", per_class=4, split="test")
+    ue_fast.protect(train, root / "prot", method="ops", device="cpu", progress=False)
+    return train, test, root / "prot"
+
+
 def demo_sets():
     """The 1,000 shipped demo training images and the 200 demo test images, as ``ImageSet``s."""
     from ue_fast.data import demo_dir, read_image_folder

@@ -229,7 +229,7 @@ def test_dvae_purifies_in_two_stages(monkeypatch, gen):
     class Stub(torch.nn.Module):
         def __init__(self, shift):
             super().__init__()
-            self.shift, self.noise = shift, None
+            self.shift = shift
 
         def forward(self, x, y, gen=None):
             p = torch.full_like(x, self.shift)
@@ -237,7 +237,7 @@ def test_dvae_purifies_in_two_stages(monkeypatch, gen):
 
     def train_vae(self, images, labels, tau, g):
         calls.append((tau, images.clone()))
-        return Stub(0.1 if tau == 1.0 else 0.2)
+        return Stub(0.1 if tau == 1.0 else 0.2), None
 
     monkeypatch.setattr(mod.DVAEPurification, "train_vae", train_vae)
     images = torch.randint(0, 256, (6, 3, 8, 8), generator=gen, dtype=torch.uint8)

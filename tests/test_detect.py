@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ue_fast
-from _helpers import demo_sets
+from _helpers import demo_sets, ops_protected_subset
 from ue_fast.cli import main as cli_main
 from ue_fast.evaluate.detect import BOUND, _model, detection_score
 
@@ -58,12 +57,7 @@ def test_bad_settings_are_refused(small):
 def test_detection_through_evaluate_and_report(tmp_path, capsys):
     """--detect: the score of the protected set and of its clean counterparts (from the manifest),
     printed, in the results; in a report once, cached and reused."""
-    from _helpers import demo_subset
-
-    train = demo_subset(tmp_path / "train", per_class=10)
-    test = demo_subset(tmp_path / "test", per_class=4, split="test")
-    prot = tmp_path / "prot"
-    ue_fast.protect(train, prot, method="ops", device="cpu", progress=False)
+    train, test, prot = ops_protected_subset(tmp_path, per_class=10)
     out = tmp_path / "r.json"
     args = ["evaluate", "--train", str(prot), "--test", str(test), "--arch", "cnn-small", "--epochs", "1", "--device",
             "cpu", "--no-progress", "--detect", "--detect-epochs", "2", "--out", str(out)]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import ue_fast
-from _helpers import demo_subset
+from _helpers import ops_protected_subset
 from ue_fast.cli import main as cli_main
 from ue_fast.evaluate.learners import (BASE_TEMPERATURE, LEARNERS, SETTINGS, linear_probe, moco_loss, nt_xent,
                                        pretrain)
@@ -89,10 +89,7 @@ def test_linear_probe_reads_the_frozen_features(gen):
 
 
 def test_learner_through_evaluate(tmp_path, capsys):
-    train = demo_subset(tmp_path / "train", per_class=8)
-    test = demo_subset(tmp_path / "test", per_class=4, split="test")
-    prot = tmp_path / "prot"
-    ue_fast.protect(train, prot, method="ops", device="cpu", progress=False)
+    train, test, prot = ops_protected_subset(tmp_path, per_class=8)
     out = tmp_path / "r.json"
     args = ["evaluate", "--train", str(prot), "--test", str(test), "--arch", "cnn-small", "--epochs", "2", "--device",
             "cpu", "--no-progress", "--learner", "moco", "--probe-epochs", "3", "--reference", "--out", str(out)]
@@ -114,10 +111,7 @@ def test_learners_are_a_report_axis(tmp_path):
     """--learner supervised,simclr: the supervised victims under --defenses and a simclr row per
     victim (no other defence, ratio 1 only), its clean cell beside it; the robustness summary
     counts it among what the protection must survive."""
-    train = demo_subset(tmp_path / "train", per_class=8)
-    test = demo_subset(tmp_path / "test", per_class=4, split="test")
-    prot = tmp_path / "prot"
-    ue_fast.protect(train, prot, method="ops", device="cpu", progress=False)
+    train, test, prot = ops_protected_subset(tmp_path, per_class=8)
     out = tmp_path / "rep"
     args = ["report", str(prot), "--clean", str(train), "--test", str(test), "--out", str(out), "--archs", "cnn-small",
             "--defenses", "none,bdr", "--learner", "supervised,simclr", "--poison-ratios", "1,0.5", "--epochs", "1",

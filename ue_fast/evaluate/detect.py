@@ -51,6 +51,13 @@ BOUND = 0.7  # the paper's detection bound B
 MODELS = ("2nn", "linear")
 
 
+def check_settings(epochs: int, model: str) -> None:
+    """Refuse (ValueError) detection settings before anything is read or trained."""
+    check_int("epochs of the detection network", epochs, 1)
+    if model not in MODELS:
+        raise ValueError(f"detection model must be one of {', '.join(MODELS)}, got {model!r}")
+
+
 def _model(kind: str, dim: int, classes: int) -> nn.Module:
     if kind == "2nn":
         return nn.Sequential(nn.Flatten(), nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, classes))
@@ -72,9 +79,7 @@ def detection_score(images: torch.Tensor, labels: torch.Tensor, *, model: str = 
     labels [N]. Returns ``{"score", "train_acc", "detected", "bound", "model", "epochs",
     "num_train", "num_held_out", "seed"}``: ``score`` the held-out accuracy, ``detected`` whether
     it exceeds the paper's bound 0.7."""
-    if model not in MODELS:
-        raise ValueError(f"detection model must be one of {', '.join(MODELS)}, got {model!r}")
-    epochs = check_int("epochs", epochs, 1)
+    check_settings(epochs, model)
     if isinstance(held_out, bool) or not isinstance(held_out, (int, float)) or not 0 < held_out < 1:
         raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
     n = len(images)

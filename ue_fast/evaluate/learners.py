@@ -54,10 +54,19 @@ from .victim import VictimResult
 
 LEARNERS = ("supervised", "simclr", "moco")
 BASE_TEMPERATURE = 0.07
+BATCH_SIZE, MOMENTUM, WEIGHT_DECAY = 512, 0.9, 1e-4  # pretraining's SGD (us_train.py L132, L216-228)
+PROBE_BATCH_SIZE = 128
 SETTINGS = {  # APBench's: us_train.py L209-212, util_us.py L476-570
     "simclr": {"lr": 0.5, "temperature": 0.5},
     "moco": {"lr": 0.3, "temperature": 0.2, "queue": 4096, "momentum": 0.99},
 }
+
+
+def settings(kind: str) -> dict:
+    """What a results document records of learner ``kind``'s recipe."""
+    return {**SETTINGS[kind], "batch_size": BATCH_SIZE, "weight_decay": WEIGHT_DECAY, "momentum": MOMENTUM,
+            "probe_batch_size": PROBE_BATCH_SIZE, "probe_augmentation": "none (features computed once)",
+            "source": "APBench us_train.py @ 9a6fb91"}
 
 
 @dataclass
@@ -107,7 +116,7 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
 
 
 def pretrain(images: torch.Tensor, kind: str, *, arch: str, num_classes: int, epochs: int, seed: int = 0,
-             device: str | torch.device = "cpu", batch_size: int = 512, progress: bool = False,
+             device: str | torch.device = "cpu", batch_size: int = BATCH_SIZE, progress: bool = False,
              label: str | None = None) -> tuple[nn.Module, list[float]]:
     """SimCLR or MoCo v2 on uint8 images [N, 3, H, W], their labels unused: the trained backbone
     (an ``arch`` model whose classifier is left untrained) and each epoch's mean loss."""
@@ -120,7 +129,7 @@ def pretrain(images: torch.Tensor, kind: str, *, arch: str, num_classes: int, ep
     backbone = build_model(arch, num_classes, image_size=max(images.shape[2:]))
     enc = _Encoder(backbone).to(dev)
     params = list(enc.parameters())
-    opt = torch.optim.SGD(params, lr=s["lr"], momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(params, lr=s["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     key_enc, queue = None, None
     if kind == "moco":
         key_enc = copy.deepcopy(enc).requires_grad_(False)
@@ -138,7 +147,8 @@ def pretrain(images: torch.Tensor, kind: str, *, arch: str, num_classes: int, ep
             g["lr"] = lr_min + (s["lr"] - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
         enc.train()
         perm = torch.randperm(n, generator=gen).to(dev)
-        total, batches = 0.0, 0
+        total = torch.zeros((), dtype=torch.float64, device=dev)  # on the device: no sync per step
+        batches = 0
         for i in range(0, n - bs + 1, bs):  # whole batches only
             v1, v2 = _views(xs[perm[i:i + bs]], gen)
             if kind == "simclr":
@@ -156,9 +166,9 @@ def pretrain(images: torch.Tensor, kind: str, *, arch: str, num_classes: int, ep
                 idx = (ptr + torch.arange(len(k), device=dev)) % queue.shape[1]
                 queue[:, idx] = k.T
                 ptr = int((ptr + len(k)) % queue.shape[1])
-            total += float(loss.detach())
+            total += loss.detach().double()
             batches += 1
-        losses.append(total / max(batches, 1))
+        losses.append(float(total) / max(batches, 1))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.update(1)
     bar.close()
@@ -174,7 +184,7 @@ def _features(backbone: nn.Module, images: torch.Tensor, batch_size: int = 512) 
 
 def linear_probe(backbone: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
                  test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int, *, lr: float,
-                 epochs: int = 100, seed: int = 0, batch_size: int = 128) -> LearnerResult:
+                 epochs: int = 100, seed: int = 0, batch_size: int = PROBE_BATCH_SIZE) -> LearnerResult:
     """Linear(d, C) on the frozen backbone's features: test accuracy after every epoch."""
     dev = next(backbone.parameters()).device
     f_train, f_test = _features(backbone, train_images.to(dev)), _features(backbone, test_images.to(dev))
@@ -187,7 +197,8 @@ def linear_probe(backbone: nn.Module, train_images: torch.Tensor, train_labels: 
     n = len(f_train)
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen).to(dev)
-        correct, loss_sum = 0, 0.0
+        correct = torch.zeros((), dtype=torch.int64, device=dev)  # on the device: no sync per step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
             logits = probe(f_train[idx])
@@ -197,10 +208,10 @@ def linear_probe(backbone: nn.Module, train_images: torch.Tensor, train_labels: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            correct += int((logits.argmax(1) == y_train[idx]).sum())
-            loss_sum += float(loss.detach()) * len(idx)
-        result.train_acc.append(correct / n)
-        result.train_loss.append(loss_sum / n)
+            correct += (logits.argmax(1) == y_train[idx]).sum()
+            loss_sum += loss.detach().double() * len(idx)
+        result.train_acc.append(float(correct) / n)
+        result.train_loss.append(float(loss_sum) / n)
         with torch.no_grad():
             result.test_acc.append(float((probe(f_test).argmax(1) == y_test).float().mean()))
     return result

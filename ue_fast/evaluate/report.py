@@ -42,7 +42,7 @@ from ..models import ARCHS
 from ..ops._checks import check_int
 from ..outputs import check_not_held, check_output_folder, entries_besides_locks, hold
 from ..progress import progress as _progress
-from .defenses import DEFENSES, get_defense
+from .defenses import DEFENSES, check_options
 from .learners import LEARNERS
 from .pairs import describe
 from .run import _clean_counterpart, _detection, _load, _poisoned, evaluate, gap_se
@@ -148,10 +148,7 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
         if name not in defenses:
             raise ValueError(f"defense_options names {name!r}, which is not among the report's defenses "
                              f"({', '.join(defenses)})")
-        try:  # an unknown option or a bad value is refused before anything runs
-            get_defense(name, **opts)
-        except TypeError as e:
-            raise ValueError(str(e)) from None
+        check_options(name, opts)
     check_int("probe_epochs", probe_epochs, 1)
     contrastive = [k for k in learners if k != "supervised"]
     rows_keys = (list(defenses) if "supervised" in learners else []) + contrastive  # a row: a defence or a learner
@@ -161,11 +158,9 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
     if not isinstance(detect, bool):
         raise ValueError(f"detect must be True or False, got {detect!r}")
     if detect:
-        from .detect import MODELS
+        from .detect import check_settings as check_detect
 
-        check_int("detect_epochs", detect_epochs, 1)
-        if detect_model not in MODELS:
-            raise ValueError(f"detect_model must be one of {', '.join(MODELS)}, got {detect_model!r}")
+        check_detect(detect_epochs, detect_model)
     out = Path(out)
     _check_report_folder(out, {"protected set": protected, "clean set": clean, "test set": test, "order file": order})
     prot, cl, te, source = load_sets(protected, clean, test, order=order, resize=resize)
@@ -190,8 +185,10 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
         detection = None
         if detect:  # one score per data set, not per cell: cached like a cell
             fp = {**shared, "set": "detect", "detect_epochs": detect_epochs, "detect_model": detect_model}
-            detection = _cached(cells_dir / "detect.json", fp,
-                                lambda: _detection(prot, cl, detect_epochs, seed, resolve_device(device), detect_model))
+            detection = _read_cell(cells_dir / "detect.json", fp)
+            if detection is None:
+                detection = _detection(prot, cl, detect_epochs, seed, resolve_device(device), detect_model)
+                write_json_atomic(cells_dir / "detect.json", {"fingerprint": fp, "results": detection})
         bar = _progress(len(plan), "report cells", "cell", enabled=progress, interval=0)
         reused = 0
         for kind, arch, defense, ratio in plan:
@@ -204,13 +201,7 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
                 fp["defense_options"] = defense_options[defense]
             if kind == "clean":  # a clean cell does not depend on the protected set: reports of several can share it
                 fp["data"] = {k: v for k, v in data.items() if k != "protected"}
-            doc = None
-            if path.is_file():
-                try:
-                    cached = read_json(path)
-                    doc = cached["results"] if cached.get("fingerprint") == fp else None
-                except (OSError, ValueError, KeyError, TypeError):
-                    doc = None
+            doc = _read_cell(path, fp)
             if doc is not None:
                 reused += 1
             else:
@@ -240,18 +231,15 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
         return read_json(out / "report.json")
 
 
-def _cached(path: Path, fp: dict, compute):
-    """The results cached at ``path`` under fingerprint ``fp``, or ``compute()``'s, then cached."""
-    if path.is_file():
-        try:
-            cached = read_json(path)
-            if cached.get("fingerprint") == fp:
-                return cached["results"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    doc = compute()
-    write_json_atomic(path, {"fingerprint": fp, "results": doc})
-    return doc
+def _read_cell(path: Path, fp: dict) -> dict | None:
+    """The results cached at ``path`` when their fingerprint is ``fp``; None when absent, stale or damaged."""
+    if not path.is_file():
+        return None
+    try:
+        cached = read_json(path)
+        return cached["results"] if cached.get("fingerprint") == fp else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _check_report_folder(out: Path, inputs: dict) -> None:

@@ -35,7 +35,7 @@ from ..data.poisons import kind_of, load_poisoned
 from ..devices import resolve_device
 from ..models import ARCHS, recipe
 from ..outputs import check_output_file, warn_nested_outputs
-from .defenses import DEFENSES, get_defense
+from .defenses import DEFENSES, check_options, get_defense
 from .pairs import check_pairs, describe
 from .victim import VictimResult, train_victim
 
@@ -145,13 +145,6 @@ def _comparison(clean: dict, protected: VictimResult, n_test: int, reference: st
             "peak_gap": None if diverged else q1 - q2, "peak_gap_se": gap_se(q1, q2, n_test),
             "se_formula": "sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n), n test images (conservative: both victims are "
                           "tested on the same images)"}
-
-
-def _learner_settings(kind: str) -> dict:
-    from .learners import SETTINGS
-
-    return {**SETTINGS[kind], "batch_size": 512, "weight_decay": 1e-4, "momentum": 0.9, "probe_batch_size": 128,
-            "probe_augmentation": "none (features computed once)", "source": "APBench us_train.py @ 9a6fb91"}
 
 
 def _detection(train_set: ImageSet, clean: ImageSet | None, epochs: int, seed: int, device,
@@ -313,19 +306,14 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
     if not isinstance(reference, bool):
         raise ValueError(f"reference must be True or False, got {reference!r}")
     if defense_options:
-        if not isinstance(defense_options, dict):
-            raise ValueError(f"defense_options must be a dict of options, got {defense_options!r}")
+        check_options(defense, defense_options)
         clash = sorted({"eps", "norm", "quality"} & set(defense_options))
         if clash and defense in ("adv-train", "jpeg"):
             raise ValueError(f"give {', '.join(clash)} of {defense!r} with adv_eps/adv_norm/jpeg_quality "
                              "(--adv-eps, --adv-norm, --jpeg-quality), not as a defense option")
-        try:  # an unknown option or a bad value is refused now
-            get_defense(defense, **defense_options)
-        except TypeError as e:
-            raise ValueError(str(e)) from None
     if not isinstance(detect, bool):
         raise ValueError(f"detect must be True or False, got {detect!r}")
-    from .learners import LEARNERS
+    from .learners import LEARNERS, settings as learner_settings
 
     if learner not in LEARNERS:
         raise ValueError(f"unknown learner {learner!r}; choose one of {', '.join(LEARNERS)}")
@@ -338,11 +326,9 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
             raise ValueError(f"learner {learner!r} runs without {', '.join(clash)}: a contrastive learner and its "
                              "probe are their own training recipe (run the supervised victim for those)")
     if detect:
-        from .detect import MODELS
+        from .detect import check_settings as check_detect
 
-        check_int("detect_epochs", detect_epochs, 1)
-        if detect_model not in MODELS:
-            raise ValueError(f"detect_model must be one of {', '.join(MODELS)}, got {detect_model!r}")
+        check_detect(detect_epochs, detect_model)
     train_dir = None if isinstance(train, ImageSet) else Path(train)
     cl = None  # the clean counterparts of tr, in its order, checked pair by pair
     if train_dir is not None and kind_of(train_dir) in ("apbench", "tensor"):
@@ -496,7 +482,7 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         "learner": None if not contrastive else {
             "kind": learner, "pretrain_epochs": epochs, "pretrain_loss": [_finite(x) for x in victim.pretrain_loss],
             "probe_epochs": probe_epochs, "probe_on": "clean counterparts" if cl is not None else "training set",
-            "settings": _learner_settings(learner)},
+            "settings": learner_settings(learner)},
         "timings_s": {"victim": t_victim},
     }
     if t_ref is not None:

@@ -63,7 +63,7 @@ from .ueraser import UEraser, UEraserLite, UEraserMax
 __all__ = ["COIN", "DEFENSES", "JPEG", "AdversarialTraining", "BitDepthReduction", "CutMix", "Cutout", "DVAEPurification",
            "Defense",
            "GaussianBlur", "Grayscale", "MixedBatch", "Mixup", "OrthogonalProjection", "UEraser", "UEraserLite",
-           "UEraserMax", "get_defense"]
+           "UEraserMax", "check_options", "get_defense"]
 
 # name -> class, in the order of the table above (the CLI's choices and the report's default order)
 _REGISTRY = {cls.name: cls for cls in (
@@ -98,3 +98,14 @@ def get_defense(name: str, **options) -> Defense:
         raise TypeError(f"defense {name!r} has no option {', '.join(map(repr, unknown))}; "
                         f"its options: {', '.join(allowed) or 'none'}")
     return cls(**options)
+
+
+def check_options(name: str, options: dict) -> None:
+    """Refuse (ValueError) options that ``get_defense(name, **options)`` would not take: an unknown
+    option or a bad value, before anything is trained."""
+    if not isinstance(options, dict):
+        raise ValueError(f"the options of defense {name!r} must be a dict, got {options!r}")
+    try:
+        get_defense(name, **options)
+    except TypeError as e:
+        raise ValueError(str(e)) from None

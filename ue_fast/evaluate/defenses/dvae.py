@@ -116,7 +116,9 @@ class DVAEPurification(Defense):
         """The first 0-based epoch whose loss carries the p-penalty: theirs is 11 of 60."""
         return 11 if self.epochs >= 60 else max(1, round(self.epochs * 11 / 60))
 
-    def train_vae(self, images: torch.Tensor, labels: torch.Tensor, tau: float, gen: torch.Generator) -> DVAE:
+    def train_vae(self, images: torch.Tensor, labels: torch.Tensor, tau: float,
+                  gen: torch.Generator) -> tuple[DVAE, torch.Generator]:
+        """A fresh VAE trained on the set at KL floor ``tau``, in eval mode, and the generator of its latent noise."""
         dev = images.device
         torch_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -141,26 +143,23 @@ class DVAEPurification(Defense):
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(vae.parameters(), 5.0)
                     opt.step()
-        vae.eval()
-        vae.noise = noise
-        return vae
+        return vae.eval(), noise
 
     @torch.no_grad()
-    def purify(self, vae: DVAE, images: torch.Tensor, labels: torch.Tensor, reconstruct: bool) -> torch.Tensor:
+    def purify(self, vae: DVAE, noise: torch.Generator, images: torch.Tensor, labels: torch.Tensor,
+               reconstruct: bool) -> torch.Tensor:
         """clamp(x - p), and with ``reconstruct`` the reconstruction of that; 8 bits by truncation."""
         out = torch.empty_like(images)
         with torch.autocast(images.device.type, enabled=False):
             for i in range(0, len(images), 512):
                 x, y = images[i:i + 512].float().div_(255), labels[i:i + 512]
-                _, p, _, _ = vae(x, y, vae.noise)
+                _, p, _, _ = vae(x, y, noise)
                 x = (x - p).clamp(0, 1)
                 if reconstruct:
-                    x = vae(x, y, vae.noise)[0].clamp(0, 1)
+                    x = vae(x, y, noise)[0].clamp(0, 1)
                 out[i:i + 512] = (x * 255).clamp(0, 255).to(torch.uint8)  # truncation, as np.uint8
         return out
 
     def _prepare(self, images, gen, labels):
-        first = self.train_vae(images, labels, self.TAUS[0], gen)
-        once = self.purify(first, images, labels, reconstruct=False)
-        second = self.train_vae(once, labels, self.TAUS[1], gen)
-        return self.purify(second, once, labels, reconstruct=True)
+        once = self.purify(*self.train_vae(images, labels, self.TAUS[0], gen), images, labels, reconstruct=False)
+        return self.purify(*self.train_vae(once, labels, self.TAUS[1], gen), once, labels, reconstruct=True)
