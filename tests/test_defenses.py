@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageOps
 
 from _defense_fixtures import UERASERS, batch, ce, clone, demo, model, small  # noqa: F401 (fixtures)
-from ue_fast.evaluate.augment import PHOTOMETRIC, trivial_augment
 from ue_fast.evaluate.defenses import (
     DEFENSES, AdversarialTraining, BitDepthReduction, CutMix, Cutout, GaussianBlur, Grayscale, JPEG, Mixup,
     UEraser, get_defense,
@@ -226,40 +225,54 @@ def test_adversarial_training_loss_is_cross_entropy_on_the_attack(batch, model, 
     torch.testing.assert_close(loss, expected)
 
 
-# The TrivialAugment stage of UEraser, op by op, against Pillow on 8-bit images:
-# (op, magnitude, Pillow reference, tolerance in levels, compare the 1-pixel border too).
-PILLOW_OPS = [
-    ("auto_contrast", 0.3, ImageOps.autocontrast, 1, True),
-    ("equalize", 0.3, ImageOps.equalize, 0, True),
-    ("posterize", 0.65, lambda im: ImageOps.posterize(im, 5), 0, True),  # floor(5 m) = 3 bits dropped
-    ("solarize", 0.5, lambda im: ImageOps.solarize(im, 128), 0, True),
-    ("contrast", 0.25, lambda im: ImageEnhance.Contrast(im).enhance(0.55), 1.5, True),
-    ("brightness", 0.25, lambda im: ImageEnhance.Brightness(im).enhance(0.55), 1, True),
-    ("sharpness", 0.9, lambda im: ImageEnhance.Sharpness(im).enhance(1.72), 1.5, False),
-]
+def _apbench_ueraser():
+    """UEraser's augmentation as lafeat/apbench's defense/ueraser.py (9a6fb91) spells it."""
+    import kornia.augmentation as K
+    return K.AugmentationSequential(
+        K.RandomPlasmaBrightness(roughness=(0.3, 0.7), intensity=(0.5, 1.0), same_on_batch=False, p=1.0,
+                                 keepdim=True),
+        K.RandomPlasmaContrast(roughness=(0.3, 0.7), p=1.0),
+        K.RandomChannelShuffle(same_on_batch=False, p=0.5, keepdim=True),
+        K.auto.TrivialAugment(),
+    )
 
 
-@pytest.mark.parametrize("op, mag, reference, tol, border", PILLOW_OPS, ids=[o[0] for o in PILLOW_OPS])
-def testtrivial_augment_photometric_ops_match_pillow(op, mag, reference, tol, border, demo):
-    images = demo[0]
-    n = len(images)
-    out = trivial_augment(images.float() / 255, torch.full((n,), PHOTOMETRIC.index(op)),
-                           torch.full((n,), mag), torch.zeros(n, dtype=torch.bool)) * 255
-    expected, before = torch.stack([from_pil(reference(to_pil(im))) for im in images]).float(), images.float()
-    if not border:  # Pillow's filters leave the border alone
-        out, expected, before = (t[..., 1:-1, 1:-1] for t in (out, expected, before))
-    assert (out - expected).abs().max() <= tol + 1e-3
-    assert (out - before).abs().mean() > 1  # the op did something
+def test_ueraser_is_the_authors_kornia_pipeline(demo, gen):
+    """The augmentation is APBench's, drawn from the global generator seeded from ``gen``;
+    the caller's global random state is left as it was."""
+    x = demo[0].float() / 255
+    seed = int(torch.randint(0, 2**62, (1,), generator=clone(gen)))
+    state = torch.get_rng_state()
+    out = UEraser().augment(x, gen)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(seed)
+    expected = _apbench_ueraser()(x)
+    torch.set_rng_state(state)
+    torch.testing.assert_close(out, expected.clamp(0, 1), atol=0, rtol=0)
+    # the brightness intensity the authors chose shifts every image, not just some
+    assert ((out - x).abs().flatten(1).mean(1) > 0.02).all()
 
 
-@pytest.mark.parametrize("index, dim", [(len(PHOTOMETRIC) + 3, 3), (len(PHOTOMETRIC) + 4, 2)])
-def testtrivial_augment_translates_with_zero_fill(index, dim, demo):
-    x = demo[0][:4].float() / 255
-    # magnitude 0.25 = a shift of an eighth of the side: 4 pixels, sampled exactly at pixel centres.
-    out = trivial_augment(x, torch.full((4,), index), torch.full((4,), 0.25), torch.zeros(4, dtype=torch.bool))
-    kept, moved = out.narrow(dim, 0, 28), x.narrow(dim, 4, 28)
-    torch.testing.assert_close(kept, moved, atol=1e-5, rtol=0)
-    assert out.narrow(dim, 28, 4).abs().max() <= 1e-6
+def test_ueraser_without_kornia_is_refused_when_built(monkeypatch, tmp_path, capsys):
+    import sys
+    for mod in [m for m in sys.modules if m == "kornia" or m.startswith("kornia.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "kornia", None)  # import kornia raises ImportError
+    for name in UERASERS:
+        with pytest.raises(ImportError, match=r"ue-fast\[kornia\]"):
+            get_defense(name)
+    # evaluate and report refuse it before reading or training anything; the CLI says how to get it
+    from ue_fast.cli import main
+    from ue_fast.data import demo_dir
+    from ue_fast.evaluate.report import report
+    d = demo_dir()
+    with pytest.raises(ImportError, match="kornia"):
+        report(d / "train", d / "train", d / "test", tmp_path / "rep", archs=["cnn-small"],
+               defenses=["none", "ueraser-lite"], epochs=1)
+    assert not (tmp_path / "rep").exists()
+    code = main(["evaluate", "--train", str(d / "train"), "--test", str(d / "test"), "--arch", "cnn-small",
+                 "--epochs", "1", "--defense", "ueraser", "--device", "cpu"])
+    assert code == 2 and "pip install 'ue-fast[kornia]'" in capsys.readouterr().err
 
 
 def test_ueraser_augmentations_are_strong_and_varied(batch, gen):

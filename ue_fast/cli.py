@@ -584,7 +584,7 @@ def main(argv=None) -> int:
         if getattr(args, "device", None) is not None and args.command != "check":
             resolve_device(args.device)  # one message for a device torch does not know or cannot see
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as exc:  # ImportError: an extra
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # writing: a full disk, a read-only file system, a permission

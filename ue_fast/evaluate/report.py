@@ -144,11 +144,12 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
     defenses = _check_list("defenses", defenses, DEFENSES)
     learners = _check_list("learners", learners, LEARNERS)
     defense_options = dict(defense_options or {})
-    for name, opts in defense_options.items():
+    for name in defense_options:
         if name not in defenses:
             raise ValueError(f"defense_options names {name!r}, which is not among the report's defenses "
                              f"({', '.join(defenses)})")
-        check_options(name, opts)
+    for name in defenses:  # every defence built once before anything trains (options, optional dependencies)
+        check_options(name, defense_options.get(name, {}))
     check_int("probe_epochs", probe_epochs, 1)
     contrastive = [k for k in learners if k != "supervised"]
     rows_keys = (list(defenses) if "supervised" in learners else []) + contrastive  # a row: a defence or a learner

@@ -305,8 +305,8 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
             check_output_file(out.with_suffix(".png"), inputs, "the curves (out's .png)", kind="png")
     if not isinstance(reference, bool):
         raise ValueError(f"reference must be True or False, got {reference!r}")
+    check_options(defense, {} if defense_options is None else defense_options)  # built once before anything trains (options, optional dependencies)
     if defense_options:
-        check_options(defense, defense_options)
         clash = sorted({"eps", "norm", "quality"} & set(defense_options))
         if clash and defense in ("adv-train", "jpeg"):
             raise ValueError(f"give {', '.join(clash)} of {defense!r} with adv_eps/adv_norm/jpeg_quality "

@@ -39,9 +39,11 @@ A defence that changes with the epoch (UEraser's max-loss phase) gives the victi
 the defence of each epoch through ``at_epoch(epoch)``.
 
 Randomness: per-sample parameters come from ``gen`` (a CPU generator) and are
-moved to x's device, as in ``crop_flip``; per-pixel noise (PGD's random start,
-UEraser's plasma maps) from a generator on x's device seeded from ``gen``, so no
-noise crosses the bus. A seed fixes the result on a given device.
+moved to x's device, as in ``crop_flip``; per-pixel noise (PGD's random start)
+from a generator on x's device seeded from ``gen``, so no noise crosses the bus.
+UEraser's augmentations are kornia's (the extra ``ue-fast[kornia]``), which draw
+from torch's global generators: it seeds them from ``gen`` inside
+``torch.random.fork_rng``. A seed fixes the result on a given device.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """ueraser, ueraser-lite, ueraser-max: strong augmentations, the worst of several per
-batch for a first phase (Qin et al. 2023)."""
+batch for a first phase (Qin et al. 2023), with kornia's augmentations as the authors'
+code uses them."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,8 +12,34 @@ import torch
 import torch.nn.functional as F
 
 from ...ops._checks import check_int
-from ..augment import GEOMETRIC, PHOTOMETRIC, plasma, trivial_augment
-from .base import Defense, _check_x, _device_gen
+from .base import Defense, _check_x
+
+KORNIA_HINT = "pip install 'ue-fast[kornia]' (kornia >= 0.7)"
+
+
+def _kornia_augmentation():
+    try:
+        import kornia.augmentation
+    except ImportError as e:  # an optional dependency: say how to get it
+        raise ImportError(f"UEraser's augmentations are kornia's: {KORNIA_HINT}") from e
+    return kornia.augmentation
+
+
+@functools.lru_cache(maxsize=None)
+def pipeline():
+    """UEraser's augmentation, as APBench's ``defense/ueraser.py`` (``UEraser``) builds it
+    (lafeat/apbench at 9a6fb91): plasma brightness (roughness 0.3-0.7, intensity 0.5-1)
+    and plasma contrast (roughness 0.3-0.7), each with p = 1; a channel shuffle with
+    p = 1/2; one of kornia's TrivialAugment ops. Parameters per sample, except
+    TrivialAugment's op, which kornia draws per call (per batch)."""
+    K = _kornia_augmentation()
+    return K.AugmentationSequential(
+        K.RandomPlasmaBrightness(roughness=(0.3, 0.7), intensity=(0.5, 1.0), same_on_batch=False, p=1.0,
+                                 keepdim=True),
+        K.RandomPlasmaContrast(roughness=(0.3, 0.7), p=1.0),
+        K.RandomChannelShuffle(same_on_batch=False, p=0.5, keepdim=True),
+        K.auto.TrivialAugment(),
+    )
 
 
 @dataclass(frozen=True)
@@ -21,18 +49,25 @@ class UEraser(Defense):
     epochs (the max-loss phase: APBench's ``--repeat_epoch``, 50 for UEraser, 0 for -Lite, 300
     for -Max; None: every epoch), then on a single augmentation per batch.
 
-    Each augmentation, per sample: plasma brightness x + i (2P - 1), i ~ U(0, 1), and
-    plasma contrast (x - 1/2) 4P + 1/2, P a fractal map per channel with roughness
-    ~ U(0.1, 0.7) (kornia's defaults as the paper uses them, p = 1 as in APBench); a channel
-    permutation with p = 1/2; then one TrivialAugment op at a uniform magnitude:
-    auto-contrast, equalize, posterize (4-8 bits kept), solarize (threshold in
-    [0, 1]), contrast / brightness / sharpness (Pillow's enhance, factor in
-    [0.1, 1.9]), rotate (+-30 deg), shear x/y (+-0.3), translate x/y (+-half the side).
+    The augmentation is kornia's pipeline with the authors' arguments (``pipeline()``;
+    lafeat/apbench at 9a6fb91, ``defense/ueraser.py`` and the loop in ``train.py``; the
+    paper's own repository, lafeat/ueraser at 6076a27, ``ueraser.py``, has the same
+    operations). kornia draws from torch's global generator: ``augment`` seeds it from
+    ``gen`` inside ``torch.random.fork_rng``, so a seed fixes the result on a device and the
+    caller's global random state is left as it was.
 
-    Differences from the paper's kornia pipeline: plasma maps are octave noise, not
-    diamond-square fractals (same [0, 1] range, same role of roughness); the op is
-    drawn per sample (TrivialAugment's own rule) where kornia draws one per batch
-    call. Augmentation runs without autograd: nothing upstream of x needs a gradient.
+    Differences from the authors' code, and why:
+
+    - the plasma ops have p = 1 as in APBench; lafeat/ueraser's ``ueraser.py`` uses p = 1/2;
+    - APBench switches to ``UEraser_jpeg`` (a JPEG round trip before the pipeline) for TAP
+      and AR poisons; a defence does not know which poison it faces, so there is one
+      pipeline, and JPEG is its own defence here (``jpeg``);
+    - the logits returned for the training accuracy are each sample's worst augmentation's
+      (APBench's loop reports the last repeat's); the loss is the same;
+    - APBench pins kornia 0.6.12; any kornia >= 0.7 is accepted (the same operations and
+      ranges; the random streams differ between versions);
+    - augmentation runs without autograd and outside autocast: nothing upstream of x needs
+      a gradient, and bf16 would blur the ops.
     """
 
     repeats: int = 5
@@ -43,6 +78,7 @@ class UEraser(Defense):
         object.__setattr__(self, "repeats", check_int("repeats", self.repeats, 1))
         if self.max_epochs is not None:
             object.__setattr__(self, "max_epochs", check_int("max_epochs", self.max_epochs, 0))
+        _kornia_augmentation()  # refused when built, before any training, if kornia is missing
 
     def at_epoch(self, epoch: int) -> Defense:
         """Worst of ``repeats`` during the first ``max_epochs`` epochs (None: always), then a
@@ -55,18 +91,11 @@ class UEraser(Defense):
     def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """One random strong augmentation: [B, 3, H, W] in [0, 1] -> [B, 3, H, W] in [0, 1]."""
         _check_x(x, gen)
-        b, c = x.shape[:2]
-        u = torch.rand(b, 6, generator=gen).to(x.device, x.dtype)  # per-sample parameters
-        channel_perm = torch.rand(b, c, generator=gen).argsort(1).to(x.device)
-        channel_perm = torch.where((u[:, 3] < 0.5)[:, None], channel_perm, torch.arange(c, device=x.device))
-        op = torch.randint(0, len(PHOTOMETRIC) + len(GEOMETRIC), (b,), generator=gen).to(x.device)
-        noise_gen = _device_gen(gen, x.device)
-        with torch.autocast(x.device.type, enabled=False):  # the victim loop's bf16 autocast would blur ops
-            bright = plasma(x.shape, 0.1 + 0.6 * u[:, 1], noise_gen, x)
-            x = (x + u[:, 0].view(-1, 1, 1, 1) * (2 * bright - 1)).clamp_(0, 1)
-            x = ((x - 0.5) * 4 * plasma(x.shape, 0.1 + 0.6 * u[:, 2], noise_gen, x) + 0.5).clamp_(0, 1)
-            x = x.gather(1, channel_perm[:, :, None, None].expand_as(x))
-            return trivial_augment(x, op, u[:, 4], u[:, 5] < 0.5)
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=False):
+            torch.manual_seed(seed)
+            return pipeline()(x).clamp_(0, 1)
 
     def _loss(self, model, x, y, gen):  # the logits returned: each sample's worst augmentation
         losses, logits = [], []
