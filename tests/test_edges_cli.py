@@ -211,13 +211,13 @@ def test_resume_removes_an_interrupted_writes_debris(src, tmp_path, monkeypatch)
 
 
 def test_a_full_disk_says_so_and_how_to_go_on(src, tmp_path, capsys, monkeypatch):
-    protect_module = importlib.import_module("ue_fast.protect")
+    png_tree = importlib.import_module("ue_fast.data.sinks.png_tree")
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(protect_module, "write_image_folder", full)
+        m.setattr(png_tree, "write_image_folder", full)
         out = tmp_path / "out"
         assert protect_lsp(src, out) == 2
     err = capsys.readouterr().err

@@ -177,6 +177,8 @@ def test_a_crash_anywhere_resumes_to_the_uninterrupted_result(tmp_path, src, mon
     import ue_fast.checkpoint as ckpt_mod
     from ue_fast.generation import store as store_mod
 
+    from ue_fast.data.sinks import png_tree
+
     protect_mod = sys.modules["ue_fast.protect"]  # the package's name "protect" is the function
 
     kw = dict(SHORT, epochs=3, store="disk")
@@ -190,7 +192,7 @@ def test_a_crash_anywhere_resumes_to_the_uninterrupted_result(tmp_path, src, mon
         elif where == "mid-checkpoint":  # torch.save of round 2's checkpoint: the rename never happens
             _interrupted(monkeypatch, ckpt_mod.torch, "save", 3)
         else:  # the outputs: some PNGs written, no manifest
-            _interrupted(monkeypatch, protect_mod, "write_image_folder", 2)
+            _interrupted(monkeypatch, png_tree, "write_image_folder", 2)
             monkeypatch.setattr(protect_mod, "chunk_rows", lambda row_bytes, target=0: 10)
         with pytest.raises(KeyboardInterrupt):
             ue_fast.protect(src, out, **kw)

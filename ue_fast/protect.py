@@ -59,10 +59,11 @@ import torch
 
 from . import __version__
 from .checkpoint import load_checkpoint
-from .data import ImageSet, images_from_arrays, write_image_folder
+from .data import ImageSet, images_from_arrays
 from .data.canonical import detect, load_dataset
-from .data.exports import read_json, save_poison_pt, write_json_atomic
+from .data.exports import read_json, write_json_atomic
 from .data.folders import output_paths
+from .data.sinks import DEFAULT_SINKS, SINKS, Rows, SinkContext, npy_name
 from .data.ingest import ingest_folder
 from .data.scan import describe_left_out, ordered_listing
 from .devices import resolve_device
@@ -529,7 +530,7 @@ def _generate(*, source, input_dir, fmt, split, main, dist, work, ckpt, resize, 
             barrier()
     t_read = time.perf_counter() - t0
     if main:  # what this run will write, recorded before it writes any of it (--overwrite removes only that)
-        planned = [*output_paths(data.paths, output_dir), _npy_name(eps), "poison.pt", "manifest.json",
+        planned = [*output_paths(data.paths, output_dir), npy_name(eps), "poison.pt", "manifest.json",
                    *(["poison_classwise.pt"] if cls.classwise else []), *(["profile_trace.json"] if profile else [])]
         write_json_atomic(work / OUTPUTS_FILE, {"files": planned})
 
@@ -554,7 +555,7 @@ def _generate(*, source, input_dir, fmt, split, main, dist, work, ckpt, resize, 
         warnings.warn(_unchanged_message(out["unchanged"], len(data), out["mean_abs_255"], method, cfg, rounding),
                       UnchangedImagesWarning, stacklevel=2)
     t_write = time.perf_counter() - t0
-    linf, written, npy_name = out["linf"], out["written"], out["npy_name"]
+    linf, written, npy_file = out["linf"], out["written"], out["npy_name"]
 
     timings = {"read images": t_read, **result.timings, "writing": t_write}
     gen_s = sum(h.get("train_s", 0.0) + h.get("poison_s", 0.0) for h in result.history)
@@ -601,7 +602,7 @@ def _generate(*, source, input_dir, fmt, split, main, dist, work, ckpt, resize, 
         "ingest": ingest or None,
         "distributed": None if dist is None else {"world": dist.world, "backend": dist.backend, "sync_bn": sync_bn},
         "float64": float64,
-        "perturbation_npy": npy_name,
+        "perturbation_npy": npy_file,
         "outputs": {**out["outputs"], **({"profile_trace.json": {
             "written": True, "why": "--profile: a torch.profiler trace of the first round"}} if profile else {})},
         "files": [{"index": i, "source": p, "output": w, "label": int(y), "linf_255": int(l)}
@@ -659,36 +660,27 @@ def _budget_default():
     return None if math.isinf(b) else int(b)
 
 
-def _npy_name(eps: float) -> str:
-    # int8 holds +-127/255; a larger budget (the one-pixel ops) needs int16.
-    return "perturbation_int8.npy" if math.floor(eps + 1e-6) <= 127 else "perturbation_int16.npy"
-
-
 def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding: str, seed: int,
                    class_rows: torch.Tensor | None, budget, progress: bool) -> dict:
-    """The PNG tree, the perturbation .npy, (when it fits the memory budget) poison.pt, and for a
-    class-wise method (``class_rows``: its [C, 3, H, W] perturbations) poison_classwise.pt,
-    written by chunks of rows: memory stays bounded whatever N. Returns the statistics the
-    manifest reports."""
+    """Round every chunk of rows to 8 bits and hand it to each sink (``ue_fast.data.sinks``: the
+    PNG tree, the perturbation .npy, poison.pt when it fits the memory budget, and for a
+    class-wise method, ``class_rows`` being its [C, 3, H, W] perturbations, poison_classwise.pt).
+    Memory stays bounded whatever N. Returns the statistics the manifest reports."""
     classwise = class_rows is not None
     n, shape = len(data), tuple(data.images.shape[1:])
     row_elems = math.prod(shape)
-    npy_name = _npy_name(eps)
-    npy_dtype = torch.int8 if npy_name == "perturbation_int8.npy" else torch.int16
-    pt_bytes = n * row_elems * 4
-    limit = budget if budget is not None else default_memory_budget()
-    write_pt = pt_bytes <= limit
-    outs = output_paths(data.paths, output_dir)  # every collision refused before anything is written
-    for d in sorted({str(PurePosixPath(o).parent) for o in outs}):
-        (output_dir / d).mkdir(parents=True, exist_ok=True)
-    npy_tmp = output_dir / f".{npy_name}.tmp"
-    npy = RowFile.create(npy_tmp, (n, *shape), npy_dtype)
-    clean_file = RowFile(data.file) if data.file is not None else None
     rounder = _Rounder(rounding, seed, data.labels if classwise else None, shape)
+    ctx = SinkContext(output_dir=output_dir, paths=data.paths, classes=data.classes, labels=data.labels,
+                      alpha=data.alpha, shape=shape, eps=eps,
+                      memory_limit=budget if budget is not None else default_memory_budget(),
+                      class_levels=(lambda: rounder.class_levels(class_rows, eps)) if classwise else None)
+    sinks = [SINKS[name]() for name in DEFAULT_SINKS]
+    for sink in sinks:
+        sink.open(ctx)
+    clean_file = RowFile(data.file) if data.file is not None else None
     step = _output_step(shape)
     linf = torch.empty(n, dtype=torch.int64)
     abs_sum, changed = 0.0, 0
-    pt = torch.empty((n, *shape), dtype=torch.float32) if write_pt else None  # filled by chunks
     with _progress(n, "writing images", "img", enabled=progress) as bar:
         for a in range(0, n, step):
             b = min(n, a + step)
@@ -699,38 +691,15 @@ def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, roundin
             effective = protected.to(torch.int16) - clean.to(torch.int16)  # what the PNGs carry, in 1/255
             linf[a:b] = effective.abs().amax(dim=(1, 2, 3))
             changed += int((effective != 0).sum())
-            write_image_folder(output_dir, protected, data.paths[a:b], progress=False,
-                               alpha=None if data.alpha is None else data.alpha[a:b])
-            npy.write_range(a, effective.to(npy_dtype))
-            if pt is not None:
-                torch.div(effective, 255, out=pt[a:b])
+            rows = Rows(a, b, protected, effective)
+            for sink in sinks:
+                sink.write(rows)
             bar.update(b - a)
-    npy.sync()
-    npy.close()
-    os.replace(npy_tmp, output_dir / npy_name)
-    gb = pt_bytes / 2**30
-    if write_pt:
-        save_poison_pt(output_dir / "poison.pt", pt)
-        del pt
-        pt_note = {"written": True, "why": f"float32 perturbations, {gb:.3g} GiB, fit the memory budget"}
-    else:
-        (output_dir / "poison.pt").unlink(missing_ok=True)
-        pt_note = {"written": False,
-                   "why": f"one float32 tensor of {gb:.3g} GiB would exceed the memory budget of "
-                          f"{limit / 2**30:.3g} GiB (--memory-budget); {npy_name} holds the same perturbations "
-                          "(in 1/255), readable by memory map"}
-    outputs = {"images": {"written": True, "why": f"{n} PNG files mirroring the input tree"},
-               npy_name: {"written": True, "why": "the perturbations in 1/255, a .npy (np.load(mmap_mode='r'))"},
-               "poison.pt": pt_note}
-    if classwise:  # the layout class-wise readers take: clean image + row of its class = its PNG
-        levels = rounder.class_levels(class_rows, eps)
-        save_poison_pt(output_dir / "poison_classwise.pt", levels.float() / 255)
-        outputs["poison_classwise.pt"] = {
-            "written": True, "why": f"the {len(data.classes)} class-wise perturbations [C, 3, H, W], float32 in "
-            "[-eps, eps], row c for class c of `classes`, in whole grey levels: clip(clean + row of its class) "
-            "is each PNG"}
+    outputs = {}
+    for sink in sinks:
+        outputs.update(sink.close())
     unchanged = int((linf == 0).sum())
-    return dict(linf=linf, written=outs, npy_name=npy_name, unchanged=unchanged, outputs=outputs,
+    return dict(linf=linf, written=sinks[0].written, npy_name=npy_name(eps), unchanged=unchanged, outputs=outputs,
                 mean_abs_255=abs_sum / (n * row_elems) * 255, changed_fraction=changed / (n * row_elems))
 
 

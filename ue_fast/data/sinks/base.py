@@ -1,0 +1,65 @@
+"""What every sink shares: the rows it is given and the context it writes in."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class SinkContext:
+    """Where and what a run writes: ``output_dir``; the data set's ``paths`` (its order),
+    ``classes``, ``labels`` (int64 [N]) and ``alpha`` (None, or uint8 [N, H, W]); ``shape``
+    of one image [3, H, W]; the budget ``eps`` in 1/255; ``memory_limit`` in bytes; and,
+    for a class-wise method, ``class_levels()``: its [C, 3, H, W] perturbations in whole
+    grey levels (int16), as the images carry them."""
+
+    output_dir: Path
+    paths: list
+    classes: list
+    labels: torch.Tensor
+    alpha: object
+    shape: tuple
+    eps: float
+    memory_limit: float
+    class_levels: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows ``a:b`` of the data set's order: ``protected`` uint8 [B, 3, H, W] (what the images
+    carry) and ``effective`` int16 [B, 3, H, W], the change in 1/255 (``protected - clean``)."""
+
+    a: int
+    b: int
+    protected: torch.Tensor
+    effective: torch.Tensor
+
+
+class Sink:
+    """One output format, written by chunks of rows in the data set's order.
+
+    ``planned(ctx)`` lists the files it may write (relative to the output folder), before
+    anything is written; ``open(ctx)`` prepares; ``write(rows)`` takes every chunk in
+    order; ``close()`` finishes and returns ``{output name: {"written": bool, "why": str}}``
+    for the manifest. A sink never writes outside ``ctx.output_dir``."""
+
+    name: ClassVar[str]
+
+    def planned(self, ctx: SinkContext) -> list[str]:
+        raise NotImplementedError
+
+    def open(self, ctx: SinkContext) -> None:
+        self.ctx = ctx
+
+    def write(self, rows: Rows) -> None:
+        pass
+
+    def close(self) -> dict:
+        raise NotImplementedError
