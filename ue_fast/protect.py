@@ -59,13 +59,12 @@ import torch
 
 from . import __version__
 from .checkpoint import load_checkpoint
-from .data import ImageSet, images_from_arrays
-from .data.canonical import detect, load_dataset
+from .data import ImageSet
 from .data.exports import read_json, write_json_atomic
 from .data.folders import output_paths
 from .data.sinks import DEFAULT_SINKS, SINKS, Rows, SinkContext, npy_name
-from .data.ingest import ingest_folder
-from .data.scan import describe_left_out, ordered_listing
+from .data.sources import find_source
+from .data.scan import describe_left_out
 from .devices import resolve_device
 from .generation import COMPILE_MODES, Runner
 from .generation.distributed import env_world_size, from_env
@@ -87,7 +86,6 @@ from .outputs import (
     remove_debris,
     remove_listed,
     remove_owned,
-    warn_nested_outputs,
 )
 from .outputs import (
     human_size as _size,
@@ -415,18 +413,9 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     check_store(store)
     budget = parse_size(memory_budget) if memory_budget is not None else None
     output_dir = Path(output_dir)
-    input_dir = None if isinstance(source, (tuple, list)) else Path(source)
-    fmt = detect(input_dir) if input_dir is not None else None
-    if order is not None and (input_dir is None or fmt is not None):
-        raise ValueError("order applies to an image-folder source; "
-                         + ("arrays are in their own order already" if input_dir is None else
-                            f"{input_dir} is a {fmt} data set, read in its own index order"))
-    if split != "train" and fmt is None:
-        raise ValueError(f"split {split!r} applies to a CIFAR or SVHN distribution; "
-                         f"{'arrays' if input_dir is None else input_dir} {'are' if input_dir is None else 'is'} "
-                         "read whole")
-    if fmt is not None and resize is not None:
-        raise ValueError(f"resize applies to image folders; {input_dir} is a {fmt} data set, kept at its size")
+    src = find_source(source)
+    input_dir = None if src.name == "arrays" else Path(source)
+    src.check(input_dir if input_dir is not None else source, order=order, split=split, resize=resize)
     if resize is not None:
         _check_resize_for(method, resize)
     cls = METHODS[method]
@@ -489,15 +478,12 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         gen = Sparse(gen, sparse)
     eps = round(cfg.eps * 255, 6)
 
-    if input_dir is not None and fmt is None:
-        ordered_listing(input_dir, order)  # a bad input (or order) fails here, before an output is replaced
-        if main:
-            warn_nested_outputs(input_dir, "input folder")
+    src.check_input(input_dir, order=order, main=main)  # a bad input fails here, before an output is replaced
     work = output_dir / CHECKPOINT_DIR
     ckpt = work / "checkpoint.pt"
     # (errors of creating the folder itself are the CLI's to explain: nothing is written yet)
     with _output_run(output_dir, main, overwrite, resume, ckpt), _readable_write_errors(output_dir, ckpt):
-        return _generate(source=source, input_dir=input_dir, fmt=fmt, split=split, main=main, dist=dist,
+        return _generate(source=source, src=src, input_dir=input_dir, split=split, main=main, dist=dist,
                          work=work, ckpt=ckpt, resize=resize, skip_bad=skip_bad, workers=workers,
                          progress=progress, order=order, gen=gen, dev=dev, profile=profile,
                          output_dir=output_dir, compile=compile, delta_dtype=delta_dtype, store=store,
@@ -506,7 +492,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
                          preset=preset, t_start=t_start, keep_checkpoint=keep_checkpoint)
 
 
-def _generate(*, source, input_dir, fmt, split, main, dist, work, ckpt, resize, skip_bad, workers, progress, order,
+def _generate(*, source, src, input_dir, split, main, dist, work, ckpt, resize, skip_bad, workers, progress, order,
               gen, dev, profile, output_dir, compile, delta_dtype, store, budget, sync_bn, float64, resume, eps,
               rounding, cls, cfg, method, key_file, sparse, preset, t_start, keep_checkpoint) -> dict:
     """Read the data, run the method, write the outputs and the manifest (``protect`` has checked
@@ -516,18 +502,9 @@ def _generate(*, source, input_dir, fmt, split, main, dist, work, ckpt, resize, 
 
     t0 = time.perf_counter()
     ingest: dict = {}
-    if input_dir is None:
-        data: ImageSet = images_from_arrays(*source)
-    elif fmt is not None:  # a distribution's arrays: small, read by every process
-        data = load_dataset(input_dir, split, fmt)
-    elif not main:  # rank 0 ingests; the others open its array
-        barrier()
-        data = ingest_folder(input_dir, work, resize=resize, progress=False, skip_bad=skip_bad, order=order)
-    else:
-        data = ingest_folder(input_dir, work, resize=resize, skip_bad=skip_bad, workers=workers,
-                             progress=progress, stats=ingest, order=order)
-        if dist is not None:
-            barrier()
+    data: ImageSet = src.ingest(source if input_dir is None else input_dir, work, split=split, order=order,
+                                resize=resize, skip_bad=skip_bad, workers=workers, progress=progress, stats=ingest,
+                                main=main, barrier=barrier if dist is not None else None)
     t_read = time.perf_counter() - t0
     if main:  # what this run will write, recorded before it writes any of it (--overwrite removes only that)
         planned = [*output_paths(data.paths, output_dir), npy_name(eps), "poison.pt", "manifest.json",

@@ -302,15 +302,12 @@ def num_images(fmt: str, split: str = "train") -> int | None:
 
 def read_dataset(path, split: str = "train", *, order=None, resize=None, skip_bad: bool = False,
                  progress: bool = False) -> ImageSet:
-    """Any data set input by path: a distribution (:func:`load_dataset`, in its index order) or an
-    image folder (``read_image_folder``, sorted or in the order of ``order``)."""
-    fmt = detect(path)
-    if fmt is None:
-        from .folders import read_image_folder
+    """Any data set input by path, through its source (:mod:`ue_fast.data.sources`): a
+    distribution (:func:`load_dataset`, in its index order; ``split`` chooses its split) or an
+    image folder (``read_image_folder``, sorted or in the order of ``order``; a folder is its
+    own split)."""
+    from .sources import find_source
 
-        return read_image_folder(path, resize=resize, skip_bad=skip_bad, progress=progress, order=order)
-    if order is not None:
-        raise ValueError(f"an order file applies to image folders; {path} is a {fmt} data set in its own index order")
-    if resize is not None:
-        raise ValueError(f"resize applies to image folders; {path} is a {fmt} data set, kept at its size")
-    return load_dataset(path, split, fmt)
+    src = find_source(Path(path))
+    src.check(path, order=order, resize=resize)
+    return src.read(path, split=split, order=order, resize=resize, skip_bad=skip_bad, progress=progress)
