@@ -175,11 +175,9 @@ def _interrupted(monkeypatch, target, attr, after: int):
 @pytest.mark.parametrize("where", ["mid-pass", "mid-checkpoint", "after-checkpoint", "mid-output"])
 def test_a_crash_anywhere_resumes_to_the_uninterrupted_result(tmp_path, src, monkeypatch, where):
     import ue_fast.checkpoint as ckpt_mod
-    from ue_fast.generation import store as store_mod
-
     from ue_fast.data.sinks import png_tree
-
-    protect_mod = sys.modules["ue_fast.protect"]  # the package's name "protect" is the function
+    from ue_fast.data.sinks import write as sinks_write
+    from ue_fast.generation import store as store_mod
 
     kw = dict(SHORT, epochs=3, store="disk")
     ue_fast.protect(src, tmp_path / "whole", **kw)
@@ -193,7 +191,7 @@ def test_a_crash_anywhere_resumes_to_the_uninterrupted_result(tmp_path, src, mon
             _interrupted(monkeypatch, ckpt_mod.torch, "save", 3)
         else:  # the outputs: some PNGs written, no manifest
             _interrupted(monkeypatch, png_tree, "write_image_folder", 2)
-            monkeypatch.setattr(protect_mod, "chunk_rows", lambda row_bytes, target=0: 10)
+            monkeypatch.setattr(sinks_write, "chunk_rows", lambda row_bytes, target=0: 10)
         with pytest.raises(KeyboardInterrupt):
             ue_fast.protect(src, out, **kw)
         monkeypatch.undo()

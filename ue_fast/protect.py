@@ -42,9 +42,7 @@ warned about (:class:`UnchangedImagesWarning`).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import math
 import os
 import platform
@@ -52,7 +50,7 @@ import shutil
 import sys
 import time
 import warnings
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,15 +58,16 @@ import torch
 from . import __version__
 from .checkpoint import load_checkpoint
 from .data import ImageSet
-from .data.exports import read_json, write_json_atomic
+from .data.exports import write_json_atomic
 from .data.folders import output_paths
-from .data.sinks import DEFAULT_SINKS, SINKS, Rows, SinkContext, npy_name
-from .data.sources import find_source
 from .data.scan import describe_left_out
+from .data.sinks import npy_name
+from .data.sinks.rounding import ROUNDINGS, quantize  # noqa: F401 (quantize: public here too)
+from .data.sinks.write import output_step, write_outputs
+from .data.sources import find_source
 from .devices import resolve_device
 from .generation import COMPILE_MODES, Runner
 from .generation.distributed import env_world_size, from_env
-from .generation.rowfile import RowFile, chunk_rows
 from .generation.store import (
     check_delta_dtype,
     check_store,
@@ -77,25 +76,14 @@ from .generation.store import (
 )
 from .methods import METHODS, Sparse, SurrogateMethod
 from .models import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-from .outputs import (
-    check_not_held,
-    check_output_folder,
-    entries_besides_locks,
-    explain_os_error,
-    hold,
-    remove_debris,
-    remove_listed,
-    remove_owned,
-)
-from .outputs import (
-    human_size as _size,
-)
 from .progress import note
-from .progress import progress as _progress
-
-CHECKPOINT_DIR = ".ue_fast"
-OUTPUTS_FILE = "outputs.json"  # in the work folder: what the run is about to write, before it writes it
-ROUNDINGS = ("stochastic", "nearest")
+from .run_folder import (
+    CHECKPOINT_DIR,
+    OUTPUTS_FILE,
+    _check_dirs,
+    _output_run,
+    _readable_write_errors,
+)
 
 
 class UnchangedImagesWarning(UserWarning):
@@ -121,55 +109,6 @@ def _versions() -> dict:
     return out
 
 
-def _check_dirs(input_dir: Path | None, output_dir: Path, overwrite: bool, resume: bool) -> None:
-    check_output_folder(output_dir, {"input folder": input_dir}, "the output folder")
-    out = output_dir.resolve()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {output_dir} exists and is not a folder")
-    if out.is_dir():
-        check_not_held(out)
-    if out.exists() and entries_besides_locks(out):
-        if not (overwrite or resume):
-            raise ValueError(f"output folder {output_dir} is not empty: pass overwrite=True (--overwrite) to "
-                             "replace an earlier ue_fast output, or resume=True (--resume) to continue an "
-                             "interrupted run")
-        if not is_ue_fast_output(output_dir):
-            raise ValueError(f"refusing to {'replace' if overwrite else 'resume in'} {output_dir}: it is not a "
-                             f"ue_fast output (no manifest.json of ue_fast, no {CHECKPOINT_DIR}/ folder); "
-                             f"it holds {_describe(out)}. Choose another output folder, or empty this one yourself")
-
-
-class WriteError(ValueError):
-    """Writing an output or the work folder failed for a reason the user can fix (a full disk,
-    a read-only file system, a permission): the message says what and what to do."""
-
-
-@contextlib.contextmanager
-def _readable_write_errors(output_dir: Path, ckpt: Path):
-    """Turn the OS errors of writing (and torch.save's report of a short write) into a
-    :class:`WriteError` that says where, roughly how much the run needs, and how to go on."""
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        torch_short_write = isinstance(e, RuntimeError) and ("unexpected pos" in str(e)
-                                                              or "failed writing" in str(e))
-        if isinstance(e, OSError):
-            what = explain_os_error(e, e.filename or output_dir)
-        elif torch_short_write:
-            what = f"writing a file in {output_dir} stopped short ({str(e).splitlines()[0]}): is the disk full?"
-        else:
-            what = None
-        if what is None:
-            raise
-        full = torch_short_write or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-        images = output_dir / CHECKPOINT_DIR / "images.npy"
-        need = (f"; the run needs roughly {_size(7 * images.stat().st_size)} there (the ingested images, "
-                "the PNG copy, the perturbations as .npy and as float32 poison.pt)") if full and images.exists() else ""
-        go_on = ("free space and run the same command with --resume: it continues from the last finished step"
-                 if ckpt.exists() else "free space (or choose another output folder) and run the command again")
-        raise WriteError(f"{what}{need}; {go_on}" if full else what) from e
-
-
 def _check_resize_for(method: str, resize) -> None:
     """A surrogate-based method trains networks that take 16..1024 px: refuse other sizes before
     anything is read."""
@@ -180,140 +119,6 @@ def _check_resize_for(method: str, resize) -> None:
                                                              max(h, w) <= MAX_IMAGE_SIZE):
         raise ValueError(f"resize {h}x{w}: method {method!r} trains a network on the images, which takes "
                          f"{MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels a side")
-
-
-def is_ue_fast_output(folder: Path) -> bool:
-    """True if ``folder`` holds an earlier ``protect`` output: its work folder, or a manifest it
-    wrote. A manifest.json that cannot be read is an error naming it."""
-    manifest = _manifest_of(folder)
-    return (folder / CHECKPOINT_DIR).is_dir() or (isinstance(manifest, dict) and "ue_fast_version" in manifest)
-
-
-def _manifest_of(folder: Path):
-    """The parsed ``folder/manifest.json``, None if there is none; a ValueError naming the file
-    if it is there but not JSON."""
-    path = folder / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        return read_json(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} cannot be read ({e}): a damaged manifest; if {folder} is an earlier ue_fast "
-                         "output, remove it yourself, or choose another output folder") from None
-
-
-def owned_outputs(folder: Path) -> set[str]:
-    """What an earlier ``protect`` run wrote in ``folder`` (relative paths of files), as its
-    manifest and its work folder's ``outputs.json`` (written before the first output file)
-    record it; its work folder ``.ue_fast/`` is ue_fast's too."""
-    owned = set()
-    manifest = _manifest_of(folder)
-    if isinstance(manifest, dict) and "ue_fast_version" in manifest:
-        owned.add("manifest.json")
-        owned.update(f["output"] for f in manifest.get("files") or () if isinstance(f, dict) and "output" in f)
-        owned.update(k for k in manifest.get("outputs") or {} if k != "images")
-    try:
-        planned = read_json(folder / CHECKPOINT_DIR / OUTPUTS_FILE)
-        owned.update(planned["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return {str(PurePosixPath(o)) for o in owned if isinstance(o, str) and not PurePosixPath(o).is_absolute()
-            and ".." not in PurePosixPath(o).parts}
-
-
-@contextlib.contextmanager
-def _output_run(output_dir: Path, main: bool, overwrite: bool, resume: bool, ckpt: Path):
-    """The output folder for one run: created if missing, held (one run at a time), replaced of
-    only what ue_fast wrote (``overwrite``), rid of an interrupted write's temporary files
-    (``resume``). If the run fails with nothing to resume (no checkpoint), what it wrote is
-    removed again, and the folder too if it created it."""
-    if not main:
-        yield
-        return
-    created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with hold(output_dir, "ue-fast protect"):
-            if overwrite and entries_besides_locks(output_dir):
-                remove_owned(output_dir, owned_outputs(output_dir), "an earlier ue_fast output")
-            elif resume:
-                remove_debris(output_dir)
-                if (output_dir / "manifest.json").exists() and not ckpt.exists():
-                    raise ValueError(f"{output_dir} already holds a complete run (manifest.json); nothing to resume")
-            try:
-                yield
-            except BaseException:
-                if not ckpt.exists():  # nothing to resume: leave nothing of this run behind
-                    remove_listed(output_dir, owned_outputs(output_dir))
-                raise
-    finally:
-        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
-            output_dir.rmdir()
-
-
-def _describe(folder: Path, limit: int = 5) -> str:
-    """'notes.txt, sub/ and 3 more' for the error messages."""
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def quantize(clean: torch.Tensor, delta: torch.Tensor, eps_255: float, rounding: str = "stochastic",
-             seed: int = 0, shared: torch.Tensor | None = None) -> torch.Tensor:
-    """The protected 8-bit images: ``255 (clean/255 + delta)`` rounded, clipped to [0, 255]
-    and to ``floor(eps_255)`` grey levels of ``clean``.
-
-    Args:
-        clean: uint8 [N, 3, H, W]. delta: float [N, 3, H, W] in pixel units.
-        rounding: "stochastic" (up with probability equal to the fraction, noise seeded by
-            ``seed``; a value within 0.01 of a whole grey level counts as that level, so float
-            noise on whole-level perturbations never flips them) or "nearest".
-        shared: int64 [N] or None: images with the same value draw the same rounding noise
-            (a class-wise method passes the labels, so one class's images keep one perturbation).
-    Returns:
-        uint8 [N, 3, H, W].
-    """
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    return _Rounder(rounding, seed, shared, tuple(delta.shape[1:]))(clean, delta, eps_255, shared)
-
-
-class _Rounder:
-    """:func:`quantize` by consecutive chunks of rows, drawing the same noise as one call."""
-
-    def __init__(self, rounding: str, seed: int, shared: torch.Tensor | None, row_shape):
-        self.rounding = rounding
-        self.gen = torch.Generator().manual_seed(seed)
-        self.shared_u = None
-        if rounding == "stochastic" and shared is not None:
-            self.shared_u = torch.rand((int(shared.max()) + 1, *row_shape), generator=self.gen)
-
-    def __call__(self, clean, delta, eps_255: float, shared=None) -> torch.Tensor:
-        u = None
-        if self.rounding == "stochastic":
-            u = torch.rand(delta.shape, generator=self.gen) if self.shared_u is None else self.shared_u[shared]
-        c = clean.to(torch.int16)
-        return (c + self._levels(delta, u, eps_255)).clamp_(0, 255).to(torch.uint8)
-
-    def class_levels(self, rows: torch.Tensor, eps_255: float) -> torch.Tensor:
-        """int16 [C, 3, H, W]: the grey levels every image of class c gets (before clipping to
-        [0, 255]) from the class-wise perturbations ``rows`` (rounding made with ``shared``)."""
-        u = None
-        if self.rounding == "stochastic":
-            u = torch.full(rows.shape, 0.5)  # a class without images: rounded to nearest
-            k = min(rows.shape[0], self.shared_u.shape[0])
-            u[:k] = self.shared_u[:k]
-        return self._levels(rows, u, eps_255)
-
-    def _levels(self, delta, u, eps_255: float) -> torch.Tensor:
-        v = delta.float() * 255  # [B, 3, H, W], grey levels
-        if u is None:
-            q = torch.round(v)
-        else:
-            near = torch.round(v)
-            q = torch.where((v - near).abs() <= 0.01, near, torch.floor(v + u))
-        lim = math.floor(eps_255 + 1e-6)
-        return q.clamp_(-lim, lim).to(torch.int16)
 
 
 def protect(source, output_dir, *, method: str = "miue", eps: float | None = None, epochs: int | None = None,
@@ -435,23 +240,51 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         sched = ", ".join(f"{k} {getattr(paper, k)}" for k in ("arch", "epochs", "pgd_steps") if hasattr(paper, k))
         note(f"note: {method} runs its paper's schedule ({sched}) on the CPU, a GPU-sized job (hours for a few "
              "hundred images); --preset cpu-small is a CPU-sized schedule that protects measurably in minutes")
-    if key_file is not None:
-        key_file = Path(key_file)
-        if not cls.keyed:
-            raise ValueError(f"method {method!r} has no private key; key_file applies to keyed methods "
-                             f"({sorted(n for n, c in METHODS.items() if c.keyed)})")
-        if key_file.exists():
-            raise ValueError(f"{key_file} exists; a key file is never replaced (choose a new path)")
-        if Path(output_dir).resolve() in key_file.resolve().parents:
-            raise ValueError(f"the key file {key_file} must be outside the output folder {output_dir}: the "
-                             "output is what gets shared, and --overwrite replaces it")
-        if not key_file.parent.is_dir():
-            raise ValueError(f"{key_file.parent} is not a folder; cannot write the key file there")
+    key_file = _check_key_file(key_file, cls, method, output_dir)
+    overrides = dict(epochs=epochs, pgd_steps=pgd_steps, arch=arch, loss=loss, batch_size=batch_size,
+                     poison_batch_size=poison_batch_size, seed=seed)
+    gen, cfg, eps = _method(cls, method, eps, overrides, settings, preset=preset, resume=resume, output_dir=output_dir,
+                            store=store, delta_dtype=delta_dtype, sparse=sparse)
+
+    src.check_input(input_dir, order=order, main=main)  # a bad input fails here, before an output is replaced
+    work = output_dir / CHECKPOINT_DIR
+    ckpt = work / "checkpoint.pt"
+    # (errors of creating the folder itself are the CLI's to explain: nothing is written yet)
+    with _output_run(output_dir, main, overwrite, resume, ckpt), _readable_write_errors(output_dir, ckpt):
+        return _generate(source=source, src=src, input_dir=input_dir, split=split, main=main, dist=dist,
+                         work=work, ckpt=ckpt, resize=resize, skip_bad=skip_bad, workers=workers,
+                         progress=progress, order=order, gen=gen, dev=dev, profile=profile,
+                         output_dir=output_dir, compile=compile, delta_dtype=delta_dtype, store=store,
+                         budget=budget, sync_bn=sync_bn, float64=float64, resume=resume, eps=eps,
+                         rounding=rounding, cls=cls, cfg=cfg, method=method, key_file=key_file, sparse=sparse,
+                         preset=preset, t_start=t_start, keep_checkpoint=keep_checkpoint)
+
+
+def _check_key_file(key_file, cls, method: str, output_dir: Path) -> Path | None:
+    """A keyed method's key file: a new file outside the output folder, in a folder that exists."""
+    if key_file is None:
+        return None
+    key_file = Path(key_file)
+    if not cls.keyed:
+        raise ValueError(f"method {method!r} has no private key; key_file applies to keyed methods "
+                         f"({sorted(n for n, c in METHODS.items() if c.keyed)})")
+    if key_file.exists():
+        raise ValueError(f"{key_file} exists; a key file is never replaced (choose a new path)")
+    if Path(output_dir).resolve() in key_file.resolve().parents:
+        raise ValueError(f"the key file {key_file} must be outside the output folder {output_dir}: the "
+                         "output is what gets shared, and --overwrite replaces it")
+    if not key_file.parent.is_dir():
+        raise ValueError(f"{key_file.parent} is not a folder; cannot write the key file there")
+    return key_file
+
+
+def _method(cls, method: str, eps, overrides: dict, settings: dict, *, preset, resume: bool, output_dir: Path,
+            store: str, delta_dtype: str, sparse):
+    """The method's generator, its config (preset, then the settings given) and the budget in
+    1/255, every setting checked before anything is read or written."""
     if eps is not None and not cls.lp:
         raise ValueError(f"method {method!r} is not an L-inf perturbation: eps does not apply "
                          f"({cls.config_class.__name__}'s settings bound its change)")
-    overrides = dict(epochs=epochs, pgd_steps=pgd_steps, arch=arch, loss=loss, batch_size=batch_size,
-                     poison_batch_size=poison_batch_size, seed=seed)
     names = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(k for k, v in {**overrides, **settings}.items() if k not in names and v is not None)
     if unknown:
@@ -477,19 +310,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     if sparse is not None:
         gen = Sparse(gen, sparse)
     eps = round(cfg.eps * 255, 6)
-
-    src.check_input(input_dir, order=order, main=main)  # a bad input fails here, before an output is replaced
-    work = output_dir / CHECKPOINT_DIR
-    ckpt = work / "checkpoint.pt"
-    # (errors of creating the folder itself are the CLI's to explain: nothing is written yet)
-    with _output_run(output_dir, main, overwrite, resume, ckpt), _readable_write_errors(output_dir, ckpt):
-        return _generate(source=source, src=src, input_dir=input_dir, split=split, main=main, dist=dist,
-                         work=work, ckpt=ckpt, resize=resize, skip_bad=skip_bad, workers=workers,
-                         progress=progress, order=order, gen=gen, dev=dev, profile=profile,
-                         output_dir=output_dir, compile=compile, delta_dtype=delta_dtype, store=store,
-                         budget=budget, sync_bn=sync_bn, float64=float64, resume=resume, eps=eps,
-                         rounding=rounding, cls=cls, cfg=cfg, method=method, key_file=key_file, sparse=sparse,
-                         preset=preset, t_start=t_start, keep_checkpoint=keep_checkpoint)
+    return gen, cfg, eps
 
 
 def _generate(*, source, src, input_dir, split, main, dist, work, ckpt, resize, skip_bad, workers, progress, order,
@@ -520,11 +341,11 @@ def _generate(*, source, src, input_dir, split, main, dist, work, ckpt, resize, 
 
     t0 = time.perf_counter()
     if not main:  # rank 0 writes; the others send their rows as it reads them
-        for a in range(0, len(data), _output_step(data.images.shape[1:])):
-            result.read(a, min(len(data), a + _output_step(data.images.shape[1:])))
+        for a in range(0, len(data), output_step(data.images.shape[1:])):
+            result.read(a, min(len(data), a + output_step(data.images.shape[1:])))
         barrier()
         return _broadcast(None)
-    out = _write_outputs(output_dir, data, result, eps, rounding, 0 if cls.keyed else cfg.seed,
+    out = write_outputs(output_dir, data, result, eps, rounding, 0 if cls.keyed else cfg.seed,
                          gen.store.all().cpu() if cls.classwise else None, budget, progress)
     if left_out := describe_left_out(data.ignored, data.skipped):
         warnings.warn(left_out, LeftOutWarning, stacklevel=2)
@@ -532,9 +353,27 @@ def _generate(*, source, src, input_dir, split, main, dist, work, ckpt, resize, 
         warnings.warn(_unchanged_message(out["unchanged"], len(data), out["mean_abs_255"], method, cfg, rounding),
                       UnchangedImagesWarning, stacklevel=2)
     t_write = time.perf_counter() - t0
-    linf, written, npy_file = out["linf"], out["written"], out["npy_name"]
-
     timings = {"read images": t_read, **result.timings, "writing": t_write}
+    if cls.keyed and key_file is not None:
+        _write_key(key_file, gen.key())
+    manifest = _manifest(method=method, cls=cls, cfg=cfg, gen=gen, eps=eps, compile=compile, sparse=sparse,
+                         delta_dtype=delta_dtype, preset=preset, key_file=key_file, dev=dev, input_dir=input_dir,
+                         output_dir=output_dir, data=data, out=out, left_out=left_out, rounding=rounding,
+                         store=store, budget=budget, ingest=ingest, dist=dist, sync_bn=sync_bn, float64=float64,
+                         profile=profile, result=result, timings=timings, t_start=t_start)
+    write_json_atomic(output_dir / "manifest.json", manifest)
+    if dist is not None:
+        barrier()  # every process is done with the work folder
+    if not keep_checkpoint:
+        shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
+    return _broadcast(manifest) if dist is not None else manifest
+
+
+def _manifest(*, method, cls, cfg, gen, eps, compile, sparse, delta_dtype, preset, key_file, dev, input_dir,
+              output_dir, data, out, left_out, rounding, store, budget, ingest, dist, sync_bn, float64, profile,
+              result, timings, t_start) -> dict:
+    """The run's record (``manifest.json``): what was protected, how, with what result, where it went."""
+    linf, written, npy_file = out["linf"], out["written"], out["npy_name"]
     gen_s = sum(h.get("train_s", 0.0) + h.get("poison_s", 0.0) for h in result.history)
     rounds = sum(1 for h in result.history if "epoch" in h)  # early-stopping methods run fewer than epochs
     budget_note = gen.budget()
@@ -544,8 +383,6 @@ def _generate(*, source, src, input_dir, split, main, dist, work, ckpt, resize, 
     if cls.keyed:
         key_note = {"withheld": True, "key_file": str(key_file) if key_file is not None else None,
                     "why": "the seed is the method's private key: it regenerates the change, which helps undo it"}
-        if key_file is not None:
-            _write_key(key_file, gen.key())
     manifest = {
         "ue_fast_version": __version__,
         "method": method,
@@ -592,12 +429,7 @@ def _generate(*, source, src, input_dir, split, main, dist, work, ckpt, resize, 
         "images_per_s": len(data) * rounds / gen_s if gen_s > 0 else None,
         "total_s": time.perf_counter() - t_start,
     }
-    write_json_atomic(output_dir / "manifest.json", manifest)
-    if dist is not None:
-        barrier()  # every process is done with the work folder
-    if not keep_checkpoint:
-        shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
-    return _broadcast(manifest) if dist is not None else manifest
+    return manifest
 
 
 def _write_key(path: Path, key: dict) -> None:
@@ -627,57 +459,9 @@ def _broadcast(obj):
     return box[0]
 
 
-def _output_step(row_shape) -> int:
-    """Rows per chunk of the outputs (float32 delta, int16 work copies, uint8 images)."""
-    return chunk_rows(math.prod(row_shape) * 12)
-
-
 def _budget_default():
     b = default_memory_budget()
     return None if math.isinf(b) else int(b)
-
-
-def _write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding: str, seed: int,
-                   class_rows: torch.Tensor | None, budget, progress: bool) -> dict:
-    """Round every chunk of rows to 8 bits and hand it to each sink (``ue_fast.data.sinks``: the
-    PNG tree, the perturbation .npy, poison.pt when it fits the memory budget, and for a
-    class-wise method, ``class_rows`` being its [C, 3, H, W] perturbations, poison_classwise.pt).
-    Memory stays bounded whatever N. Returns the statistics the manifest reports."""
-    classwise = class_rows is not None
-    n, shape = len(data), tuple(data.images.shape[1:])
-    row_elems = math.prod(shape)
-    rounder = _Rounder(rounding, seed, data.labels if classwise else None, shape)
-    ctx = SinkContext(output_dir=output_dir, paths=data.paths, classes=data.classes, labels=data.labels,
-                      alpha=data.alpha, shape=shape, eps=eps,
-                      memory_limit=budget if budget is not None else default_memory_budget(),
-                      class_levels=(lambda: rounder.class_levels(class_rows, eps)) if classwise else None)
-    sinks = [SINKS[name]() for name in DEFAULT_SINKS]
-    for sink in sinks:
-        sink.open(ctx)
-    clean_file = RowFile(data.file) if data.file is not None else None
-    step = _output_step(shape)
-    linf = torch.empty(n, dtype=torch.int64)
-    abs_sum, changed = 0.0, 0
-    with _progress(n, "writing images", "img", enabled=progress) as bar:
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            clean = clean_file.read_range(a, b) if clean_file is not None else data.images[a:b]
-            delta = result.read(a, b)  # float32 [B, 3, H, W] pixel units
-            abs_sum += float(delta.abs().sum(dtype=torch.float64))
-            protected = rounder(clean, delta, eps, data.labels[a:b])
-            effective = protected.to(torch.int16) - clean.to(torch.int16)  # what the PNGs carry, in 1/255
-            linf[a:b] = effective.abs().amax(dim=(1, 2, 3))
-            changed += int((effective != 0).sum())
-            rows = Rows(a, b, protected, effective)
-            for sink in sinks:
-                sink.write(rows)
-            bar.update(b - a)
-    outputs = {}
-    for sink in sinks:
-        outputs.update(sink.close())
-    unchanged = int((linf == 0).sum())
-    return dict(linf=linf, written=sinks[0].written, npy_name=npy_name(eps), unchanged=unchanged, outputs=outputs,
-                mean_abs_255=abs_sum / (n * row_elems) * 255, changed_fraction=changed / (n * row_elems))
 
 
 def _unchanged_message(unchanged: int, n: int, mean_abs_255: float, method: str, cfg, rounding: str) -> str:

@@ -1,0 +1,64 @@
+"""The rows of a run, rounded to 8 bits chunk by chunk and handed to every sink."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ...generation.rowfile import RowFile, chunk_rows
+from ...generation.store import default_memory_budget
+from ...progress import progress as _progress
+from ..folders import ImageSet
+from . import DEFAULT_SINKS, SINKS
+from .base import Rows, SinkContext
+from .npy import npy_name
+from .rounding import Rounder
+
+
+def output_step(row_shape) -> int:
+    """Rows per chunk of the outputs (float32 delta, int16 work copies, uint8 images)."""
+    return chunk_rows(math.prod(row_shape) * 12)
+
+
+def write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding: str, seed: int,
+                   class_rows: torch.Tensor | None, budget, progress: bool) -> dict:
+    """Round every chunk of rows to 8 bits and hand it to each sink (``ue_fast.data.sinks``: the
+    PNG tree, the perturbation .npy, poison.pt when it fits the memory budget, and for a
+    class-wise method, ``class_rows`` being its [C, 3, H, W] perturbations, poison_classwise.pt).
+    Memory stays bounded whatever N. Returns the statistics the manifest reports."""
+    classwise = class_rows is not None
+    n, shape = len(data), tuple(data.images.shape[1:])
+    row_elems = math.prod(shape)
+    rounder = Rounder(rounding, seed, data.labels if classwise else None, shape)
+    ctx = SinkContext(output_dir=output_dir, paths=data.paths, classes=data.classes, labels=data.labels,
+                      alpha=data.alpha, shape=shape, eps=eps,
+                      memory_limit=budget if budget is not None else default_memory_budget(),
+                      class_levels=(lambda: rounder.class_levels(class_rows, eps)) if classwise else None)
+    sinks = [SINKS[name]() for name in DEFAULT_SINKS]
+    for sink in sinks:
+        sink.open(ctx)
+    clean_file = RowFile(data.file) if data.file is not None else None
+    step = output_step(shape)
+    linf = torch.empty(n, dtype=torch.int64)
+    abs_sum, changed = 0.0, 0
+    with _progress(n, "writing images", "img", enabled=progress) as bar:
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            clean = clean_file.read_range(a, b) if clean_file is not None else data.images[a:b]
+            delta = result.read(a, b)  # float32 [B, 3, H, W] pixel units
+            abs_sum += float(delta.abs().sum(dtype=torch.float64))
+            protected = rounder(clean, delta, eps, data.labels[a:b])
+            effective = protected.to(torch.int16) - clean.to(torch.int16)  # what the PNGs carry, in 1/255
+            linf[a:b] = effective.abs().amax(dim=(1, 2, 3))
+            changed += int((effective != 0).sum())
+            rows = Rows(a, b, protected, effective)
+            for sink in sinks:
+                sink.write(rows)
+            bar.update(b - a)
+    outputs = {}
+    for sink in sinks:
+        outputs.update(sink.close())
+    unchanged = int((linf == 0).sum())
+    return dict(linf=linf, written=sinks[0].written, npy_name=npy_name(eps), unchanged=unchanged, outputs=outputs,
+                mean_abs_255=abs_sum / (n * row_elems) * 255, changed_fraction=changed / (n * row_elems))
