@@ -1,6 +1,8 @@
 """The sources protect, evaluate and report read through, and the sinks protect writes
 (ue_fast.data.sources, ue_fast.data.sinks): one contract over every registered one."""
+import io
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from ue_fast.data.sources import SOURCES, find_source
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """The same 30 demo images (3 per class) as an image folder, a .npz and arrays."""
+    """The same 30 demo images (3 per class) as an image folder, a .npz, arrays and a WebDataset shard."""
     root = tmp_path_factory.mktemp("sources")
     folder = root / "folder"
     for d in sorted(p for p in (demo_dir() / "train").iterdir() if p.is_dir()):
@@ -24,7 +26,14 @@ def inputs(tmp_path_factory):
     data = read_image_folder(folder, progress=False)
     np.savez(root / "set.npz", x=data.images.permute(0, 2, 3, 1).numpy(), y=data.labels.numpy())
     arrays = (data.images, data.labels, data.classes)
-    return {"image-folder": folder, "distribution": root / "set.npz", "arrays": arrays}, data
+    with tarfile.open(root / "shard.tar", "w") as tar:
+        for i, (path, label) in enumerate(zip(data.paths, data.labels.tolist())):
+            for name, payload in ((f"{i:04d}.jpg", (folder / path).read_bytes()), (f"{i:04d}.cls", str(label).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return {"image-folder": folder, "distribution": root / "set.npz", "arrays": arrays,
+            "webdataset": root / "shard.tar"}, data
 
 
 def test_every_source_is_found_for_its_input_and_reads_the_same_data(inputs, tmp_path):
@@ -38,7 +47,8 @@ def test_every_source_is_found_for_its_input_and_reads_the_same_data(inputs, tmp
         for got in (read, ingested):  # order, labels and pixels kept
             assert torch.equal(got.images, data.images) and torch.equal(got.labels, data.labels)
             assert len(got.paths) == len(data)
-        assert got.classes == data.classes or name == "distribution"  # a .npz without names numbers its classes
+        # a .npz without names, and integer .cls labels, number the classes
+        assert got.classes == data.classes or name in ("distribution", "webdataset")
 
 
 @pytest.mark.parametrize("name, options, text", [
@@ -58,11 +68,14 @@ def test_options_a_source_cannot_honour_are_refused_before_anything_is_written(i
 
 
 def _context(out, data, eps=8.0, memory_limit=float("inf"), classwise=False):
+    """A sink context over ``data`` (read from the WebDataset shard: the webdataset sink passes its
+    members through; the others ignore them)."""
     levels = torch.randint(-8, 9, (len(data.classes), *data.images.shape[1:]), dtype=torch.int16,
                            generator=torch.Generator().manual_seed(1))
     return SinkContext(output_dir=out, paths=data.paths, classes=data.classes, labels=data.labels, alpha=None,
                        shape=tuple(data.images.shape[1:]), eps=eps, memory_limit=memory_limit,
-                       class_levels=(lambda: levels) if classwise else None)
+                       class_levels=(lambda: levels) if classwise else None, origin=data.origin,
+                       members=getattr(data, "members", None))
 
 
 def _write(sink, ctx, data, effective, step):
@@ -77,7 +90,7 @@ def _write(sink, ctx, data, effective, step):
 
 @pytest.mark.parametrize("name", list(SINKS))
 def test_every_sink_writes_what_it_plans_the_same_whatever_the_chunks(inputs, tmp_path, name):
-    data = inputs[1]
+    data = find_source(inputs[0]["webdataset"]).read(inputs[0]["webdataset"])
     effective = torch.randint(-8, 9, data.images.shape, generator=torch.Generator().manual_seed(0),
                               dtype=torch.int16)
     files = {}

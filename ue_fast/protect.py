@@ -59,11 +59,10 @@ from . import __version__
 from .checkpoint import load_checkpoint
 from .data import ImageSet
 from .data.exports import write_json_atomic
-from .data.folders import output_paths
 from .data.scan import describe_left_out
-from .data.sinks import npy_name
+from .data.sinks import sinks_for
 from .data.sinks.rounding import ROUNDINGS, quantize  # noqa: F401 (quantize: public here too)
-from .data.sinks.write import output_step, write_outputs
+from .data.sinks.write import output_step, planned_files, write_outputs
 from .data.sources import find_source
 from .devices import resolve_device
 from .generation import COMPILE_MODES, Runner
@@ -129,7 +128,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             keep_checkpoint: bool = False, compile: bool | str = False, sparse: float | None = None,
             rounding: str = "stochastic", preset: str | None = None, delta_dtype: str = "auto",
             store: str = "auto", memory_budget=None, workers: int | None = None, sync_bn: bool = False,
-            float64: bool = False, order=None, split: str = "train", key_file=None, **settings) -> dict:
+            float64: bool = False, order=None, split: str = "train", key_file=None, output_format: str = "png",
+            image_key: str | None = None, label_key: str | None = None, **settings) -> dict:
     """Protect an image folder (or arrays) with ``method``; write the outputs; return the manifest.
 
     Args:
@@ -194,6 +194,14 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         rounding: how the 8-bit output rounds ``255 (x + delta)``: "stochastic" (default;
             unbiased, seeded by ``seed``) or "nearest" (drops any perturbation under half a
             grey level).
+        output_format: how the protected images are written: "png" (default: the PNG tree) or
+            "webdataset" (shards with the input's names, keys and non-image members, each image as
+            ``<key>.png``; a WebDataset input only). A lossy format (JPEG) is refused: its
+            compression is itself a defence that strips the perturbation. The perturbation
+            files (.npy, poison.pt) are written either way.
+        image_key, label_key: a WebDataset input's image member (default: the first of jpg,
+            jpeg, png, webp, ...) and the field of its ``json`` member that holds the label
+            (default: the integer in its ``cls`` member).
         key_file: a keyed method (``cuda``): write its private key (the seed and what it
             draws) to this new file outside ``output_dir``, as JSON, owner-readable only.
             Without it the key is in none of the outputs (the manifest records no seed; the
@@ -218,7 +226,11 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     check_store(store)
     budget = parse_size(memory_budget) if memory_budget is not None else None
     output_dir = Path(output_dir)
-    src = find_source(source)
+    sinks = sinks_for(output_format)
+    src = find_source(source, image_key=image_key, label_key=label_key)
+    if output_format == "webdataset" and src.name != "webdataset":
+        raise ValueError(f"output_format 'webdataset' passes a WebDataset input's members through; "
+                         f"{'arrays' if src.name == 'arrays' else source} is read as {src.name}: use 'png'")
     input_dir = None if src.name == "arrays" else Path(source)
     src.check(input_dir if input_dir is not None else source, order=order, split=split, resize=resize)
     if resize is not None:
@@ -251,7 +263,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     ckpt = work / "checkpoint.pt"
     # (errors of creating the folder itself are the CLI's to explain: nothing is written yet)
     with _output_run(output_dir, main, overwrite, resume, ckpt), _readable_write_errors(output_dir, ckpt):
-        return _generate(source=source, src=src, input_dir=input_dir, split=split, main=main, dist=dist,
+        return _generate(source=source, src=src, sinks=sinks, input_dir=input_dir, split=split, main=main, dist=dist,
                          work=work, ckpt=ckpt, resize=resize, skip_bad=skip_bad, workers=workers,
                          progress=progress, order=order, gen=gen, dev=dev, profile=profile,
                          output_dir=output_dir, compile=compile, delta_dtype=delta_dtype, store=store,
@@ -313,7 +325,7 @@ def _method(cls, method: str, eps, overrides: dict, settings: dict, *, preset, r
     return gen, cfg, eps
 
 
-def _generate(*, source, src, input_dir, split, main, dist, work, ckpt, resize, skip_bad, workers, progress, order,
+def _generate(*, source, src, sinks, input_dir, split, main, dist, work, ckpt, resize, skip_bad, workers, progress, order,
               gen, dev, profile, output_dir, compile, delta_dtype, store, budget, sync_bn, float64, resume, eps,
               rounding, cls, cfg, method, key_file, sparse, preset, t_start, keep_checkpoint) -> dict:
     """Read the data, run the method, write the outputs and the manifest (``protect`` has checked
@@ -328,8 +340,8 @@ def _generate(*, source, src, input_dir, split, main, dist, work, ckpt, resize, 
                                 main=main, barrier=barrier if dist is not None else None)
     t_read = time.perf_counter() - t0
     if main:  # what this run will write, recorded before it writes any of it (--overwrite removes only that)
-        planned = [*output_paths(data.paths, output_dir), npy_name(eps), "poison.pt", "manifest.json",
-                   *(["poison_classwise.pt"] if cls.classwise else []), *(["profile_trace.json"] if profile else [])]
+        planned = [*planned_files(sinks, output_dir, data, eps, cls.classwise), "manifest.json",
+                   *(["profile_trace.json"] if profile else [])]
         write_json_atomic(work / OUTPUTS_FILE, {"files": planned})
 
     runner = Runner(gen, data.images, data.labels, len(data.classes), dev, checkpoint_path=ckpt, progress=progress,
@@ -346,7 +358,7 @@ def _generate(*, source, src, input_dir, split, main, dist, work, ckpt, resize, 
         barrier()
         return _broadcast(None)
     out = write_outputs(output_dir, data, result, eps, rounding, 0 if cls.keyed else cfg.seed,
-                         gen.store.all().cpu() if cls.classwise else None, budget, progress)
+                        gen.store.all().cpu() if cls.classwise else None, budget, progress, sinks=sinks)
     if left_out := describe_left_out(data.ignored, data.skipped):
         warnings.warn(left_out, LeftOutWarning, stacklevel=2)
     if out["unchanged"]:

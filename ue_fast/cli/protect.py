@@ -38,7 +38,8 @@ def _print_summary(m: dict) -> None:
           f"({bound}, max |delta| {m['linf_max_255']}/255, mean "
           f"{m['mean_abs_delta_255']:.2f}/255, {_percent(m['changed_pixels_fraction'])} of pixels changed) in "
           f"{m['total_s']:.1f} s; {m['images_per_s']:.0f} images/s per outer epoch")
-    files = ["PNG tree"] + [k for k, v in m["outputs"].items() if k != "images" and v["written"]] + ["manifest.json"]
+    names = {"images": "PNG tree", "webdataset": "WebDataset shards"}
+    files = [names.get(k, k) for k, v in m["outputs"].items() if v["written"]] + ["manifest.json"]
     print(f"output: {m['output']}  ({', '.join(files)})")
     key = m.get("key")
     if key:
@@ -105,7 +106,8 @@ def _cmd_protect(args) -> int:
                            rounding=args.rounding, preset=args.preset, delta_dtype=args.delta_dtype,
                            store=args.store, memory_budget=args.memory_budget, workers=args.workers,
                            sync_bn=args.sync_bn, float64=args.float64, order=args.order, split=args.split,
-                           key_file=args.key_file, **_settings(args))
+                           key_file=args.key_file, output_format=args.output_format, image_key=args.image_key,
+                           label_key=args.label_key, **_settings(args))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Leave the group before exiting: a process that exits inside it may abort in gloo's threads.
         torch.distributed.barrier()
@@ -128,7 +130,8 @@ def add_parser(sub, default_device: str) -> None:
                         "the data set's order. Defaults are each method's published CIFAR-10 settings.")
     pr.add_argument("input_dir", type=Path, help="a folder of class sub-folders of images, or a data set in its "
                     "authors' distribution, read in its own index order: cifar-10-batches-py/, "
-                    "cifar-100-python/, an SVHN .mat, a .npz with x (uint8 NHWC) and y")
+                    "cifar-100-python/, an SVHN .mat, a .npz with x (uint8 NHWC) and y; or WebDataset shards: "
+                    "'shards/train-{000000..000146}.tar' (quoted), a glob, a list file of shard paths, one .tar")
     pr.add_argument("output_dir", type=Path)
     pr.add_argument("--order", type=Path, default=None, metavar="FILE",
                     help="for a folder input: a text file listing its images' relative paths, one per line, in "
@@ -191,6 +194,15 @@ def add_parser(sub, default_device: str) -> None:
     pr.add_argument("--rounding", default="stochastic", choices=list(ROUNDINGS),
                     help="how the 8-bit output rounds x + delta: stochastic (default; keeps sub-grey-level "
                     "perturbations in expectation) or nearest")
+    pr.add_argument("--output-format", default="png", metavar="FORMAT",
+                    help="how the protected images are written: png (default: the PNG tree) or webdataset (shards "
+                    "with the input's names, keys and non-image members, each image as <key>.png; for a WebDataset "
+                    "input). Lossy formats (jpeg) are refused: their compression is itself a defence")
+    pr.add_argument("--image-key", default=None, metavar="EXT",
+                    help="a WebDataset input's image member (default: the first of jpg, jpeg, png, webp, ...)")
+    pr.add_argument("--label-key", default=None, metavar="FIELD",
+                    help="the field of a WebDataset sample's .json that holds its label, an integer or a class "
+                    "name (default: the integer in its .cls member)")
     pr.add_argument("--key-file", default=None, metavar="PATH",
                     help="a keyed method (cuda): write its private key (seed and filters, JSON) to this new file; "
                     "without it the key is in none of the outputs")

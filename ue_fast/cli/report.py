@@ -5,8 +5,17 @@ from pathlib import Path
 
 from ..evaluate.defenses import DEFENSES
 from ..models import ARCHS
-from ._args import (_comma_list, _count, _defense_option_argument, _defense_options, _detect_arguments, _positive_float,
-                    _positive_int, _ratio_list, _resize)
+from ._args import (
+    _comma_list,
+    _count,
+    _defense_option_argument,
+    _defense_options,
+    _detect_arguments,
+    _positive_float,
+    _positive_int,
+    _ratio_list,
+    _resize,
+)
 
 
 def _cmd_report(args) -> int:

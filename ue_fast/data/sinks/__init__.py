@@ -6,6 +6,7 @@ images             the PNG tree (``png_tree.py``)
 npy                ``perturbation_int8.npy`` / ``_int16`` (``npy.py``)
 poison.pt          float32 perturbations, when they fit the memory budget (``poison_pt.py``)
 poison_classwise.pt  a class-wise method's [C, 3, H, W] rows (``classwise.py``)
+webdataset         WebDataset shards, the input's members passed through (``webdataset.py``)
 ================== ============================================================
 
 Adding one is a file with a :class:`Sink` and a line in ``SINKS``.
@@ -17,8 +18,23 @@ from .classwise import PoisonClasswise
 from .npy import PerturbationNpy, npy_name
 from .png_tree import PNGTree
 from .poison_pt import PoisonPt
+from .webdataset import WebDatasetShards
 
-SINKS = {cls.name: cls for cls in (PNGTree, PerturbationNpy, PoisonPt, PoisonClasswise)}
-DEFAULT_SINKS = tuple(SINKS)  # what protect writes, in the manifest's order
+SINKS = {cls.name: cls for cls in (PNGTree, PerturbationNpy, PoisonPt, PoisonClasswise, WebDatasetShards)}
+# The images in one format, then the perturbation files every run writes, in the manifest's order.
+OUTPUT_FORMATS = {"png": "images", "webdataset": "webdataset"}
+LOSSY = {"jpeg", "jpg", "webp-lossy", "avif"}
+PERTURBATION_SINKS = ("npy", "poison.pt", "poison_classwise.pt")
+DEFAULT_SINKS = ("images", *PERTURBATION_SINKS)
 
-__all__ = ["DEFAULT_SINKS", "SINKS", "Rows", "Sink", "SinkContext", "npy_name"]
+
+def sinks_for(output_format: str) -> tuple[str, ...]:
+    """The sinks of an output format; a lossy one is refused with the reason."""
+    if output_format in LOSSY:
+        raise ValueError(f"output format {output_format!r} is lossy: its compression is itself a defence that "
+                         "strips the perturbation (ISS); choose one of " + ", ".join(OUTPUT_FORMATS))
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}; choose one of " + ", ".join(OUTPUT_FORMATS))
+    return (OUTPUT_FORMATS[output_format], *PERTURBATION_SINKS)
+
+__all__ = ["DEFAULT_SINKS", "OUTPUT_FORMATS", "SINKS", "Rows", "Sink", "SinkContext", "npy_name", "sinks_for"]

@@ -14,7 +14,8 @@ class SinkContext:
     ``classes``, ``labels`` (int64 [N]) and ``alpha`` (None, or uint8 [N, H, W]); ``shape``
     of one image [3, H, W]; the budget ``eps`` in 1/255; ``memory_limit`` in bytes; and,
     for a class-wise method, ``class_levels()``: its [C, 3, H, W] perturbations in whole
-    grey levels (int16), as the images carry them."""
+    grey levels (int16), as the images carry them; ``origin`` and ``members`` (a WebDataset
+    input's shards and samples, what the webdataset sink passes through)."""
 
     output_dir: Path
     paths: list
@@ -25,6 +26,8 @@ class SinkContext:
     eps: float
     memory_limit: float
     class_levels: Callable[[], torch.Tensor] | None = None
+    origin: dict | None = None  # the data set's origin (a WebDataset input's shards)
+    members: list | None = None  # per row, a WebDataset input's sample: shard, key, image member, members
 
     @property
     def n(self) -> int:

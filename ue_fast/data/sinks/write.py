@@ -21,21 +21,34 @@ def output_step(row_shape) -> int:
     return chunk_rows(math.prod(row_shape) * 12)
 
 
+def sink_context(output_dir: Path, data: ImageSet, eps: float, budget, class_levels=None) -> SinkContext:
+    """What the sinks of a run over ``data`` need to know."""
+    return SinkContext(output_dir=output_dir, paths=data.paths, classes=data.classes, labels=data.labels,
+                       alpha=data.alpha, shape=tuple(data.images.shape[1:]), eps=eps,
+                       memory_limit=budget if budget is not None else default_memory_budget(),
+                       class_levels=class_levels, origin=data.origin, members=getattr(data, "members", None))
+
+
+def planned_files(sinks: tuple[str, ...], output_dir: Path, data: ImageSet, eps: float, classwise: bool) -> list[str]:
+    """Every file the sinks may write, before any of them writes (what --overwrite may remove later)."""
+    ctx = sink_context(output_dir, data, eps, None, (lambda: None) if classwise else None)
+    return [f for name in sinks for f in SINKS[name]().planned(ctx)]
+
+
 def write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding: str, seed: int,
-                   class_rows: torch.Tensor | None, budget, progress: bool) -> dict:
-    """Round every chunk of rows to 8 bits and hand it to each sink (``ue_fast.data.sinks``: the
-    PNG tree, the perturbation .npy, poison.pt when it fits the memory budget, and for a
+                  class_rows: torch.Tensor | None, budget, progress: bool, sinks: tuple[str, ...] = DEFAULT_SINKS
+                  ) -> dict:
+    """Round every chunk of rows to 8 bits and hand it to each of ``sinks`` (``ue_fast.data.sinks``:
+    by default the PNG tree, the perturbation .npy, poison.pt when it fits the memory budget, and for a
     class-wise method, ``class_rows`` being its [C, 3, H, W] perturbations, poison_classwise.pt).
     Memory stays bounded whatever N. Returns the statistics the manifest reports."""
     classwise = class_rows is not None
     n, shape = len(data), tuple(data.images.shape[1:])
     row_elems = math.prod(shape)
     rounder = Rounder(rounding, seed, data.labels if classwise else None, shape)
-    ctx = SinkContext(output_dir=output_dir, paths=data.paths, classes=data.classes, labels=data.labels,
-                      alpha=data.alpha, shape=shape, eps=eps,
-                      memory_limit=budget if budget is not None else default_memory_budget(),
-                      class_levels=(lambda: rounder.class_levels(class_rows, eps)) if classwise else None)
-    sinks = [SINKS[name]() for name in DEFAULT_SINKS]
+    ctx = sink_context(output_dir, data, eps, budget,
+                       (lambda: rounder.class_levels(class_rows, eps)) if classwise else None)
+    sinks = [SINKS[name]() for name in sinks]
     for sink in sinks:
         sink.open(ctx)
     clean_file = RowFile(data.file) if data.file is not None else None

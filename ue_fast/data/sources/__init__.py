@@ -5,6 +5,8 @@ data set (images, labels, classes, paths) in the data set's own order.
 arrays         ``(images, labels[, classes])`` given in Python (``arrays.py``)
 distribution   CIFAR-10/100, SVHN, ``.npz``/``x.npy``+``y.npy`` as their authors ship them
                (``distribution.py``)
+webdataset     WebDataset tar shards: a brace pattern, a glob, a list file or one .tar
+               (``webdataset.py``; brace patterns need ``ue-fast[webdataset]``)
 image-folder   class sub-folders of images, sorted or in an order file's order
                (``image_folder.py``)
 =============  ================================================================
@@ -18,14 +20,22 @@ from .arrays import Arrays
 from .base import Source
 from .distribution import Distribution
 from .image_folder import ImageFolder
+from .webdataset import WebDataset
 
-SOURCES = {cls.name: cls() for cls in (Arrays, Distribution, ImageFolder)}  # asked in this order
+SOURCES = {cls.name: cls() for cls in (Arrays, Distribution, WebDataset, ImageFolder)}  # asked in this order
 
 
-def find_source(source) -> Source:
-    """The source that reads ``source`` (a path, or arrays)."""
+def find_source(source, *, image_key: str | None = None, label_key: str | None = None) -> Source:
+    """The source that reads ``source`` (a path, or arrays). ``image_key`` and ``label_key``
+    (which member or column holds the image and the label) apply to the sources with keys
+    (WebDataset) and are refused for the others."""
     for s in SOURCES.values():
         if s.matches(source):
+            if hasattr(s, "with_keys"):
+                return s.with_keys(image_key, label_key)
+            if image_key is not None or label_key is not None:
+                raise ValueError(f"image_key and label_key (--image-key, --label-key) apply to WebDataset shards; "
+                                 f"{source if s.name != 'arrays' else 'arrays'} is read as {s.name}")
             return s
     raise ValueError(f"cannot read {source!r}: expected a folder, a data set path or a tuple (images, labels)")
 
