@@ -16,7 +16,8 @@ from ue_fast.data.sources import SOURCES, find_source
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """The same 30 demo images (3 per class) as an image folder, a .npz, arrays and a WebDataset shard."""
+    """The same 30 demo images (3 per class) as an image folder, a .npz, arrays, a WebDataset shard and
+    a Parquet file."""
     root = tmp_path_factory.mktemp("sources")
     folder = root / "folder"
     for d in sorted(p for p in (demo_dir() / "train").iterdir() if p.is_dir()):
@@ -32,8 +33,13 @@ def inputs(tmp_path_factory):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [(folder / p).read_bytes() for p in data.paths], "label": data.labels.tolist()}),
+                   root / "table.parquet")
     return {"image-folder": folder, "distribution": root / "set.npz", "arrays": arrays,
-            "webdataset": root / "shard.tar"}, data
+            "webdataset": root / "shard.tar", "parquet": root / "table.parquet"}, data
 
 
 def test_every_source_is_found_for_its_input_and_reads_the_same_data(inputs, tmp_path):
@@ -47,14 +53,15 @@ def test_every_source_is_found_for_its_input_and_reads_the_same_data(inputs, tmp
         for got in (read, ingested):  # order, labels and pixels kept
             assert torch.equal(got.images, data.images) and torch.equal(got.labels, data.labels)
             assert len(got.paths) == len(data)
-        # a .npz without names, and integer .cls labels, number the classes
-        assert got.classes == data.classes or name in ("distribution", "webdataset")
+        # a .npz without names, integer .cls labels and an integer column number the classes
+        assert got.classes == data.classes or name in ("distribution", "webdataset", "parquet")
 
 
 @pytest.mark.parametrize("name, options, text", [
     ("arrays", {"order": ["a.png"]}, "own order"), ("arrays", {"split": "test"}, "read whole"),
     ("arrays", {"resize": 16}, "kept at their size"), ("distribution", {"order": ["a.png"]}, "own index order"),
     ("distribution", {"resize": 16}, "kept at its size"), ("image-folder", {"split": "test"}, "read whole"),
+    ("webdataset", {"order": ["a.png"]}, "their own order"), ("parquet", {"order": ["a.png"]}, "own row order"),
 ])
 def test_options_a_source_cannot_honour_are_refused_before_anything_is_written(inputs, tmp_path, name, options,
                                                                                  text):
@@ -90,7 +97,8 @@ def _write(sink, ctx, data, effective, step):
 
 @pytest.mark.parametrize("name", list(SINKS))
 def test_every_sink_writes_what_it_plans_the_same_whatever_the_chunks(inputs, tmp_path, name):
-    data = find_source(inputs[0]["webdataset"]).read(inputs[0]["webdataset"])
+    source = inputs[0]["parquet" if name == "parquet" else "webdataset"]  # what passes through: members, columns
+    data = find_source(source).read(source)
     effective = torch.randint(-8, 9, data.images.shape, generator=torch.Generator().manual_seed(0),
                               dtype=torch.int16)
     files = {}

@@ -130,7 +130,7 @@ def test_what_cannot_apply_is_refused_before_anything_is_written(shards, tmp_pat
     pattern, out = str(shards / "train-*.tar"), tmp_path / "out"
     with pytest.raises(ValueError, match="lossy.*itself a defence"):
         ue_fast.protect(pattern, out, output_format="jpeg", **OPS)
-    with pytest.raises(ValueError, match="WebDataset input"):
+    with pytest.raises(ValueError, match="webdataset input"):
         ue_fast.protect(demo_dir() / "test", out, output_format="webdataset", **OPS)
     with pytest.raises(ValueError, match="apply to WebDataset"):
         ue_fast.protect(demo_dir() / "test", out, image_key="png", **OPS)

@@ -194,14 +194,16 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         rounding: how the 8-bit output rounds ``255 (x + delta)``: "stochastic" (default;
             unbiased, seeded by ``seed``) or "nearest" (drops any perturbation under half a
             grey level).
-        output_format: how the protected images are written: "png" (default: the PNG tree) or
+        output_format: how the protected images are written: "png" (default: the PNG tree),
             "webdataset" (shards with the input's names, keys and non-image members, each image as
-            ``<key>.png``; a WebDataset input only). A lossy format (JPEG) is refused: its
+            ``<key>.png``; a WebDataset input only) or "parquet" (the input table's files, columns
+            and schema, each image as PNG bytes; a Parquet or ``datasets`` input only). A lossy format (JPEG) is refused: its
             compression is itself a defence that strips the perturbation. The perturbation
             files (.npy, poison.pt) are written either way.
         image_key, label_key: a WebDataset input's image member (default: the first of jpg,
             jpeg, png, webp, ...) and the field of its ``json`` member that holds the label
-            (default: the integer in its ``cls`` member).
+            (default: the integer in its ``cls`` member); a table's image and label columns
+            (default: image/img/..., label/labels/fine_label/...).
         key_file: a keyed method (``cuda``): write its private key (the seed and what it
             draws) to this new file outside ``output_dir``, as JSON, owner-readable only.
             Without it the key is in none of the outputs (the manifest records no seed; the
@@ -228,9 +230,10 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     output_dir = Path(output_dir)
     sinks = sinks_for(output_format)
     src = find_source(source, image_key=image_key, label_key=label_key)
-    if output_format == "webdataset" and src.name != "webdataset":
-        raise ValueError(f"output_format 'webdataset' passes a WebDataset input's members through; "
-                         f"{'arrays' if src.name == 'arrays' else source} is read as {src.name}: use 'png'")
+    if output_format in ("webdataset", "parquet") and src.name != output_format:
+        raise ValueError(f"output_format {output_format!r} writes a {output_format} input's other members or "
+                         f"columns back; {'arrays' if src.name == 'arrays' else source} is read as {src.name}: "
+                         "use 'png'")
     input_dir = None if src.name == "arrays" else Path(source)
     src.check(input_dir if input_dir is not None else source, order=order, split=split, resize=resize)
     if resize is not None:

@@ -131,7 +131,8 @@ def add_parser(sub, default_device: str) -> None:
     pr.add_argument("input_dir", type=Path, help="a folder of class sub-folders of images, or a data set in its "
                     "authors' distribution, read in its own index order: cifar-10-batches-py/, "
                     "cifar-100-python/, an SVHN .mat, a .npz with x (uint8 NHWC) and y; or WebDataset shards: "
-                    "'shards/train-{000000..000146}.tar' (quoted), a glob, a list file of shard paths, one .tar")
+                    "'shards/train-{000000..000146}.tar' (quoted), a glob, a list file of shard paths, one .tar; or "
+                    "a table: .parquet files (one, a glob, a folder of them) or a datasets save_to_disk folder")
     pr.add_argument("output_dir", type=Path)
     pr.add_argument("--order", type=Path, default=None, metavar="FILE",
                     help="for a folder input: a text file listing its images' relative paths, one per line, in "
@@ -195,14 +196,17 @@ def add_parser(sub, default_device: str) -> None:
                     help="how the 8-bit output rounds x + delta: stochastic (default; keeps sub-grey-level "
                     "perturbations in expectation) or nearest")
     pr.add_argument("--output-format", default="png", metavar="FORMAT",
-                    help="how the protected images are written: png (default: the PNG tree) or webdataset (shards "
+                    help="how the protected images are written: png (default: the PNG tree), webdataset (shards "
                     "with the input's names, keys and non-image members, each image as <key>.png; for a WebDataset "
-                    "input). Lossy formats (jpeg) are refused: their compression is itself a defence")
+                    "input) or parquet (the input table's files and columns, each image as PNG bytes; for a Parquet "
+                    "or datasets input). Lossy formats (jpeg) are refused: their compression is itself a defence")
     pr.add_argument("--image-key", default=None, metavar="EXT",
-                    help="a WebDataset input's image member (default: the first of jpg, jpeg, png, webp, ...)")
+                    help="a WebDataset input's image member (default: the first of jpg, jpeg, png, webp, ...); a "
+                    "table's image column (default: the first of image, img, png, jpg, ...)")
     pr.add_argument("--label-key", default=None, metavar="FIELD",
                     help="the field of a WebDataset sample's .json that holds its label, an integer or a class "
-                    "name (default: the integer in its .cls member)")
+                    "name (default: the integer in its .cls member); a table's label column (default: the first of "
+                    "label, labels, fine_label, ...)")
     pr.add_argument("--key-file", default=None, metavar="PATH",
                     help="a keyed method (cuda): write its private key (seed and filters, JSON) to this new file; "
                     "without it the key is in none of the outputs")

@@ -7,6 +7,7 @@ npy                ``perturbation_int8.npy`` / ``_int16`` (``npy.py``)
 poison.pt          float32 perturbations, when they fit the memory budget (``poison_pt.py``)
 poison_classwise.pt  a class-wise method's [C, 3, H, W] rows (``classwise.py``)
 webdataset         WebDataset shards, the input's members passed through (``webdataset.py``)
+parquet            Parquet files, the input table's columns kept (``parquet.py``)
 ================== ============================================================
 
 Adding one is a file with a :class:`Sink` and a line in ``SINKS``.
@@ -17,12 +18,13 @@ from .base import Rows, Sink, SinkContext
 from .classwise import PoisonClasswise
 from .npy import PerturbationNpy, npy_name
 from .png_tree import PNGTree
+from .parquet import ParquetFiles
 from .poison_pt import PoisonPt
 from .webdataset import WebDatasetShards
 
-SINKS = {cls.name: cls for cls in (PNGTree, PerturbationNpy, PoisonPt, PoisonClasswise, WebDatasetShards)}
+SINKS = {cls.name: cls for cls in (PNGTree, PerturbationNpy, PoisonPt, PoisonClasswise, WebDatasetShards, ParquetFiles)}
 # The images in one format, then the perturbation files every run writes, in the manifest's order.
-OUTPUT_FORMATS = {"png": "images", "webdataset": "webdataset"}
+OUTPUT_FORMATS = {"png": "images", "webdataset": "webdataset", "parquet": "parquet"}
 LOSSY = {"jpeg", "jpg", "webp-lossy", "avif"}
 PERTURBATION_SINKS = ("npy", "poison.pt", "poison_classwise.pt")
 DEFAULT_SINKS = ("images", *PERTURBATION_SINKS)

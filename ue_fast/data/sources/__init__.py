@@ -7,6 +7,8 @@ distribution   CIFAR-10/100, SVHN, ``.npz``/``x.npy``+``y.npy`` as their authors
                (``distribution.py``)
 webdataset     WebDataset tar shards: a brace pattern, a glob, a list file or one .tar
                (``webdataset.py``; brace patterns need ``ue-fast[webdataset]``)
+parquet        Parquet files or a ``datasets.save_to_disk`` folder, image and label columns
+               (``parquet.py``; needs ``ue-fast[parquet]``)
 image-folder   class sub-folders of images, sorted or in an order file's order
                (``image_folder.py``)
 =============  ================================================================
@@ -20,21 +22,23 @@ from .arrays import Arrays
 from .base import Source
 from .distribution import Distribution
 from .image_folder import ImageFolder
+from .parquet import Parquet
 from .webdataset import WebDataset
 
-SOURCES = {cls.name: cls() for cls in (Arrays, Distribution, WebDataset, ImageFolder)}  # asked in this order
+SOURCES = {cls.name: cls() for cls in (Arrays, Distribution, WebDataset, Parquet, ImageFolder)}  # asked in this order
 
 
 def find_source(source, *, image_key: str | None = None, label_key: str | None = None) -> Source:
     """The source that reads ``source`` (a path, or arrays). ``image_key`` and ``label_key``
     (which member or column holds the image and the label) apply to the sources with keys
-    (WebDataset) and are refused for the others."""
+    (WebDataset, Parquet) and are refused for the others."""
     for s in SOURCES.values():
         if s.matches(source):
             if hasattr(s, "with_keys"):
                 return s.with_keys(image_key, label_key)
             if image_key is not None or label_key is not None:
-                raise ValueError(f"image_key and label_key (--image-key, --label-key) apply to WebDataset shards; "
+                raise ValueError(f"image_key and label_key (--image-key, --label-key) apply to WebDataset shards "
+                                 "and Parquet tables; "
                                  f"{source if s.name != 'arrays' else 'arrays'} is read as {s.name}")
             return s
     raise ValueError(f"cannot read {source!r}: expected a folder, a data set path or a tuple (images, labels)")

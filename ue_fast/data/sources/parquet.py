@@ -1,0 +1,265 @@
+"""Parquet files and ``datasets.save_to_disk`` folders (see :mod:`ue_fast.data.tables`), read
+in their own order (file order, then row order) with pyarrow. The image comes from the
+column ``image_key`` (default: the first of image, img, png, jpg, jpeg, webp), as bytes or
+the ``datasets`` Image struct; the label from ``label_key`` (default: the first of label,
+labels, fine_label, cls, class, target). Labels are read first (one column, cheap); then
+the images are decoded batch by batch, in parallel, into the run's work folder
+(``images.npy``, out of core), which a resumed run reuses when no file changed."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...progress import progress as _progress
+from ..decode import _check_resize, _decode, _decode_error, display_path
+from ..exports import write_json_atomic
+from ..folders import ImageSet
+from ..ingest import _compact, _map, default_workers
+from ..tables import batches, hf_features, image_bytes, is_table_spec, list_tables, pick_columns, schema_of
+from .base import Source
+
+INDEX_FILE, IMAGES_FILE = "table.json", "images.npy"
+VERSION = 1
+CHUNK = 64
+
+
+def _decode_into(images_path: str, offset: int, shape, size, tasks):
+    m = np.memmap(images_path, dtype=np.uint8, mode="r+", offset=offset, shape=tuple(shape))
+    out = []
+    for row, data in tasks:
+        try:
+            d = _decode(io.BytesIO(data), size)
+            if d.rgb.shape[:2] != tuple(shape[2:]):
+                out.append((row, ("size", d.rgb.shape[:2])))
+                continue
+            m[row] = d.rgb.transpose(2, 0, 1)
+            out.append((row, None))
+        except MemoryError:
+            raise
+        except Exception as e:
+            out.append((row, ("decode", _decode_error(e))))
+    m.flush()
+    return out
+
+
+class Parquet(Source):
+    name = "parquet"
+    label = "table"
+
+    def __init__(self, image_key: str | None = None, label_key: str | None = None):
+        self.image_key, self.label_key = image_key, label_key
+
+    def with_keys(self, image_key=None, label_key=None) -> "Parquet":
+        return Parquet(image_key, label_key)
+
+    def matches(self, source) -> bool:
+        return is_table_spec(source)
+
+    def check(self, source, *, order=None, split: str = "train", resize=None) -> None:
+        if order is not None:
+            raise ValueError(f"order applies to an image-folder source; {source} is a table, read in its own row "
+                             "order")
+        if split != "train":
+            raise ValueError(f"split {split!r} applies to a CIFAR or SVHN distribution; {source} is read whole")
+
+    def check_input(self, source, *, order=None, main: bool = True) -> None:
+        files, kind = list_tables(source)
+        pick_columns(schema_of(files[0], kind), self.image_key, self.label_key, display_path(files[0]))
+
+    def read(self, source, *, resize=None, skip_bad: bool = False, progress: bool = False, **_):
+        with tempfile.TemporaryDirectory() as work:
+            data = self.ingest(source, Path(work), resize=resize, skip_bad=skip_bad, progress=progress, workers=1)
+            data.images = torch.from_numpy(np.array(data.images.numpy()))
+            data.file = None
+            return data
+
+    def ingest(self, source, work, *, resize=None, skip_bad: bool = False, workers=None, progress: bool = True,
+               stats=None, main: bool = True, barrier=None, **_):
+        work = Path(work)
+        if not main:
+            barrier()
+            return self._load(work, source)
+        data = self._ingest(source, work, resize, skip_bad, workers or default_workers(), progress, stats)
+        if barrier is not None:
+            barrier()
+        return data
+
+    def _origin(self, source, files, kind, image, label, features) -> dict:
+        return {"format": "parquet" if kind == "parquet" else "arrow", "order": "rows", "path": str(source),
+                "files": [str(f) for f in files], "image_key": image, "label_key": label,
+                "features": features or None}
+
+    def _load(self, work: Path, source) -> ImageSet:
+        meta = json.loads((work / INDEX_FILE).read_text())
+        if list(np.load(work / IMAGES_FILE, mmap_mode="r").shape) != meta["shape"]:
+            raise ValueError(f"{display_path(work / IMAGES_FILE)} does not match its index: ingest anew")
+        data = ImageSet(_map(work / IMAGES_FILE), torch.tensor(meta["labels"], dtype=torch.int64), meta["classes"],
+                        meta["paths"], meta["skipped"], file=work / IMAGES_FILE, origin=meta["origin"])
+        data.members = meta["rows"]  # for the parquet sink: which row of which file each image is
+        return data
+
+    def _labels(self, files, kind, label, where_of):
+        values, rows = [], []
+        for i, f in enumerate(files):
+            r = 0
+            for b in batches(f, kind, [label]):
+                for v in b.column(0).to_pylist():
+                    values.append(v)
+                    rows.append((i, r))
+                    r += 1
+        return values, rows
+
+    def _ingest(self, source, work: Path, resize, skip_bad: bool, workers: int, progress: bool, stats) -> ImageSet:
+        t0 = time.perf_counter()
+        size = _check_resize(resize)
+        files, kind = list_tables(source)
+        schema = schema_of(files[0], kind)
+        image, label = pick_columns(schema, self.image_key, self.label_key, display_path(files[0]))
+        features = hf_features(files[0], schema, kind, source)
+        h = hashlib.sha256(json.dumps([VERSION, image, label, size]).encode())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        signature = h.hexdigest()
+        try:
+            if json.loads((work / INDEX_FILE).read_text())["signature"] == signature:
+                data = self._load(work, source)
+                if stats is not None:
+                    stats.update(images=len(data), seconds=time.perf_counter() - t0, images_per_s=None, workers=0,
+                                 reused=True)
+                return data
+        except (OSError, ValueError, KeyError):
+            pass
+        for f in files[1:]:
+            if schema_of(f, kind).names != schema.names:
+                raise ValueError(f"{display_path(f)} has other columns than {display_path(files[0])}")
+
+        def where(i, r):
+            return f"row {r} of {display_path(files[i])}"
+
+        values, rows = self._labels(files, kind, label, where)
+        names = (features.get(label) or {}).get("names")
+        classes, labels, skipped, keep = _classes(values, rows, names, where, skip_bad)
+        if not keep:
+            raise ValueError(f"no rows with a label in {source}")
+        n = len(keep)
+        position = {rows[k]: j for j, k in enumerate(keep)}
+        work.mkdir(parents=True, exist_ok=True)
+        (work / INDEX_FILE).unlink(missing_ok=True)
+        path, shape, offset = work / IMAGES_FILE, None, 0
+        bad: dict[int, tuple] = {}
+        used = 1 if workers == 1 else workers
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        pool = ProcessPoolExecutor(used, mp_context=ctx) if used > 1 else None
+        try:
+            with _progress(n, "reading images", "img", enabled=progress) as bar:
+                pending = []
+                for i, f in enumerate(files):
+                    r = 0
+                    for b in batches(f, kind, [image]):
+                        tasks = []
+                        for v in b.column(0).to_pylist():
+                            j = position.get((i, r))
+                            if j is not None:
+                                data = image_bytes(v, Path(source) if Path(source).is_dir() else f.parent)
+                                if data is None:
+                                    bad[j] = ("none", "no image bytes in the cell")
+                                elif shape is None:  # the first readable image gives H and W
+                                    try:
+                                        hw = _decode(io.BytesIO(data), size).rgb.shape[:2]
+                                    except Exception as e:
+                                        bad[j] = ("decode", _decode_error(e))
+                                    else:
+                                        shape = (n, 3, *hw)
+                                        m = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+                                        offset = int(m.offset)
+                                        del m
+                                        tasks.append((j, data))
+                                else:
+                                    tasks.append((j, data))
+                            r += 1
+                        if not tasks:
+                            continue
+                        args = (str(path), offset, shape, size)
+                        if pool is None:
+                            pending.append(_decode_into(*args, tasks))
+                        else:
+                            pending += [pool.submit(_decode_into, *args, tasks[k:k + CHUNK])
+                                        for k in range(0, len(tasks), CHUNK)]
+                        pending = _drain(pending, bad, bar, keep_last=4 * used)
+                _drain(pending, bad, bar, keep_last=0)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        if shape is None:
+            raise ValueError(f"no image bytes in {source} (column {image!r})")
+        for j, err in sorted(bad.items()):
+            i, r = rows[keep[j]]
+            why = (f"{err[1][0]}x{err[1][1]} pixels where the first image is {shape[2]}x{shape[3]} (pass resize=(H, W) "
+                   "/ --resize to resize all)") if err[0] == "size" else f"cannot decode its {image!r}: {err[1]}"
+            if not skip_bad or err[0] == "size":
+                raise ValueError(f"{where(i, r)}: {why}" + ("" if err[0] == "size" else
+                                                           " (pass skip_bad=True / --skip-bad to skip it)"))
+            skipped.append({"path": f"{display_path(files[i])}:{r}", "reason": why})
+        kept = [j for j in range(n) if j not in bad]
+        if bad:
+            _compact(path, kept, shape)
+        meta = {"signature": signature, "shape": [len(kept), *shape[1:]], "classes": classes,
+                "labels": [labels[j] for j in kept],
+                "paths": [f"{Path(files[rows[keep[j]][0]].name).stem}/{rows[keep[j]][1]:08d}.png" for j in kept],
+                "skipped": skipped, "rows": [list(rows[keep[j]]) for j in kept],
+                "origin": self._origin(source, files, kind, image, label, features)}
+        write_json_atomic(work / INDEX_FILE, meta)
+        if stats is not None:
+            seconds = time.perf_counter() - t0
+            stats.update(images=len(kept), seconds=seconds, images_per_s=len(kept) / max(seconds, 1e-9), workers=used,
+                         reused=False)
+        return self._load(work, source)
+
+
+def _drain(pending, bad, bar, keep_last: int):
+    """Collect finished decodes until at most ``keep_last`` are in flight."""
+    while len(pending) > keep_last:
+        res = pending.pop(0)
+        res = res.result() if hasattr(res, "result") else res
+        for row, err in res:
+            if err is not None:
+                bad[row] = err
+        bar.update(len(res))
+    return pending
+
+
+def _classes(values, rows, names, where, skip_bad):
+    """(classes, labels per kept row, skipped, indices of the kept rows) from the label column."""
+    skipped, keep, kinds = [], [], set()
+    for k, v in enumerate(values):
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, str)):
+            msg = f"{where(*rows[k])} has no usable label ({v!r})"
+            if not skip_bad:
+                raise ValueError(f"{msg} (pass skip_bad=True / --skip-bad to skip it)")
+            skipped.append({"path": where(*rows[k]), "reason": msg})
+            continue
+        kinds.add(type(v))
+        keep.append(k)
+    if kinds == {str}:
+        classes = sorted({values[k] for k in keep})
+        index = {c: i for i, c in enumerate(classes)}
+        return classes, [index[values[k]] for k in keep], skipped, keep
+    if len(kinds) > 1:
+        raise ValueError("the labels mix integers and class names; use one kind")
+    ints = [values[k] for k in keep]
+    for k in keep:
+        if values[k] < 0 or (names is not None and values[k] >= len(names)):
+            raise ValueError(f"{where(*rows[k])}: label {values[k]} is outside the class list"
+                             + (f" ({len(names)} names)" if names is not None else ""))
+    classes = list(names) if names is not None else [str(i) for i in range(max(ints) + 1 if ints else 0)]
+    return classes, ints, skipped, keep
