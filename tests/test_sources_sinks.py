@@ -16,8 +16,8 @@ from ue_fast.data.sources import SOURCES, find_source
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """The same 30 demo images (3 per class) as an image folder, a .npz, arrays, a WebDataset shard and
-    a Parquet file."""
+    """The same 30 demo images (3 per class) as an image folder, a .npz, arrays, a WebDataset shard, a
+    Parquet file and an LMDB environment."""
     root = tmp_path_factory.mktemp("sources")
     folder = root / "folder"
     for d in sorted(p for p in (demo_dir() / "train").iterdir() if p.is_dir()):
@@ -38,8 +38,18 @@ def inputs(tmp_path_factory):
 
     pq.write_table(pa.table({"image": [(folder / p).read_bytes() for p in data.paths], "label": data.labels.tolist()}),
                    root / "table.parquet")
+    lmdb = pytest.importorskip("lmdb")
+    import pickle
+
+    env = lmdb.open(str(root / "env"), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        keys = [str(i).encode() for i in range(len(data))]
+        for k, path, label in zip(keys, data.paths, data.labels.tolist()):
+            txn.put(k, pickle.dumps(((folder / path).read_bytes(), label)))
+        txn.put(b"__keys__", pickle.dumps(keys))
+    env.close()
     return {"image-folder": folder, "distribution": root / "set.npz", "arrays": arrays,
-            "webdataset": root / "shard.tar", "parquet": root / "table.parquet"}, data
+            "webdataset": root / "shard.tar", "parquet": root / "table.parquet", "lmdb": root / "env"}, data
 
 
 def test_every_source_is_found_for_its_input_and_reads_the_same_data(inputs, tmp_path):
@@ -54,7 +64,7 @@ def test_every_source_is_found_for_its_input_and_reads_the_same_data(inputs, tmp
             assert torch.equal(got.images, data.images) and torch.equal(got.labels, data.labels)
             assert len(got.paths) == len(data)
         # a .npz without names, integer .cls labels and an integer column number the classes
-        assert got.classes == data.classes or name in ("distribution", "webdataset", "parquet")
+        assert got.classes == data.classes or name in ("distribution", "webdataset", "parquet", "lmdb")
 
 
 @pytest.mark.parametrize("name, options, text", [
@@ -62,6 +72,7 @@ def test_every_source_is_found_for_its_input_and_reads_the_same_data(inputs, tmp
     ("arrays", {"resize": 16}, "kept at their size"), ("distribution", {"order": ["a.png"]}, "own index order"),
     ("distribution", {"resize": 16}, "kept at its size"), ("image-folder", {"split": "test"}, "read whole"),
     ("webdataset", {"order": ["a.png"]}, "their own order"), ("parquet", {"order": ["a.png"]}, "own row order"),
+    ("lmdb", {"split": "test"}, "read whole"),
 ])
 def test_options_a_source_cannot_honour_are_refused_before_anything_is_written(inputs, tmp_path, name, options,
                                                                                  text):

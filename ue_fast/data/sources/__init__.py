@@ -9,6 +9,8 @@ webdataset     WebDataset tar shards: a brace pattern, a glob, a list file or on
                (``webdataset.py``; brace patterns need ``ue-fast[webdataset]``)
 parquet        Parquet files or a ``datasets.save_to_disk`` folder, image and label columns
                (``parquet.py``; needs ``ue-fast[parquet]``)
+lmdb           an LMDB environment of encoded images and labels, read-only (``lmdb.py``;
+               needs ``ue-fast[lmdb]``)
 image-folder   class sub-folders of images, sorted or in an order file's order
                (``image_folder.py``)
 =============  ================================================================
@@ -22,10 +24,11 @@ from .arrays import Arrays
 from .base import Source
 from .distribution import Distribution
 from .image_folder import ImageFolder
+from .lmdb import LMDB
 from .parquet import Parquet
 from .webdataset import WebDataset
 
-SOURCES = {cls.name: cls() for cls in (Arrays, Distribution, WebDataset, Parquet, ImageFolder)}  # asked in this order
+SOURCES = {cls.name: cls() for cls in (Arrays, Distribution, WebDataset, Parquet, LMDB, ImageFolder)}  # asked in this order
 
 
 def find_source(source, *, image_key: str | None = None, label_key: str | None = None) -> Source:

@@ -8,47 +8,25 @@ the images are decoded batch by batch, in parallel, into the run's work folder
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import multiprocessing
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ...progress import progress as _progress
-from ..decode import _check_resize, _decode, _decode_error, display_path
+from ..decode import _check_resize, display_path
 from ..exports import write_json_atomic
 from ..folders import ImageSet
 from ..ingest import _compact, _map, default_workers
 from ..tables import batches, hf_features, image_bytes, is_table_spec, list_tables, pick_columns, schema_of
+from ._stream import bad_reason, decode_stream
 from .base import Source
 
 INDEX_FILE, IMAGES_FILE = "table.json", "images.npy"
 VERSION = 1
 CHUNK = 64
-
-
-def _decode_into(images_path: str, offset: int, shape, size, tasks):
-    m = np.memmap(images_path, dtype=np.uint8, mode="r+", offset=offset, shape=tuple(shape))
-    out = []
-    for row, data in tasks:
-        try:
-            d = _decode(io.BytesIO(data), size)
-            if d.rgb.shape[:2] != tuple(shape[2:]):
-                out.append((row, ("size", d.rgb.shape[:2])))
-                continue
-            m[row] = d.rgb.transpose(2, 0, 1)
-            out.append((row, None))
-        except MemoryError:
-            raise
-        except Exception as e:
-            out.append((row, ("decode", _decode_error(e))))
-    m.flush()
-    return out
 
 
 class Parquet(Source):
@@ -155,57 +133,26 @@ class Parquet(Source):
         position = {rows[k]: j for j, k in enumerate(keep)}
         work.mkdir(parents=True, exist_ok=True)
         (work / INDEX_FILE).unlink(missing_ok=True)
-        path, shape, offset = work / IMAGES_FILE, None, 0
-        bad: dict[int, tuple] = {}
-        used = 1 if workers == 1 else workers
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        pool = ProcessPoolExecutor(used, mp_context=ctx) if used > 1 else None
-        try:
-            with _progress(n, "reading images", "img", enabled=progress) as bar:
-                pending = []
-                for i, f in enumerate(files):
-                    r = 0
-                    for b in batches(f, kind, [image]):
-                        tasks = []
-                        for v in b.column(0).to_pylist():
-                            j = position.get((i, r))
-                            if j is not None:
-                                data = image_bytes(v, Path(source) if Path(source).is_dir() else f.parent)
-                                if data is None:
-                                    bad[j] = ("none", "no image bytes in the cell")
-                                elif shape is None:  # the first readable image gives H and W
-                                    try:
-                                        hw = _decode(io.BytesIO(data), size).rgb.shape[:2]
-                                    except Exception as e:
-                                        bad[j] = ("decode", _decode_error(e))
-                                    else:
-                                        shape = (n, 3, *hw)
-                                        m = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-                                        offset = int(m.offset)
-                                        del m
-                                        tasks.append((j, data))
-                                else:
-                                    tasks.append((j, data))
-                            r += 1
-                        if not tasks:
-                            continue
-                        args = (str(path), offset, shape, size)
-                        if pool is None:
-                            pending.append(_decode_into(*args, tasks))
-                        else:
-                            pending += [pool.submit(_decode_into, *args, tasks[k:k + CHUNK])
-                                        for k in range(0, len(tasks), CHUNK)]
-                        pending = _drain(pending, bad, bar, keep_last=4 * used)
-                _drain(pending, bad, bar, keep_last=0)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+        path = work / IMAGES_FILE
+        base = Path(source) if Path(source).is_dir() else files[0].parent
+
+        def cells():
+            for i, f in enumerate(files):
+                r = 0
+                for b in batches(f, kind, [image]):
+                    for v in b.column(0).to_pylist():
+                        j = position.get((i, r))
+                        if j is not None:
+                            yield j, image_bytes(v, base)
+                        r += 1
+
+        used = workers
+        shape, bad = decode_stream(cells(), n, path, size, workers, progress)
         if shape is None:
-            raise ValueError(f"no image bytes in {source} (column {image!r})")
+            raise ValueError(f"no image in {source} decodes (column {image!r})")
         for j, err in sorted(bad.items()):
             i, r = rows[keep[j]]
-            why = (f"{err[1][0]}x{err[1][1]} pixels where the first image is {shape[2]}x{shape[3]} (pass resize=(H, W) "
-                   "/ --resize to resize all)") if err[0] == "size" else f"cannot decode its {image!r}: {err[1]}"
+            why = bad_reason(err, shape, repr(image))
             if not skip_bad or err[0] == "size":
                 raise ValueError(f"{where(i, r)}: {why}" + ("" if err[0] == "size" else
                                                            " (pass skip_bad=True / --skip-bad to skip it)"))
@@ -224,18 +171,6 @@ class Parquet(Source):
             stats.update(images=len(kept), seconds=seconds, images_per_s=len(kept) / max(seconds, 1e-9), workers=used,
                          reused=False)
         return self._load(work, source)
-
-
-def _drain(pending, bad, bar, keep_last: int):
-    """Collect finished decodes until at most ``keep_last`` are in flight."""
-    while len(pending) > keep_last:
-        res = pending.pop(0)
-        res = res.result() if hasattr(res, "result") else res
-        for row, err in res:
-            if err is not None:
-                bad[row] = err
-        bar.update(len(res))
-    return pending
 
 
 def _classes(values, rows, names, where, skip_bad):
