@@ -13,6 +13,7 @@ from PIL import Image
 
 import ue_fast.data.decode as decode
 import ue_fast.data.folders as folders
+import ue_fast.data.png as png
 import ue_fast.data.ingest as ingest
 import ue_fast.data.scan as scan
 from ue_fast.data import (
@@ -429,9 +430,9 @@ def test_case_only_collisions_refused_on_case_insensitive_file_systems(tmp_path,
     paths = ["cat/A.jpg", "cat/a.png", "Dog/x.png", "dog/y.png"]
     assert folders.case_insensitive(out) in (False, True)  # the probe works and leaves nothing
     assert list(out.iterdir()) == []
-    monkeypatch.setattr(folders, "case_insensitive", lambda folder: False)
+    monkeypatch.setattr(png, "case_insensitive", lambda folder: False)
     assert output_paths(paths, out) == ["cat/A.png", "cat/a.png", "Dog/x.png", "dog/y.png"]
-    monkeypatch.setattr(folders, "case_insensitive", lambda folder: True)
+    monkeypatch.setattr(png, "case_insensitive", lambda folder: True)
     assert output_paths(paths) == ["cat/A.png", "cat/a.png", "Dog/x.png", "dog/y.png"]  # no folder: not probed
     with pytest.raises(ValueError, match=r"'cat/A.jpg' and 'cat/a.png'.*ignores case"):
         output_paths(paths, out)

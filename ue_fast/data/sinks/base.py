@@ -28,6 +28,8 @@ class SinkContext:
     class_levels: Callable[[], torch.Tensor] | None = None
     origin: dict | None = None  # the data set's origin (a WebDataset input's shards)
     members: list | None = None  # per row, a WebDataset input's sample: shard, key, image member, members
+    png_level: int = 1  # zlib level of every PNG written (ue_fast.data.png.PNG_LEVEL)
+    workers: int = 1  # threads encoding images at once
 
     @property
     def n(self) -> int:

@@ -7,21 +7,12 @@ on input (``--skip-bad``) are left out. A file's images are held until its last 
 then it is written under a hidden temporary name and renamed. Needs a table input."""
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-from PIL import Image
-
+from ..png import encode_pngs
 from ..tables import batches, pyarrow
 from .base import Rows, Sink, SinkContext
-
-
-def _png(px) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(px.permute(1, 2, 0).numpy())).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class ParquetFiles(Sink):
@@ -53,8 +44,9 @@ class ParquetFiles(Sink):
         self.pending: dict[int, bytes] = {}
 
     def write(self, rows: Rows) -> None:
+        pngs = encode_pngs(rows.protected, self.ctx.png_level, self.ctx.workers)
         for i in range(rows.a, rows.b):
-            self.pending[i] = _png(rows.protected[i - rows.a])
+            self.pending[i] = pngs[i - rows.a]
             f = self.ctx.members[i][0]
             if self.last[f] == i:
                 self._file(f)

@@ -23,7 +23,8 @@ class PNGTree(Sink):
     def write(self, rows: Rows) -> None:
         alpha = self.ctx.alpha
         write_image_folder(self.ctx.output_dir, rows.protected, self.ctx.paths[rows.a:rows.b], progress=False,
-                           alpha=None if alpha is None else alpha[rows.a:rows.b])
+                           alpha=None if alpha is None else alpha[rows.a:rows.b], compress_level=self.ctx.png_level,
+                           workers=self.ctx.workers)
 
     def close(self) -> dict:
         return {self.name: {"written": True, "why": f"{self.ctx.n} PNG files mirroring the input tree"}}

@@ -11,9 +11,7 @@ import os
 import tarfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
+from ..png import encode_pngs
 from ..wds import read_member
 from .base import Rows, Sink, SinkContext
 
@@ -64,16 +62,14 @@ class WebDatasetShards(Sink):
         self.tar.addfile(info, io.BytesIO(data))
 
     def write(self, rows: Rows) -> None:
+        pngs = encode_pngs(rows.protected, self.ctx.png_level, self.ctx.workers)
         for i in range(rows.a, rows.b):
             m = self.ctx.members[i]
             if m["shard"] != self.current:
                 self._start(m["shard"])
             for ext, where in m["members"].items():
                 if ext == m["image"]:
-                    buf = io.BytesIO()
-                    px = rows.protected[i - rows.a].permute(1, 2, 0).numpy()
-                    Image.fromarray(np.ascontiguousarray(px)).save(buf, format="PNG")
-                    self._add(f"{m['key']}.png", buf.getvalue())
+                    self._add(f"{m['key']}.png", pngs[i - rows.a])
                 else:
                     self._add(f"{m['key']}.{ext}", read_member(self.shards[m["shard"]], tuple(where)))
 

@@ -10,6 +10,7 @@ from ...generation.rowfile import RowFile, chunk_rows
 from ...generation.store import default_memory_budget
 from ...progress import progress as _progress
 from ..folders import ImageSet
+from ..png import PNG_LEVEL
 from . import DEFAULT_SINKS, SINKS
 from .base import Rows, SinkContext
 from .npy import npy_name
@@ -21,12 +22,14 @@ def output_step(row_shape) -> int:
     return chunk_rows(math.prod(row_shape) * 12)
 
 
-def sink_context(output_dir: Path, data: ImageSet, eps: float, budget, class_levels=None) -> SinkContext:
+def sink_context(output_dir: Path, data: ImageSet, eps: float, budget, class_levels=None, png_level: int = PNG_LEVEL,
+                 workers: int = 1) -> SinkContext:
     """What the sinks of a run over ``data`` need to know."""
     return SinkContext(output_dir=output_dir, paths=data.paths, classes=data.classes, labels=data.labels,
                        alpha=data.alpha, shape=tuple(data.images.shape[1:]), eps=eps,
                        memory_limit=budget if budget is not None else default_memory_budget(),
-                       class_levels=class_levels, origin=data.origin, members=getattr(data, "members", None))
+                       class_levels=class_levels, origin=data.origin, members=getattr(data, "members", None),
+                       png_level=png_level, workers=workers)
 
 
 def planned_files(sinks: tuple[str, ...], output_dir: Path, data: ImageSet, eps: float, classwise: bool) -> list[str]:
@@ -36,8 +39,8 @@ def planned_files(sinks: tuple[str, ...], output_dir: Path, data: ImageSet, eps:
 
 
 def write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding: str, seed: int,
-                  class_rows: torch.Tensor | None, budget, progress: bool, sinks: tuple[str, ...] = DEFAULT_SINKS
-                  ) -> dict:
+                  class_rows: torch.Tensor | None, budget, progress: bool, sinks: tuple[str, ...] = DEFAULT_SINKS,
+                  png_level: int = PNG_LEVEL, workers: int = 1) -> dict:
     """Round every chunk of rows to 8 bits and hand it to each of ``sinks`` (``ue_fast.data.sinks``:
     by default the PNG tree, the perturbation .npy, poison.pt when it fits the memory budget, and for a
     class-wise method, ``class_rows`` being its [C, 3, H, W] perturbations, poison_classwise.pt).
@@ -47,7 +50,7 @@ def write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding
     row_elems = math.prod(shape)
     rounder = Rounder(rounding, seed, data.labels if classwise else None, shape)
     ctx = sink_context(output_dir, data, eps, budget,
-                       (lambda: rounder.class_levels(class_rows, eps)) if classwise else None)
+                       (lambda: rounder.class_levels(class_rows, eps)) if classwise else None, png_level, workers)
     sinks = [SINKS[name]() for name in sinks]
     for sink in sinks:
         sink.open(ctx)
