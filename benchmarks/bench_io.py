@@ -60,15 +60,17 @@ def _images(n: int, size: int, tarball: Path | None):
 
         data = read_image_folder(demo_dir() / "train", progress=False)
     base = data.images.permute(0, 2, 3, 1).numpy()
+    by_class = [np.flatnonzero(data.labels.numpy() == c) for c in range(len(data.classes))]
+    order = [int(idx[k]) for k in range(max(map(len, by_class))) for idx in by_class if k < len(idx)]  # balanced
     out = []
     for i in range(n):
-        x = base[i % len(base)]
-        copy = i // len(base)
+        x = base[order[i % len(order)]]
+        copy = i // len(order)
         if copy % 2:
             x = x[:, ::-1]
         x = np.roll(x, copy // 2, axis=0)
         out.append((np.asarray(Image.fromarray(np.ascontiguousarray(x)).resize((size, size), Image.BICUBIC)),
-                    int(data.labels[i % len(base)])))
+                    int(data.labels[order[i % len(order)]])))
     del torch
     return out, list(data.classes)
 
