@@ -333,3 +333,28 @@ def test_torchrun_with_arrays_and_the_disk_store(tmp_path, src, two):
     assert r.returncode == 0, r.stderr[-3000:]
     assert np.array_equal(np.load(tmp_path / "arrays" / "perturbation_int8.npy"),
                           np.load(two["disk"] / "perturbation_int8.npy"))
+
+
+def test_torchrun_with_webdataset_shards_in_and_out(tmp_path, src, two):
+    """WebDataset shards in (rank 0 ingests, the other opens its index) and out (rank 0 writes):
+    the same perturbations, bit for bit, as the same images given as a folder."""
+    import io
+    import tarfile
+
+    from ue_fast.data import read_image_folder
+
+    data = read_image_folder(src, progress=False)
+    for s in range(2):
+        with tarfile.open(tmp_path / f"train-{s:06d}.tar", "w") as tar:
+            for i in range(s * 30, min(len(data), (s + 1) * 30)):
+                for name, payload in ((f"{i:04d}.jpg", (src / data.paths[i]).read_bytes()),
+                                      (f"{i:04d}.cls", str(int(data.labels[i])).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "out"
+    r = _cli(["protect", str(tmp_path / "train-{000000..000001}.tar"), str(out), *FLAGS, "--sync-bn", "--store",
+              "memory", "--output-format", "webdataset"], nproc=2, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert np.array_equal(np.load(out / "perturbation_int8.npy"), np.load(two["memory"] / "perturbation_int8.npy"))
