@@ -117,3 +117,12 @@ def test_bad_rows_are_named_or_skipped(tmp_path, demo30):
     with pytest.raises(ValueError, match="cut.parquet"):
         ue_fast.protect(tmp_path / "cut.parquet", tmp_path / "out3", **OPS)
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
+def test_evaluate_reads_a_protected_table_against_its_clean_table(tables, tmp_path):
+    from ue_fast.evaluate import evaluate
+
+    ue_fast.protect(tables / "hub", tmp_path / "out", output_format="parquet", **OPS)
+    r = evaluate(tmp_path / "out", tables / "hub", clean=tables / "hub", arch="cnn-small", epochs=1, reference=True,
+                 device="cpu", progress=False)
+    assert r["num_train"] == 30 and r["pairs_checked"]["count"] == 30

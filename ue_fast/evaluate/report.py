@@ -42,7 +42,7 @@ from ..models import ARCHS
 from ..ops._checks import check_int
 from ..outputs import check_not_held, check_output_folder, entries_besides_locks, hold
 from ..progress import progress as _progress
-from ..data.wds import is_shard_spec
+from ..data.sources import STREAMED, find_source
 from .defenses import DEFENSES, check_options
 from .learners import LEARNERS
 from .pairs import describe
@@ -103,7 +103,7 @@ def load_sets(protected, clean, test, *, order=None, resize=None):
     if kind in ("apbench", "tensor"):
         prot, cl = _poisoned(path, base)
     else:
-        if not path.exists() and not is_shard_spec(protected):
+        if not path.exists() and find_source(protected).name not in STREAMED:
             raise ValueError(f"protected set {path} does not exist")
         prot = _load(path, "protected", resize)
         cl = _clean_counterpart(None, prot, base, resize)

@@ -30,7 +30,7 @@ import torch
 from .. import __version__
 from ..data import ImageSet, read_json, write_json_atomic
 from ..data.canonical import detect, read_dataset
-from ..data.wds import is_shard_spec
+from ..data.sources import STREAMED, find_source
 from ..ops._checks import check_int
 from ..data.poisons import kind_of, load_poisoned
 from ..devices import resolve_device
@@ -46,7 +46,7 @@ FORMAT = "ue_fast.evaluate/1"  # the results document's format; plots refuse oth
 def _load(source, what: str, resize, split: str = "train", order=None) -> ImageSet:
     if isinstance(source, ImageSet):
         return source
-    if is_shard_spec(source):
+    if find_source(source).name in STREAMED:  # shards, tables, LMDB: read through their source
         return read_dataset(source, split, order=order, resize=resize)
     path = Path(source)
     if not path.is_dir() and detect(path) is None:
@@ -341,7 +341,7 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
                              "--order FILE)")
         tr, cl = _poisoned(train_dir, _load(clean, "clean base", resize, "train", order))
     else:
-        if train_dir is not None and not train_dir.exists() and not is_shard_spec(train):
+        if train_dir is not None and not train_dir.exists() and find_source(train).name not in STREAMED:
             raise ValueError(f"training folder {train_dir} does not exist")
         tr = _load(train, "training", resize)
     te = _load(test, "test", resize, "test")

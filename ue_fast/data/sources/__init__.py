@@ -29,6 +29,7 @@ from .parquet import Parquet
 from .webdataset import WebDataset
 
 SOURCES = {cls.name: cls() for cls in (Arrays, Distribution, WebDataset, Parquet, LMDB, ImageFolder)}  # asked in this order
+STREAMED = ("webdataset", "parquet", "lmdb")  # read by record, not by file: evaluate reads them through read_dataset
 
 
 def find_source(source, *, image_key: str | None = None, label_key: str | None = None) -> Source:
@@ -47,4 +48,4 @@ def find_source(source, *, image_key: str | None = None, label_key: str | None =
     raise ValueError(f"cannot read {source!r}: expected a folder, a data set path or a tuple (images, labels)")
 
 
-__all__ = ["SOURCES", "Source", "find_source"]
+__all__ = ["SOURCES", "STREAMED", "Source", "find_source"]
