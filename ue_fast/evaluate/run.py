@@ -37,10 +37,10 @@ from ..devices import resolve_device
 from ..models import ARCHS, recipe
 from ..outputs import check_output_file, warn_nested_outputs
 from .defenses import DEFENSES, check_options, get_defense
-from .pairs import check_pairs, describe
+from .pairs import check_pairs
 from .victim import VictimResult, train_victim
 
-FORMAT = "ue_fast.evaluate/1"  # the results document's format; plots refuse others
+from .summary import FORMAT, load_results, summary_lines  # noqa: E402,F401 (their home was here)
 
 
 def _load(source, what: str, resize, split: str = "train", order=None) -> ImageSet:
@@ -176,6 +176,96 @@ def protected_mask(labels: torch.Tensor, num_classes: int, ratio: float, seed: i
     return mask
 
 
+def _read_sets(train, test, clean, order, resize):
+    """(the training folder or None, the training set, its clean counterparts when another tool's
+    poisons brought them (else None), the test set), checked to share classes and image size."""
+    train_dir = None if isinstance(train, ImageSet) else Path(train)
+    cl = None  # the clean counterparts of tr, in its order, checked pair by pair
+    if train_dir is not None and kind_of(train_dir) in ("apbench", "tensor"):
+        if clean is None:
+            raise ValueError(f"{train_dir} holds another tool's poisons ({kind_of(train_dir)}): pass the clean base set "
+                             "they were made from, in its own order (clean=..., --clean CIFAR_DIR or --clean FOLDER "
+                             "--order FILE)")
+        tr, cl = _poisoned(train_dir, _load(clean, "clean base", resize, "train", order))
+    else:
+        if train_dir is not None and not train_dir.exists() and find_source(train).name not in STREAMED:
+            raise ValueError(f"training folder {train_dir} does not exist")
+        tr = _load(train, "training", resize)
+    te = _load(test, "test", resize, "test")
+    if tr.classes != te.classes:
+        raise ValueError(f"training and test folders have different classes: {tr.classes} vs {te.classes}")
+    if tr.image_size != te.image_size:
+        raise ValueError(f"training images are {tr.image_size}, test images {te.image_size}: pass resize")
+    return train_dir, tr, cl, te
+
+
+def _check_arguments(*, train, test, clean, order, arch, defense, epochs, lr, weight_decay, adv_eps, adv_norm,
+                     jpeg_quality, ud, ud_rho, ud_iters, ud_samples, poison_ratio, device, out, plot, reference,
+                     defense_options, detect, detect_epochs, detect_model, learner, probe_epochs, mi):
+    """Refuse a bad argument before anything is read or trained; (device, out, contrastive)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if defense not in DEFENSES:
+        raise ValueError(f"unknown defense {defense!r}; choose one of {', '.join(DEFENSES)}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    for name, v in (("lr", lr), ("weight_decay", weight_decay)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")
+                              or (name == "lr" and v == 0)):
+            raise ValueError(f"{name} must be a {'positive' if name == 'lr' else 'non-negative'} number, got {v!r}")
+    if not (0 < adv_eps <= 255):
+        raise ValueError(f"adv_eps must be in (0, 255] (units of 1/255), got {adv_eps!r}")
+    if adv_norm not in ("linf", "l2"):
+        raise ValueError(f"adv_norm must be 'linf' or 'l2', got {adv_norm!r}")
+    if adv_norm != "linf" and defense != "adv-train":
+        raise ValueError(f"adv_norm applies to defense 'adv-train', not {defense!r}")
+    if jpeg_quality != 10 and defense != "jpeg":
+        raise ValueError(f"jpeg_quality applies to defense 'jpeg', not {defense!r}")
+    if ud:
+        from .ud import check_settings
+
+        check_settings(ud_rho, ud_iters, ud_samples, 0.1)
+    if poison_ratio is not None:
+        if isinstance(poison_ratio, bool) or not isinstance(poison_ratio, (int, float)) or not 0 < poison_ratio <= 1:
+            raise ValueError(f"poison_ratio must be a fraction in (0, 1] (0.2 for 20%), got {poison_ratio!r}")
+    dev = resolve_device(device)
+    if out is not None:  # before a victim is trained: never over an input, never two outputs one name
+        out = Path(out)
+        inputs = {"training set": train, "test set": test, "clean set": clean, "order file": order}
+        inputs = {k: v for k, v in inputs.items() if isinstance(v, (str, os.PathLike))}
+        check_output_file(out, inputs, "out", kind="json", suffixes=(".json",),
+                          others={"curves": out.with_suffix(".png") if plot else None})
+        if plot:
+            check_output_file(out.with_suffix(".png"), inputs, "the curves (out's .png)", kind="png")
+    if not isinstance(reference, bool):
+        raise ValueError(f"reference must be True or False, got {reference!r}")
+    check_options(defense, {} if defense_options is None else defense_options)  # built once before anything trains (options, optional dependencies)
+    if defense_options:
+        clash = sorted({"eps", "norm", "quality"} & set(defense_options))
+        if clash and defense in ("adv-train", "jpeg"):
+            raise ValueError(f"give {', '.join(clash)} of {defense!r} with adv_eps/adv_norm/jpeg_quality "
+                             "(--adv-eps, --adv-norm, --jpeg-quality), not as a defense option")
+    if not isinstance(detect, bool):
+        raise ValueError(f"detect must be True or False, got {detect!r}")
+    from .learners import LEARNERS
+
+    if learner not in LEARNERS:
+        raise ValueError(f"unknown learner {learner!r}; choose one of {', '.join(LEARNERS)}")
+    contrastive = learner != "supervised"
+    if contrastive:
+        check_int("probe_epochs", probe_epochs, 1)
+        clash = [n for n, on in (("defense " + repr(defense), defense != "none"), ("mi", mi), ("ud", ud),
+                                 ("poison_ratio", poison_ratio is not None)) if on]
+        if clash:
+            raise ValueError(f"learner {learner!r} runs without {', '.join(clash)}: a contrastive learner and its "
+                             "probe are their own training recipe (run the supervised victim for those)")
+    if detect:
+        from .detect import check_settings as check_detect
+
+        check_detect(detect_epochs, detect_model)
+    return dev, out, contrastive
+
+
 def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: str = "none",
              adv_eps: float = 8, adv_norm: str = "linf", jpeg_quality: int = 10, batch_size: int = 128,
              lr: float | None = None, weight_decay: float | None = None,
@@ -272,83 +362,13 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
     :func:`summary_lines` turns the document into the lines to print.
     """
     t0 = time.perf_counter()
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    if defense not in DEFENSES:
-        raise ValueError(f"unknown defense {defense!r}; choose one of {', '.join(DEFENSES)}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    for name, v in (("lr", lr), ("weight_decay", weight_decay)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")
-                              or (name == "lr" and v == 0)):
-            raise ValueError(f"{name} must be a {'positive' if name == 'lr' else 'non-negative'} number, got {v!r}")
-    if not (0 < adv_eps <= 255):
-        raise ValueError(f"adv_eps must be in (0, 255] (units of 1/255), got {adv_eps!r}")
-    if adv_norm not in ("linf", "l2"):
-        raise ValueError(f"adv_norm must be 'linf' or 'l2', got {adv_norm!r}")
-    if adv_norm != "linf" and defense != "adv-train":
-        raise ValueError(f"adv_norm applies to defense 'adv-train', not {defense!r}")
-    if jpeg_quality != 10 and defense != "jpeg":
-        raise ValueError(f"jpeg_quality applies to defense 'jpeg', not {defense!r}")
-    if ud:
-        from .ud import check_settings
-
-        check_settings(ud_rho, ud_iters, ud_samples, 0.1)
-    if poison_ratio is not None:
-        if isinstance(poison_ratio, bool) or not isinstance(poison_ratio, (int, float)) or not 0 < poison_ratio <= 1:
-            raise ValueError(f"poison_ratio must be a fraction in (0, 1] (0.2 for 20%), got {poison_ratio!r}")
-    dev = resolve_device(device)
-    if out is not None:  # before a victim is trained: never over an input, never two outputs one name
-        out = Path(out)
-        inputs = {"training set": train, "test set": test, "clean set": clean, "order file": order}
-        inputs = {k: v for k, v in inputs.items() if isinstance(v, (str, os.PathLike))}
-        check_output_file(out, inputs, "out", kind="json", suffixes=(".json",),
-                          others={"curves": out.with_suffix(".png") if plot else None})
-        if plot:
-            check_output_file(out.with_suffix(".png"), inputs, "the curves (out's .png)", kind="png")
-    if not isinstance(reference, bool):
-        raise ValueError(f"reference must be True or False, got {reference!r}")
-    check_options(defense, {} if defense_options is None else defense_options)  # built once before anything trains (options, optional dependencies)
-    if defense_options:
-        clash = sorted({"eps", "norm", "quality"} & set(defense_options))
-        if clash and defense in ("adv-train", "jpeg"):
-            raise ValueError(f"give {', '.join(clash)} of {defense!r} with adv_eps/adv_norm/jpeg_quality "
-                             "(--adv-eps, --adv-norm, --jpeg-quality), not as a defense option")
-    if not isinstance(detect, bool):
-        raise ValueError(f"detect must be True or False, got {detect!r}")
-    from .learners import LEARNERS, settings as learner_settings
-
-    if learner not in LEARNERS:
-        raise ValueError(f"unknown learner {learner!r}; choose one of {', '.join(LEARNERS)}")
-    contrastive = learner != "supervised"
-    if contrastive:
-        check_int("probe_epochs", probe_epochs, 1)
-        clash = [n for n, on in (("defense " + repr(defense), defense != "none"), ("mi", mi), ("ud", ud),
-                                 ("poison_ratio", poison_ratio is not None)) if on]
-        if clash:
-            raise ValueError(f"learner {learner!r} runs without {', '.join(clash)}: a contrastive learner and its "
-                             "probe are their own training recipe (run the supervised victim for those)")
-    if detect:
-        from .detect import check_settings as check_detect
-
-        check_detect(detect_epochs, detect_model)
-    train_dir = None if isinstance(train, ImageSet) else Path(train)
-    cl = None  # the clean counterparts of tr, in its order, checked pair by pair
-    if train_dir is not None and kind_of(train_dir) in ("apbench", "tensor"):
-        if clean is None:
-            raise ValueError(f"{train_dir} holds another tool's poisons ({kind_of(train_dir)}): pass the clean base set "
-                             "they were made from, in its own order (clean=..., --clean CIFAR_DIR or --clean FOLDER "
-                             "--order FILE)")
-        tr, cl = _poisoned(train_dir, _load(clean, "clean base", resize, "train", order))
-    else:
-        if train_dir is not None and not train_dir.exists() and find_source(train).name not in STREAMED:
-            raise ValueError(f"training folder {train_dir} does not exist")
-        tr = _load(train, "training", resize)
-    te = _load(test, "test", resize, "test")
-    if tr.classes != te.classes:
-        raise ValueError(f"training and test folders have different classes: {tr.classes} vs {te.classes}")
-    if tr.image_size != te.image_size:
-        raise ValueError(f"training images are {tr.image_size}, test images {te.image_size}: pass resize")
+    dev, out, contrastive = _check_arguments(
+        train=train, test=test, clean=clean, order=order, arch=arch, defense=defense, epochs=epochs, lr=lr,
+        weight_decay=weight_decay, adv_eps=adv_eps, adv_norm=adv_norm, jpeg_quality=jpeg_quality, ud=ud,
+        ud_rho=ud_rho, ud_iters=ud_iters, ud_samples=ud_samples, poison_ratio=poison_ratio, device=device, out=out,
+        plot=plot, reference=reference, defense_options=defense_options, detect=detect, detect_epochs=detect_epochs,
+        detect_model=detect_model, learner=learner, probe_epochs=probe_epochs, mi=mi)
+    train_dir, tr, cl, te = _read_sets(train, test, clean, order, resize)
     rec = recipe(arch)
     lr = rec["lr"] if lr is None else lr
     weight_decay = rec["weight_decay"] if weight_decay is None else weight_decay
@@ -457,6 +477,35 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         mi_ref = mi_ref if mi and defense == "none" else None
         t_ref = time.perf_counter() - t1
 
+    results = _document(label=label, train_dir=train_dir, test=test, tr=tr, te=te, cl=cl, arch=arch, epochs=epochs,
+                        defense=defense, adv_eps=adv_eps, adv_norm=adv_norm, jpeg_quality=jpeg_quality,
+                        poison_ratio=poison_ratio, batch_size=batch_size, rec=rec, lr=lr, weight_decay=weight_decay,
+                        seed=seed, learner=learner, defense_options=defense_options, dev=dev, victim=victim,
+                        clean_ref=clean_ref, ref_from=ref_from, partial_run=partial_run, pairs=pairs,
+                        detection=detection, contrastive=contrastive, probe_epochs=probe_epochs, t_victim=t_victim)
+    if t_ref is not None:
+        results["timings_s"]["reference"] = t_ref
+    if poison_ratio is not None:
+        results["poison_ratio"] = partial or {"ratio": poison_ratio, "protected": len(tr), "clean": 0, "seed": seed,
+                                              "clean_part": None}
+    _add_ud_mi(results, ud=ud, mi=mi, sal=sal, ref=ref if ud else None, mi_ref=mi_ref, cl=cl, tr=tr, te=te,
+               ud_samples=ud_samples, ud_iters=ud_iters, ud_rho=ud_rho, seed=seed, t_ud=t_ud, common=common, dev=dev)
+    results["timings_s"]["total"] = time.perf_counter() - t0
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, results)
+        if plot:
+            from .plot import plot_curves
+
+            plot_curves([results], out.with_suffix(".png"))
+    return results
+
+
+def _document(*, label, train_dir, test, tr, te, cl, arch, epochs, defense, adv_eps, adv_norm, jpeg_quality,
+              poison_ratio, batch_size, rec, lr, weight_decay, seed, learner, defense_options, dev, victim, clean_ref,
+              ref_from, partial_run, pairs, detection, contrastive, probe_epochs, t_victim) -> dict:
+    """The results document of one evaluation, before the optional parts (ud, mi, poison_ratio)."""
     results = {
         "format": FORMAT,
         "ue_fast_version": __version__,
@@ -485,14 +534,15 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         "learner": None if not contrastive else {
             "kind": learner, "pretrain_epochs": epochs, "pretrain_loss": [_finite(x) for x in victim.pretrain_loss],
             "probe_epochs": probe_epochs, "probe_on": "clean counterparts" if cl is not None else "training set",
-            "settings": learner_settings(learner)},
+            "settings": _learner_settings(learner)},
         "timings_s": {"victim": t_victim},
     }
-    if t_ref is not None:
-        results["timings_s"]["reference"] = t_ref
-    if poison_ratio is not None:
-        results["poison_ratio"] = partial or {"ratio": poison_ratio, "protected": len(tr), "clean": 0, "seed": seed,
-                                              "clean_part": None}
+    return results
+
+
+def _add_ud_mi(results: dict, *, ud, mi, sal, ref, mi_ref, cl, tr, te, ud_samples, ud_iters, ud_rho, seed, t_ud,
+               common, dev) -> None:
+    """The unlearnable distance (``ud``) and the MI gap (``mi``) sections of the results."""
     if ud:
         from .ud import BATCH_SIZE, LR, unlearnable_distance
 
@@ -513,108 +563,9 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         results["mi"]["reference_model_test_acc"] = ref.last
         results["mi"]["reference_model_diverged"] = _verdict(ref.diverged)
         results["timings_s"]["mi"] = time.perf_counter() - t1
-    results["timings_s"]["total"] = time.perf_counter() - t0
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out, results)
-        if plot:
-            from .plot import plot_curves
-
-            plot_curves([results], out.with_suffix(".png"))
-    return results
 
 
-def _pts(v: float) -> str:
-    return f"{100 * v:.2f}%"
+def _learner_settings(learner: str) -> dict:
+    from .learners import settings
 
-
-def summary_lines(results: dict) -> list[str]:
-    """The lines ``ue-fast evaluate`` prints for a results document of :func:`evaluate`: what was
-    read, the victim's accuracy (marked when it diverged), clean and protected accuracy side by
-    side with the gap and its standard error when there is a clean reference, the partial
-    protection, UD and feature statistics when measured, and what the pairs check verified."""
-    r = results
-    s = r["settings"]
-    lines = []
-    src = r.get("train_source") or {}
-    if src.get("format") in ("apbench", "tensor"):
-        lines.append(f"read {src['path']} ({src['layout']}) against the clean base set "
-                     f"{(src.get('base') or {}).get('path', '?')}: {r['num_train']} images, max |protected - clean| "
-                     f"{src['linf_255']}/255")
-    div = r.get("diverged")
-    lines.append(f"victim {s['arch']} trained {s['epochs']} epochs on {r['num_train']} images of {r['train']} "
-                 f"(defense: {s['defense']}); clean test accuracy on {r['num_test']} images: "
-                 f"last {_pts(r['last'])}, peak {_pts(r['best'])}"
-                 + (f" (epoch {r['peak_epoch']})" if r.get("peak_epoch") else "") + (" [DIVERGED]" if div else ""))
-    if div:
-        lines.append(f"DIVERGED at epoch {div['epoch']}: {div['reason']}. This accuracy is a broken network's, not a "
-                     f"measure of protection: lower the learning rate (lr {s['lr']:g}) and rerun")
-    c = r.get("comparison")
-    if c:
-        gap = ("diverged (" + " and ".join(c["diverged"]) + " victim), no gap" if c["gap"] is None else
-               f"{100 * c['gap']:.2f} ± {100 * c['gap_se']:.2f} points")
-        lines.append(f"clean reference ({c['reference']}): last {_pts(c['clean']['last'])} vs protected "
-                     f"{_pts(c['protected']['last'])}: gap {gap} (SE over {c['n_test']} test images; reference: "
-                     f"{c['from']})")
-        if c.get("peak_gap") is not None:
-            lines.append(f"at each victim's peak epoch (what stopping early would keep): clean "
-                         f"{_pts(c['clean']['best'])} vs protected {_pts(c['protected']['best'])} "
-                         f"(epoch {c['protected']['peak_epoch']}): gap "
-                         f"{100 * c['peak_gap']:.2f} ± {100 * c['peak_gap_se']:.2f} points")
-    else:
-        lines.append("no clean reference: nothing to set this accuracy against (reference=True, --reference, trains "
-                     "a victim of the same recipe on the clean counterparts)")
-    lrn = r.get("learner")
-    if lrn:
-        lines.append(f"learner {lrn['kind']}: pretrained {lrn['pretrain_epochs']} epochs on the training images "
-                     f"without their labels, then a linear probe trained {lrn['probe_epochs']} epochs on the "
-                     f"{lrn['probe_on']}; the accuracies above are the probe's")
-    d = r.get("detect")
-    if d:
-        p = d["protected"]
-        verdict = "detected" if p["detected"] else "not detected"
-        line = (f"detection (UDP, a {p['model']} network trained {p['epochs']} epochs on {p['num_train']} of the "
-                f"training images): held-out accuracy {_pts(p['score'])} on the {p['num_held_out']} others, {verdict} (bound "
-                f"{_pts(p['bound'])})")
-        if d.get("clean"):
-            line += (f"; on the clean counterparts {_pts(d['clean']['score'])} "
-                     f"(difference {100 * d['difference']:.2f} points)")
-        lines.append(line)
-    part = r.get("poison_ratio")
-    if part and part["clean_part"]:
-        lines.append(f"partial protection: {part['protected']} of {r['num_train']} images protected "
-                     f"({part['ratio']:g}); the victim above trained on them plus the {part['clean']} clean others. "
-                     f"Reference, the {part['clean']} clean images alone: best {_pts(part['clean_part']['best'])}, "
-                     f"last {_pts(part['clean_part']['last'])}"
-                     + (" [DIVERGED]" if part["clean_part"].get("diverged") else ""))
-    if "ud" in r:
-        u = r["ud"]
-        fig = "undefined (no clean layer above the threshold)" if u["ud"] is None else f"{u['ud']:.3f}"
-        lines.append(f"unlearnable distance {fig}: {u['learnable_per_epoch']['protected']:.2f} of {u['num_layers']} "
-                     f"layers learnable per epoch on the protected data, {u['learnable_per_epoch']['clean']:.2f} on "
-                     f"clean (threshold {u['threshold']:.4g}; {u['settings']['samples'] or 'all'} images)"
-                     + (" [a victim DIVERGED: this UD measures nothing]"
-                        if div or (u.get("clean_run") or {}).get("diverged") else ""))
-    if "mi" in r:
-        m = r["mi"]
-        lines.append("feature statistics (model trained on the clean counterparts"
-                     + (", which DIVERGED" if m.get("reference_model_diverged") else "") + "): "
-                     + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
-    if r.get("pairs_checked"):
-        lines.append(describe(r["pairs_checked"]))
-    return lines
-
-
-def load_results(path) -> dict:
-    """A results JSON written by ``evaluate``; ValueError for another format or version."""
-    path = Path(path)
-    try:
-        doc = read_json(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read results file {path}: {e}") from None
-    fmt = doc.get("format") if isinstance(doc, dict) else None
-    if fmt != FORMAT:
-        raise ValueError(f"{path} is not a results file of this version of ue_fast evaluate "
-                         f"(format {fmt!r}, expected {FORMAT!r}); re-run `ue-fast evaluate`")
-    return doc
+    return settings(learner)
