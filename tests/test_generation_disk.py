@@ -225,3 +225,29 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(tmp_path, src):
         pytest.skip("the run finished before the kill (a very fast machine)")
     subprocess.run(cmd(out, "--resume"), check=True, env=env, capture_output=True)
     _same_outputs(tmp_path / "whole", out)
+
+
+def test_checkpoint_every_saves_less_and_resumes_to_the_same_result(tmp_path, src, monkeypatch):
+    """--checkpoint-every: fewer checkpoints (the stages' ends only, within an hour), and a run killed
+    after one resumes from it to the uninterrupted result."""
+    import ue_fast.generation.runner as runner
+
+    kw = dict(SHORT, epochs=3)
+    saves = []
+    real = runner.save_checkpoint
+    monkeypatch.setattr(runner, "save_checkpoint", lambda path, state: (saves.append(state.get("stage")),
+                                                                        real(path, state)))
+    whole = ue_fast.protect(src, tmp_path / "whole", **kw)
+    every_step = len(saves)
+    saves.clear()
+    ue_fast.protect(src, tmp_path / "hourly", checkpoint_every=3600, **kw)
+    assert every_step == len(whole["history"]) and 1 <= len(saves) < every_step
+    monkeypatch.undo()
+    assert np.array_equal(np.load(tmp_path / "hourly" / "perturbation_int8.npy"),
+                          np.load(tmp_path / "whole" / "perturbation_int8.npy"))
+    protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "split", die_at=1, checkpoint_every=3600, **kw)
+    ue_fast.protect(src, tmp_path / "split", resume=True, checkpoint_every=3600, **kw)
+    assert np.array_equal(np.load(tmp_path / "split" / "perturbation_int8.npy"),
+                          np.load(tmp_path / "whole" / "perturbation_int8.npy"))
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        ue_fast.protect(src, tmp_path / "bad", checkpoint_every=-1, **kw)

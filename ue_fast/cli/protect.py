@@ -108,7 +108,7 @@ def _cmd_protect(args) -> int:
                            store=args.store, memory_budget=args.memory_budget, workers=args.workers,
                            sync_bn=args.sync_bn, float64=args.float64, order=args.order, split=args.split,
                            key_file=args.key_file, output_format=args.output_format, image_key=args.image_key,
-                           png_compression=args.png_compression,
+                           png_compression=args.png_compression, checkpoint_every=args.checkpoint_every,
                            label_key=args.label_key, **_settings(args))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Leave the group before exiting: a process that exits inside it may abort in gloo's threads.
@@ -202,6 +202,11 @@ def add_parser(sub, default_device: str) -> None:
                     "with the input's names, keys and non-image members, each image as <key>.png; for a WebDataset "
                     "input) or parquet (the input table's files and columns, each image as PNG bytes; for a Parquet "
                     "or datasets input). Lossy formats (jpeg) are refused: their compression is itself a defence")
+    pr.add_argument("--checkpoint-every", type=float, default=0, metavar="SECONDS",
+                    help="checkpoint after a step once SECONDS have passed since the last checkpoint, and at the "
+                    "end of every stage (default 0: after every step). --resume is exact from any checkpoint; a "
+                    "longer interval saves the time of writing the whole perturbation store after every step of "
+                    "a fast method (ops, pil) and loses at most that much work to a crash")
     pr.add_argument("--png-compression", type=int, default=PNG_LEVEL, choices=range(10), metavar="0-9",
                     help=f"zlib level of the PNGs written (default {PNG_LEVEL}: 1.4-1.6x faster to encode than "
                     "Pillow's 6 for files 2-10%% larger; the pixels are the same at every level)")

@@ -74,7 +74,10 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor, file=None) -> str:
 class Runner:
     """Runs ``method`` over ``images`` uint8 [N, 3, H, W] with ``labels`` [N] on ``device``.
 
-    Run options: ``checkpoint_path`` (None: no checkpoints), ``progress``, ``amp`` (bf16
+    Run options: ``checkpoint_path`` (None: no checkpoints), ``checkpoint_every`` (seconds: 0, the
+    default, checkpoints after every step; more, after a step once that long has passed since the
+    last one, and at the end of every stage; a resume is exact from whichever exists),
+    ``progress``, ``amp`` (bf16
     autocast; default on CUDA), ``profile`` (synchronise to time every part), ``trace_path``
     (a torch.profiler trace of the first round), ``compile`` (``torch.compile`` mode of the
     surrogate), ``delta_dtype`` (the perturbation store's dtype: "auto", "float32",
@@ -99,7 +102,7 @@ class Runner:
                  trace_path: str | Path | None = None, compile: bool | str = False, delta_dtype: str = "auto",
                  store: str = "auto", memory_budget: float | None = None, work_dir: str | Path | None = None,
                  images_file: str | Path | None = None, dist=None, sync_bn: bool = False, float64: bool = False,
-                 notify: Callable[[str], None] | None = None):
+                 notify: Callable[[str], None] | None = None, checkpoint_every: float = 0.0):
         device = torch.device(device)
         self.notify = notify  # one line per stage: its time per step and the estimate for the rest
         if work_dir is None and checkpoint_path is not None:
@@ -115,6 +118,11 @@ class Runner:
         self.method = method
         self.n = len(images)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)) \
+                or not 0 <= checkpoint_every < float("inf"):
+            raise ValueError(f"checkpoint_every must be a number of seconds >= 0, got {checkpoint_every!r}")
+        self.checkpoint_every = float(checkpoint_every)  # 0: after every step
+        self._last_checkpoint = time.monotonic()
         self.trace_path = Path(trace_path) if trace_path else None
         self.fingerprint = fingerprint(images, labels, self.ctx.images_file)
         method.setup(self.ctx, images, labels, num_classes)
@@ -155,7 +163,22 @@ class Runner:
         self.history = list(state["history"])
         self.stage, self.done, self.ended = int(state["stage"]), int(state["done"]), bool(state["ended"])
 
+    def _checkpoint_due(self, last: bool) -> bool:
+        """After a step: always at the end of a stage, and otherwise once ``checkpoint_every`` seconds
+        have passed since the last checkpoint (rank 0 decides for every process under torchrun)."""
+        if last or self.checkpoint_every == 0:
+            return True
+        due = time.monotonic() - self._last_checkpoint >= self.checkpoint_every
+        if self.ctx.dist is not None:
+            import torch.distributed as tdist
+
+            flag = torch.tensor([float(due)], device=self.ctx.device)  # NCCL takes GPU tensors only
+            tdist.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
+
     def _checkpoint(self) -> None:
+        self._last_checkpoint = time.monotonic()
         if self.checkpoint_path is None:
             return
         with self.ctx.timer("checkpoint"):
@@ -228,7 +251,8 @@ class Runner:
                 record.setdefault("images_per_s", self.n / max(seconds, 1e-9))
                 self.history.append(record)
                 self.done, self.ended = i, record["finished"]
-                self._checkpoint()
+                if self._checkpoint_due(last=self.done >= stage.steps or self.ended):
+                    self._checkpoint()
                 if first and self.notify is not None and not self.ended and self.done < stage.steps:
                     self.notify(self._estimate(stage, seconds))
                 first = False
