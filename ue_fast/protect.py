@@ -189,8 +189,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             and at the end of every stage. A resume is exact from whichever checkpoint exists;
             a longer interval only loses more work to a crash, and saves the time of writing the
             checkpoint (the whole perturbation store) after every step of a fast method.
-        png_compression: zlib's level 0-9 of every PNG written (default 1: 1.4-1.6x faster to
-            encode than Pillow's default 6, files 2-10% larger; the pixels are the same at every
+        png_compression: zlib's level 0-9 of every PNG written (default 1: 1.3-1.4x faster to
+            encode than Pillow's default 6, files up to 10% larger; the pixels are the same at every
             level). The images are encoded by ``workers`` threads.
         image_key, label_key: a WebDataset input's image member (default: the first of jpg,
             jpeg, png, webp, ...) and the field of its ``json`` member that holds the label

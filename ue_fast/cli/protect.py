@@ -208,8 +208,8 @@ def add_parser(sub, default_device: str) -> None:
                     "longer interval saves the time of writing the whole perturbation store after every step of "
                     "a fast method (ops, pil) and loses at most that much work to a crash")
     pr.add_argument("--png-compression", type=int, default=PNG_LEVEL, choices=range(10), metavar="0-9",
-                    help=f"zlib level of the PNGs written (default {PNG_LEVEL}: 1.4-1.6x faster to encode than "
-                    "Pillow's 6 for files 2-10%% larger; the pixels are the same at every level)")
+                    help=f"zlib level of the PNGs written (default {PNG_LEVEL}: 1.3-1.4x faster to encode than "
+                    "Pillow's 6, files up to 10%% larger; the pixels are the same at every level)")
     pr.add_argument("--image-key", default=None, metavar="EXT",
                     help="a WebDataset input's image member (default: the first of jpg, jpeg, png, webp, ...); a "
                     "table's image column (default: the first of image, img, png, jpg, ...)")

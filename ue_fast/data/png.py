@@ -17,8 +17,8 @@ from ..progress import progress as _progress
 from .decode import display_path
 
 # zlib level of the PNGs written. Measured on perturbed CIFAR-10 images, 32 px and upscaled
-# to 224 px (benchmarks/bench_io.py --levels; results/io-cpu-2026-12-07.md): level 1 encodes 1.4-1.6x
-# faster than Pillow's default 6 for files 2-10% larger; 0 is 2x faster again but 50% larger.
+# to 224 px (benchmarks/bench_io.py --levels; results/io-cpu-2026-12-07.md): level 1 encodes 1.3-1.4x
+# faster than Pillow's default 6 for files up to 10% larger; 0 is 2x faster again but 46% larger.
 PNG_LEVEL = 1
 
 
