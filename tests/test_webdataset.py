@@ -176,3 +176,10 @@ def test_the_cli_protects_shards_and_evaluates_them_against_their_clean_counterp
                  "--device", "cpu", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "pairs checked: 30 protected/clean pairs" in printed and "30 of 30 pairs" in printed
+
+
+def test_a_folder_named_like_a_shard_is_read_as_a_folder(tmp_path):
+    folder = tmp_path / "photos.tar"
+    shutil.copytree(demo_dir() / "test", folder)
+    assert ue_fast.data.sources.find_source(folder).name == "image-folder"
+    assert len(read_dataset(folder)) == 200

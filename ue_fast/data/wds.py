@@ -37,9 +37,11 @@ def is_shard_spec(source) -> bool:
     if not isinstance(source, (str, Path)):
         return False
     s = str(source)
+    p = Path(s)
+    if p.is_dir():  # a folder named like a shard is still a folder
+        return False
     if s.endswith(SHARD_SUFFIXES) or ("{" in s and ".tar" in s) or (glob.has_magic(s) and s.endswith(".tar")):
         return True
-    p = Path(s)
     if p.suffix in LIST_SUFFIXES and p.is_file():
         with open(p, encoding="utf-8", errors="replace") as f:
             first = next((line.strip() for line in f if line.strip() and not line.startswith("#")), "")
