@@ -163,8 +163,15 @@ class WebDataset(Source):
         if not samples:
             raise ValueError(f"no samples with an image and a label in {source}")
         classes, labels = _classes(labels, shards, samples)
-        first = _decode(io.BytesIO(read_member(shards[samples[0].shard], samples[0].members[exts[0]])), size)
-        n, hw = len(samples), first.rgb.shape[:2]
+        n, hw = len(samples), None
+        for s, e in zip(samples, exts):  # the first image that decodes gives H and W (the others fail below)
+            try:
+                hw = _decode(io.BytesIO(read_member(shards[s.shard], s.members[e])), size).rgb.shape[:2]
+                break
+            except Exception:
+                continue
+        if hw is None:
+            raise ValueError(f"no image of {source} decodes")
         work.mkdir(parents=True, exist_ok=True)
         (work / INDEX_FILE).unlink(missing_ok=True)
         path = work / IMAGES_FILE
