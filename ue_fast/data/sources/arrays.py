@@ -8,13 +8,9 @@ from .base import Source
 
 class Arrays(Source):
     name = "arrays"
-    label = "arrays"
 
     def matches(self, source) -> bool:
         return isinstance(source, (tuple, list))
-
-    def describe(self, source) -> str:
-        return "arrays"
 
     def check(self, source, *, order=None, split: str = "train", resize=None) -> None:
         if order is not None:

@@ -17,13 +17,9 @@ class Source:
     0, which waits (``barrier``) for rank 0's ingest where a source writes one."""
 
     name: ClassVar[str]
-    label: ClassVar[str]  # how errors name an input of this kind
 
     def matches(self, source) -> bool:
         raise NotImplementedError
-
-    def describe(self, source) -> str:
-        return str(source)
 
     def check(self, source, *, order=None, split: str = "train", resize=None) -> None:
         pass

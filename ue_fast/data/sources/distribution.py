@@ -11,7 +11,6 @@ from .base import Source
 
 class Distribution(Source):
     name = "distribution"
-    label = "data set"
 
     def matches(self, source) -> bool:
         return isinstance(source, (str, Path)) and detect(source) is not None

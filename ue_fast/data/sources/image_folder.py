@@ -15,7 +15,6 @@ from .base import Source
 
 class ImageFolder(Source):
     name = "image-folder"
-    label = "folder"
 
     def matches(self, source) -> bool:
         return isinstance(source, (str, Path))  # what is not a distribution (asked first) is read as a folder

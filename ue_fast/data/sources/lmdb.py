@@ -66,7 +66,6 @@ def _loads(data: bytes, what: str):
 
 class LMDB(Source):
     name = "lmdb"
-    label = "LMDB environment"
 
     def matches(self, source) -> bool:
         return isinstance(source, (str, Path)) and _is_env(Path(source))

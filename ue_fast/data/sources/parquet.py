@@ -31,7 +31,6 @@ CHUNK = 64
 
 class Parquet(Source):
     name = "parquet"
-    label = "table"
 
     def __init__(self, image_key: str | None = None, label_key: str | None = None):
         self.image_key, self.label_key = image_key, label_key

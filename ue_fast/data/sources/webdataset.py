@@ -75,7 +75,6 @@ def _decode_rows(images_path: str, offset: int, shape, size, tasks):
 
 class WebDataset(Source):
     name = "webdataset"
-    label = "shards"
 
     def __init__(self, image_key: str | None = None, label_key: str | None = None):
         self.image_key, self.label_key = image_key, label_key
