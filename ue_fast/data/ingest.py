@@ -191,45 +191,13 @@ def _cannot_read(root: Path, rel: str, reason: str) -> ValueError:
                       "(pass skip_bad=True / --skip-bad to skip unreadable files)")
 
 
-def ingest_folder(root, work_dir, *, resize=None, skip_bad: bool = False, workers: int | None = None,
-                  progress: bool = True, stats: dict | None = None, order=None) -> ImageSet:
-    """Decode ``root`` into ``work_dir/images.npy`` (or reuse a complete earlier ingest of the
-    same unchanged folder) and return its :class:`ImageSet` (see the module docstring).
-
-    ``order``: an order file (or list) of the folder's relative paths, the data set's own
-    order (see :func:`~ue_fast.data.folders.ordered_listing`); default: classes sorted, then
-    paths. ``workers``: decoding processes (default :func:`default_workers`; 1 decodes in this
-    process). ``stats``, if given, receives ``images``, ``seconds``, ``images_per_s``,
-    ``workers`` and ``reused``. Raises what :func:`read_image_folder` raises.
-    """
-    size = _check_resize(resize)
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    workers = workers or default_workers()
-    root, work_dir = Path(root), Path(work_dir)
-    t0 = time.perf_counter()
-    classes, rels, label_of, ignored = list_image_folder(root, order)
-    n = len(rels)
-    origin = folder_origin(root, order)
-    signature = _signature(root, rels, size, ignored)
-    meta = _load_index(work_dir, signature)
-    if meta is not None:
-        if stats is not None:
-            stats.update(images=len(meta["paths"]), seconds=time.perf_counter() - t0, images_per_s=None,
-                         workers=0, reused=True)
-        return _image_set(work_dir, meta, origin)
-
-    work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / INDEX_FILE).unlink(missing_ok=True)
-    alpha_path = work_dir / ALPHA_FILE
-    alpha_path.unlink(missing_ok=True)  # created again by the first image with alpha
-    # The first readable image gives H and W (and the first unreadable ones fail or are skipped here).
-    skipped: dict[int, dict] = {}
-    first = 0
+def _first_readable(root: Path, rels: list[str], size, skip_bad: bool, skipped: dict) -> tuple[int, tuple]:
+    """The index and (H, W) of the first readable image; the unreadable ones before it fail, or
+    are added to ``skipped`` with ``skip_bad``."""
+    n, first = len(rels), 0
     while True:
         try:
-            hw = _decode(root / rels[first], size).rgb.shape[:2]
-            break
+            return first, _decode(root / rels[first], size).rgb.shape[:2]
         except MemoryError:
             raise
         except Exception as e:
@@ -240,10 +208,12 @@ def ingest_folder(root, work_dir, *, resize=None, skip_bad: bool = False, worker
             if first == n:
                 raise ValueError(f"no readable images in {display_path(root)}: all {n} files failed to decode "
                                  f"(first: {display_path(skipped[0]['path'])}: {skipped[0]['reason']})") from None
-    path = work_dir / IMAGES_FILE
-    m = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 3, *hw))
-    offset = int(m.offset)
-    del m
+
+
+def _decode_all(root: Path, rels: list[str], first: int, hw, size, path: Path, offset: int, alpha_path: Path, n: int,
+                workers: int, progress: bool, skip_bad: bool, skipped: dict) -> tuple[set, list, int]:
+    """Decode rows ``first..n-1`` into the memory-mapped ``path`` by chunks, in ``workers``
+    processes; (the rows with alpha, the multi-frame notes, the processes used)."""
     tasks = [(i, rels[i]) for i in range(first, n)]
     chunks = [tasks[i:i + CHUNK] for i in range(0, len(tasks), CHUNK)]
     alpha_header = _npy_header((n, *hw))
@@ -292,6 +262,49 @@ def ingest_folder(root, work_dir, *, resize=None, skip_bad: bool = False, worker
                     for f in pending:
                         f.cancel()
                     raise
+    return with_alpha, frames, used
+
+
+def ingest_folder(root, work_dir, *, resize=None, skip_bad: bool = False, workers: int | None = None,
+                  progress: bool = True, stats: dict | None = None, order=None) -> ImageSet:
+    """Decode ``root`` into ``work_dir/images.npy`` (or reuse a complete earlier ingest of the
+    same unchanged folder) and return its :class:`ImageSet` (see the module docstring).
+
+    ``order``: an order file (or list) of the folder's relative paths, the data set's own
+    order (see :func:`~ue_fast.data.folders.ordered_listing`); default: classes sorted, then
+    paths. ``workers``: decoding processes (default :func:`default_workers`; 1 decodes in this
+    process). ``stats``, if given, receives ``images``, ``seconds``, ``images_per_s``,
+    ``workers`` and ``reused``. Raises what :func:`read_image_folder` raises.
+    """
+    size = _check_resize(resize)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    workers = workers or default_workers()
+    root, work_dir = Path(root), Path(work_dir)
+    t0 = time.perf_counter()
+    classes, rels, label_of, ignored = list_image_folder(root, order)
+    n = len(rels)
+    origin = folder_origin(root, order)
+    signature = _signature(root, rels, size, ignored)
+    meta = _load_index(work_dir, signature)
+    if meta is not None:
+        if stats is not None:
+            stats.update(images=len(meta["paths"]), seconds=time.perf_counter() - t0, images_per_s=None,
+                         workers=0, reused=True)
+        return _image_set(work_dir, meta, origin)
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / INDEX_FILE).unlink(missing_ok=True)
+    alpha_path = work_dir / ALPHA_FILE
+    alpha_path.unlink(missing_ok=True)  # created again by the first image with alpha
+    skipped: dict[int, dict] = {}
+    first, hw = _first_readable(root, rels, size, skip_bad, skipped)
+    path = work_dir / IMAGES_FILE
+    m = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 3, *hw))
+    offset = int(m.offset)
+    del m
+    with_alpha, frames, used = _decode_all(root, rels, first, hw, size, path, offset, alpha_path, n, workers,
+                                           progress, skip_bad, skipped)
     keep = [i for i in range(n) if i not in skipped]
     if skipped and order is not None:
         first_bad = skipped[min(skipped)]
