@@ -77,3 +77,9 @@ def test_what_is_not_read_is_refused_with_the_reason(tmp_path, demo30):
     assert not (tmp_path / "out").exists()
     m = ue_fast.protect(cut, tmp_path / "out", skip_bad=True, **OPS)
     assert m["num_images"] == 29 and m["skipped"][0]["path"].endswith(":5")
+
+
+def test_keys_do_not_apply_to_lmdb(tmp_path, demo30):
+    env = _keys_list(tmp_path / "a", *demo30)
+    with pytest.raises(ValueError, match="apply to WebDataset shards and Parquet tables"):
+        ue_fast.protect(env, tmp_path / "out", image_key="jpg", **OPS)

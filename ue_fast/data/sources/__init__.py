@@ -38,7 +38,7 @@ def find_source(source, *, image_key: str | None = None, label_key: str | None =
     (WebDataset, Parquet) and are refused for the others."""
     for s in SOURCES.values():
         if s.matches(source):
-            if hasattr(s, "with_keys"):
+            if getattr(s, "keyed", False):
                 return s.with_keys(image_key, label_key)
             if image_key is not None or label_key is not None:
                 raise ValueError(f"image_key and label_key (--image-key, --label-key) apply to WebDataset shards "
