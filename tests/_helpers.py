@@ -125,3 +125,13 @@ def write_cifar10(root, images, labels, classes, test_n=20):
     with open(d / "batches.meta", "wb") as f:
         pickle.dump({"label_names": list(classes), "num_cases_per_batch": 10000, "num_vis": 3072}, f, protocol=2)
     return d
+
+
+def demo_files(per_class: int = 3) -> tuple[list[Path], list[int], list[str]]:
+    """The first ``per_class`` JPEG files of every class of the shipped demo training set, with
+    their labels and the sorted class names (the inputs of the table and LMDB tests)."""
+    from ue_fast.data import demo_dir
+
+    classes = sorted(p.name for p in (demo_dir() / "train").iterdir() if p.is_dir())
+    files = [f for c in classes for f in sorted((demo_dir() / "train" / c).glob("*.jpg"))[:per_class]]
+    return files, [classes.index(f.parent.name) for f in files], classes

@@ -6,18 +6,18 @@ import pytest
 import torch
 
 import ue_fast
+from _helpers import demo_files
 from ue_fast.data import demo_dir, read_dataset, read_image_folder
 
 lmdb = pytest.importorskip("lmdb")
 
 OPS = dict(method="ops", device="cpu", progress=False)
-CLASSES = sorted(p.name for p in (demo_dir() / "train").iterdir() if p.is_dir())
+CLASSES = demo_files()[2]
 
 
 @pytest.fixture(scope="module")
 def demo30():
-    files = [f for c in CLASSES for f in sorted((demo_dir() / "train" / c).glob("*.jpg"))[:3]]
-    return files, [CLASSES.index(f.parent.name) for f in files]
+    return demo_files()[:2]
 
 
 def _env(path, items):

@@ -8,19 +8,19 @@ import torch
 from PIL import Image
 
 import ue_fast
+from _helpers import demo_files
 from ue_fast.data import demo_dir, read_dataset, read_image_folder
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 OPS = dict(method="ops", device="cpu", progress=False)
-CLASSES = sorted(p.name for p in (demo_dir() / "train").iterdir() if p.is_dir())
+CLASSES = demo_files()[2]
 
 
 @pytest.fixture(scope="module")
 def demo30():
-    files = [f for c in CLASSES for f in sorted((demo_dir() / "train" / c).glob("*.jpg"))[:3]]
-    return files, [CLASSES.index(f.parent.name) for f in files]
+    return demo_files()[:2]
 
 
 def _hf_table(files, labels):
