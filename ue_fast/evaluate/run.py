@@ -19,251 +19,19 @@ Three guards keep a number from meaning what it does not:
 """
 from __future__ import annotations
 
-import math
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..data import ImageSet, read_json, write_json_atomic
-from ..data.canonical import detect, read_dataset
-from ..data.sources import STREAMED, find_source
-from ..ops._checks import check_int
-from ..data.poisons import kind_of, load_poisoned
-from ..devices import resolve_device
-from ..models import ARCHS, recipe
-from ..outputs import check_output_file, warn_nested_outputs
-from .defenses import DEFENSES, check_options, get_defense
-from .pairs import check_pairs
+from ..data import ImageSet, write_json_atomic
+from ..models import recipe
+from .checks import _check_arguments
+from .defenses import get_defense
+from .document import _curve, _detection, _document, _verdict, gap_se  # noqa: F401 (gap_se: its home was here)
+from .sets import _clean_counterpart, _load, _poisoned, _read_sets, protected_mask  # noqa: F401 (report's)
+from .summary import FORMAT, load_results, summary_lines  # noqa: F401 (their home was here)
 from .victim import VictimResult, train_victim
-
-from .summary import FORMAT, load_results, summary_lines  # noqa: E402,F401 (their home was here)
-
-
-def _load(source, what: str, resize, split: str = "train", order=None) -> ImageSet:
-    if isinstance(source, ImageSet):
-        return source
-    if find_source(source).name in STREAMED:  # shards, tables, LMDB: read through their source
-        return read_dataset(source, split, order=order, resize=resize)
-    path = Path(source)
-    if not path.is_dir() and detect(path) is None:
-        raise ValueError(f"{what} folder {path} does not exist or is not a folder (or a data set: "
-                         "cifar-10-batches-py/, cifar-100-python/, an SVHN .mat, a .npz)")
-    if detect(path) is None:
-        warn_nested_outputs(path, f"{what} folder")
-    return read_dataset(path, split, order=order, resize=resize)
-
-
-def _clean_counterpart(train_dir: Path | None, protected: ImageSet, clean, resize) -> ImageSet:
-    """The clean images of a protected set, in the protected set's order, checked pair by pair.
-
-    ``clean``: a folder (or ImageSet) with the same relative paths up to the file
-    extension (protect() writes ``cat/0001.jpg`` as ``cat/0001.png``); None reads the
-    input folder recorded in ``train_dir/manifest.json``. Every pair is checked against the
-    protection's budget (``ue_fast.evaluate.pairs.check_pairs``: ``PairMismatchError``, a
-    ValueError, when the images are not the protected ones' counterparts); the returned set's
-    ``origin["pairs_checked"]`` is the check's record.
-    """
-    what = "--clean"
-    if clean is None:
-        manifest = train_dir / "manifest.json" if train_dir is not None else None
-        if manifest is None or not manifest.is_file():
-            raise ValueError("mi, ud, poison_ratio and reference need the clean images: pass clean=DIR (--clean DIR); "
-                             "the training folder has no manifest.json from `ue-fast protect` naming its input")
-        doc = read_json(manifest)
-        # "input" is the path as typed (maybe relative to where protect ran); "input_abs" is resolved.
-        src = doc.get("input_abs") or doc.get("input")
-        if not src or src == "arrays" or not (Path(src).is_dir() or detect(src) is not None):
-            raise ValueError(f"the manifest of {train_dir} names input {src!r}, which is not a folder here: "
-                             "pass clean=DIR (--clean DIR)")
-        clean = src
-        what = f"the input {src} that the manifest names (changed since protect?)"
-        split = (doc.get("dataset") or {}).get("split") or "train"
-    else:
-        split = "train"
-    data = _load(clean, "clean", resize, split)
-    if data.classes != protected.classes:
-        raise ValueError(f"clean and protected folders have different classes: {data.classes} vs {protected.classes}")
-    by_stem = {str(Path(p).with_suffix("")): i for i, p in enumerate(data.paths)}
-    missing = [p for p in protected.paths if str(Path(p).with_suffix("")) not in by_stem]
-    if missing:
-        raise ValueError(f"{len(missing)} protected images have no clean counterpart (e.g. {missing[0]!r})")
-    idx = torch.tensor([by_stem[str(Path(p).with_suffix(""))] for p in protected.paths])
-    if data.image_size != protected.image_size:
-        raise ValueError(f"clean images are {data.image_size}, protected {protected.image_size}: pass resize")
-    out = ImageSet(images=data.images[idx], labels=data.labels[idx], classes=data.classes,
-                   paths=[data.paths[i] for i in idx.tolist()], origin=dict(data.origin or {}))
-    out.origin["pairs_checked"] = check_pairs(protected, out, path=train_dir, what=what)
-    return out
-
-
-def _poisoned(path: Path, base: ImageSet) -> tuple[ImageSet, ImageSet]:
-    """Another tool's poisons at ``path`` against the clean ``base`` set: (protected, clean), the
-    pairs checked (``check_pairs``); the clean set's ``origin["pairs_checked"]`` is the record."""
-    tr = load_poisoned(path, base)
-    record = check_pairs(tr, base, path=path, what="the clean base set (--clean)")
-    cl = ImageSet(base.images, base.labels, base.classes, base.paths, origin={**(base.origin or {}),
-                                                                              "pairs_checked": record})
-    return tr, cl
-
-
-def gap_se(clean_acc: float, protected_acc: float, n: int) -> float:
-    """Standard error of ``clean_acc - protected_acc``, two accuracies each measured on the same
-    ``n`` test images: ``sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n)``, the binomial standard errors of
-    the two combined as if independent. The two victims' errors on shared images usually
-    correlate positively, which makes the true SE of the difference smaller: this one is then
-    conservative (a paired, McNemar-style SE would need every image's predictions, not kept)."""
-    if n <= 0:
-        return float("nan")
-    return math.sqrt(clean_acc * (1 - clean_acc) / n + protected_acc * (1 - protected_acc) / n)
-
-
-def _finite(v):
-    return v if v is None or math.isfinite(v) else None
-
-
-def _verdict(v: dict | None) -> dict | None:
-    """A divergence verdict for JSON (a non-finite loss written as null)."""
-    return None if v is None else {k: _finite(x) if isinstance(x, float) else x for k, x in v.items()}
-
-
-def _curve(r: VictimResult, **extra) -> dict:
-    return {"test_acc": r.test_acc, "train_acc": r.train_acc, "best": r.best, "last": r.last,
-            "peak_accuracy": r.best, "peak_epoch": r.peak_epoch, "train_loss": [_finite(x) for x in r.train_loss],
-            "diverged": _verdict(r.diverged), **extra}
-
-
-def _comparison(clean: dict, protected: VictimResult, n_test: int, reference: str, source: str) -> dict:
-    """Clean and protected accuracy side by side (last epoch), the gap and its SE (:func:`gap_se`)."""
-    p1, p2 = clean["last"], protected.last
-    q1, q2 = clean["best"], protected.best  # the peaks: what stopping early at the best epoch would keep
-    diverged = [k for k, v in (("clean", clean.get("diverged")), ("protected", protected.diverged)) if v]
-    return {"reference": reference, "from": source, "n_test": n_test,
-            "clean": clean, "protected": {"best": protected.best, "last": p2, "peak_accuracy": q2,
-                                          "peak_epoch": protected.peak_epoch, "diverged": _verdict(protected.diverged)},
-            "gap": None if diverged else p1 - p2, "gap_se": gap_se(p1, p2, n_test), "diverged": diverged or None,
-            "peak_gap": None if diverged else q1 - q2, "peak_gap_se": gap_se(q1, q2, n_test),
-            "se_formula": "sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n), n test images (conservative: both victims are "
-                          "tested on the same images)"}
-
-
-def _detection(train_set: ImageSet, clean: ImageSet | None, epochs: int, seed: int, device,
-               model: str = "linear") -> dict:
-    """UDP's detection score of the training set and, when known, of its clean counterparts."""
-    from .detect import detection_score
-
-    opts = {"epochs": epochs, "seed": seed, "device": device, "model": model}
-    out = {"protected": detection_score(train_set.images, train_set.labels, **opts)}
-    out["clean"] = None if clean is None else detection_score(clean.images, clean.labels, **opts)
-    out["difference"] = None if clean is None else out["protected"]["score"] - out["clean"]["score"]
-    return out
-
-
-def protected_mask(labels: torch.Tensor, num_classes: int, ratio: float, seed: int = 0) -> torch.Tensor:
-    """bool [N]: which images a partial protection of ``ratio`` protects. Per class, in label
-    order, a permutation of its images drawn from one generator seeded with ``seed``; the last
-    ``round(ratio * n_c)`` of it are protected, the rest stay clean. Seeded and class-balanced:
-    the same images whatever the method."""
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(len(labels), dtype=torch.bool)
-    for c in range(num_classes):
-        idx = torch.nonzero(labels == c)[:, 0]
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        mask[idx[len(idx) - round(ratio * len(idx)):]] = True
-    return mask
-
-
-def _read_sets(train, test, clean, order, resize):
-    """(the training folder or None, the training set, its clean counterparts when another tool's
-    poisons brought them (else None), the test set), checked to share classes and image size."""
-    train_dir = None if isinstance(train, ImageSet) else Path(train)
-    cl = None  # the clean counterparts of tr, in its order, checked pair by pair
-    if train_dir is not None and kind_of(train_dir) in ("apbench", "tensor"):
-        if clean is None:
-            raise ValueError(f"{train_dir} holds another tool's poisons ({kind_of(train_dir)}): pass the clean base set "
-                             "they were made from, in its own order (clean=..., --clean CIFAR_DIR or --clean FOLDER "
-                             "--order FILE)")
-        tr, cl = _poisoned(train_dir, _load(clean, "clean base", resize, "train", order))
-    else:
-        if train_dir is not None and not train_dir.exists() and find_source(train).name not in STREAMED:
-            raise ValueError(f"training folder {train_dir} does not exist")
-        tr = _load(train, "training", resize)
-    te = _load(test, "test", resize, "test")
-    if tr.classes != te.classes:
-        raise ValueError(f"training and test folders have different classes: {tr.classes} vs {te.classes}")
-    if tr.image_size != te.image_size:
-        raise ValueError(f"training images are {tr.image_size}, test images {te.image_size}: pass resize")
-    return train_dir, tr, cl, te
-
-
-def _check_arguments(*, train, test, clean, order, arch, defense, epochs, lr, weight_decay, adv_eps, adv_norm,
-                     jpeg_quality, ud, ud_rho, ud_iters, ud_samples, poison_ratio, device, out, plot, reference,
-                     defense_options, detect, detect_epochs, detect_model, learner, probe_epochs, mi):
-    """Refuse a bad argument before anything is read or trained; (device, out, contrastive)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    if defense not in DEFENSES:
-        raise ValueError(f"unknown defense {defense!r}; choose one of {', '.join(DEFENSES)}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    for name, v in (("lr", lr), ("weight_decay", weight_decay)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")
-                              or (name == "lr" and v == 0)):
-            raise ValueError(f"{name} must be a {'positive' if name == 'lr' else 'non-negative'} number, got {v!r}")
-    if not (0 < adv_eps <= 255):
-        raise ValueError(f"adv_eps must be in (0, 255] (units of 1/255), got {adv_eps!r}")
-    if adv_norm not in ("linf", "l2"):
-        raise ValueError(f"adv_norm must be 'linf' or 'l2', got {adv_norm!r}")
-    if adv_norm != "linf" and defense != "adv-train":
-        raise ValueError(f"adv_norm applies to defense 'adv-train', not {defense!r}")
-    if jpeg_quality != 10 and defense != "jpeg":
-        raise ValueError(f"jpeg_quality applies to defense 'jpeg', not {defense!r}")
-    if ud:
-        from .ud import check_settings
-
-        check_settings(ud_rho, ud_iters, ud_samples, 0.1)
-    if poison_ratio is not None:
-        if isinstance(poison_ratio, bool) or not isinstance(poison_ratio, (int, float)) or not 0 < poison_ratio <= 1:
-            raise ValueError(f"poison_ratio must be a fraction in (0, 1] (0.2 for 20%), got {poison_ratio!r}")
-    dev = resolve_device(device)
-    if out is not None:  # before a victim is trained: never over an input, never two outputs one name
-        out = Path(out)
-        inputs = {"training set": train, "test set": test, "clean set": clean, "order file": order}
-        inputs = {k: v for k, v in inputs.items() if isinstance(v, (str, os.PathLike))}
-        check_output_file(out, inputs, "out", kind="json", suffixes=(".json",),
-                          others={"curves": out.with_suffix(".png") if plot else None})
-        if plot:
-            check_output_file(out.with_suffix(".png"), inputs, "the curves (out's .png)", kind="png")
-    if not isinstance(reference, bool):
-        raise ValueError(f"reference must be True or False, got {reference!r}")
-    check_options(defense, {} if defense_options is None else defense_options)  # built once before anything trains (options, optional dependencies)
-    if defense_options:
-        clash = sorted({"eps", "norm", "quality"} & set(defense_options))
-        if clash and defense in ("adv-train", "jpeg"):
-            raise ValueError(f"give {', '.join(clash)} of {defense!r} with adv_eps/adv_norm/jpeg_quality "
-                             "(--adv-eps, --adv-norm, --jpeg-quality), not as a defense option")
-    if not isinstance(detect, bool):
-        raise ValueError(f"detect must be True or False, got {detect!r}")
-    from .learners import LEARNERS
-
-    if learner not in LEARNERS:
-        raise ValueError(f"unknown learner {learner!r}; choose one of {', '.join(LEARNERS)}")
-    contrastive = learner != "supervised"
-    if contrastive:
-        check_int("probe_epochs", probe_epochs, 1)
-        clash = [n for n, on in (("defense " + repr(defense), defense != "none"), ("mi", mi), ("ud", ud),
-                                 ("poison_ratio", poison_ratio is not None)) if on]
-        if clash:
-            raise ValueError(f"learner {learner!r} runs without {', '.join(clash)}: a contrastive learner and its "
-                             "probe are their own training recipe (run the supervised victim for those)")
-    if detect:
-        from .detect import check_settings as check_detect
-
-        check_detect(detect_epochs, detect_model)
-    return dev, out, contrastive
 
 
 def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: str = "none",
@@ -384,36 +152,16 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
                            and (train_dir / "manifest.json").is_file())):
         cl = _clean_counterpart(train_dir, tr, clean, resize)
     pairs = cl.origin.get("pairs_checked") if cl is not None else None
-    partial, train_set, part_ref = None, tr, None
+    train_set, partial = tr, None
     if partial_run:
-        mask = protected_mask(tr.labels, len(tr.classes), poison_ratio, seed)
-        train_set = ImageSet(torch.where(mask[:, None, None, None], tr.images, cl.images), tr.labels, tr.classes,
-                             tr.paths, origin=tr.origin)
-        keep = (~mask).nonzero()[:, 0]
-        part_ref = train_victim(cl.images[keep], cl.labels[keep], te.images, te.labels, len(tr.classes),
-                                defense=get_defense(defense, **options), label="on the clean part alone", **common)
-        partial = {"ratio": poison_ratio, "protected": int(mask.sum()), "clean": len(keep), "seed": seed,
-                   "clean_part": _curve(part_ref)}
+        train_set, partial = _partial(tr, cl, te, poison_ratio, seed, get_defense(defense, **options), common)
     detection = None
     if detect:
         t1 = time.perf_counter()
         detection = _detection(train_set, cl, detect_epochs, seed, dev, detect_model)
         detection["seconds"] = time.perf_counter() - t1
     sal = {"protected": [], "clean": []}
-    ud_opts = dict(rho=ud_rho, iters=ud_iters)
-
-    def measure(which: str, data: ImageSet):
-        from .ud import layer_sharpness, sharpness_layers, subset
-
-        pick = subset(data.labels, ud_samples, seed)
-        x, y = data.images[pick], data.labels[pick]
-
-        def on_epoch(epoch, model):
-            sal.setdefault("layers", sharpness_layers(model))
-            sal[which].append(layer_sharpness(model, x, y, seed=seed + epoch, **ud_opts).tolist())
-        return on_epoch
-
-    t_ud = 0.0
+    ud_opts = dict(samples=ud_samples, seed=seed, rho=ud_rho, iters=ud_iters)
     what = f"on {label or (train_dir.name if train_dir else 'the training set')}"
     probe = cl if cl is not None else train_set  # APBench probes on the clean training set
 
@@ -428,116 +176,124 @@ def evaluate(train, test, *, arch: str = "resnet18", epochs: int = 40, defense: 
         victim = learn(train_set.images, what)
     else:
         victim = train_victim(train_set.images, train_set.labels, te.images, te.labels, len(tr.classes),
-                              defense=get_defense(defense, **options), on_epoch=measure("protected", train_set) if ud
-                              else None, label=what, **common)
+                              defense=get_defense(defense, **options), label=what, **common,
+                              on_epoch=_sharpness_hook(sal, "protected", train_set, **ud_opts) if ud else None)
     t_victim = time.perf_counter() - t0
-    mi_ref = None
-    clean_ref, ref_from = None, None  # the clean reference of `comparison`: a curve dict, and which run it is
-    if partial_run:
-        clean_ref, ref_from = partial["clean_part"], "poison_ratio's victim trained on the clean part alone"
-    if ud and ud_reference == "self":
-        sal["clean"] = sal["protected"]
-        ref = victim
-        if reference and clean_ref is None:
-            clean_ref, ref_from = _curve(victim), "the victim itself (ud_reference='self': the training set is clean)"
-    elif ud and ud_reference is not None:
-        sal["clean"] = ud_reference["sal"]["clean"]
-        theirs = {k: ud_reference["settings"].get(k) for k in ("samples", "iters", "rho", "seed")}
-        if (len(sal["clean"]) != epochs or len(sal["clean"][0]) != len(sal["layers"])
-                or theirs != {"samples": ud_samples, "iters": ud_iters, "rho": ud_rho, "seed": seed}):
-            raise ValueError(f"ud_reference is of another run ({len(sal['clean'])} epochs, settings {theirs}): "
-                             "its clean values are not this run's reference")
-        ref = VictimResult(test_acc=list(ud_reference["clean_run"]["test_acc"]))
-        ref.diverged = ud_reference["clean_run"].get("diverged")
-        if clean_ref is None:
-            clean_ref = {"test_acc": ref.test_acc, "best": ref.best, "last": ref.last, "peak_accuracy": ref.best,
-                         "peak_epoch": ref.peak_epoch, "diverged": ref.diverged}
-            ref_from = "the clean run of ud_reference (same recipe and defence)"
-    elif ud:
-        t1 = time.perf_counter()
-        ref = train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes),
-                           defense=get_defense(defense, **options), on_epoch=measure("clean", cl),
-                           return_model=mi and defense == "none", label="on the clean counterparts", **common)
-        mi_ref = ref if mi and defense == "none" else None
-        t_ud = time.perf_counter() - t1
-        if clean_ref is None:
-            clean_ref, ref_from = _curve(ref), "ud's clean run (same recipe and defence)"
-    t_ref = None
-    if clean_ref is None and (reference or (mi and defense == "none")):
-        # mi's reference model is trained with no defence: with defense "none" it is this recipe's
-        # clean victim, trained once for both
-        t1 = time.perf_counter()
-        if contrastive:
-            mi_ref = learn(cl.images, "on the clean counterparts")
-        else:
-            mi_ref = train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes),
-                                  defense=get_defense(defense, **options), return_model=mi and defense == "none",
-                                  label="on the clean counterparts", **common)
-        clean_ref, ref_from = _curve(mi_ref), "a victim of the same recipe and defence on the clean counterparts"
-        mi_ref = mi_ref if mi and defense == "none" else None
-        t_ref = time.perf_counter() - t1
-
+    ref = _clean_reference(
+        partial=partial, ud=ud, ud_reference=ud_reference, reference=reference, mi=mi, defense=defense,
+        contrastive=contrastive, victim=victim, sal=sal, ud_opts=ud_opts, epochs=epochs, cl=cl, te=te,
+        defend=lambda: get_defense(defense, **options), learn=learn, common=common)
     results = _document(label=label, train_dir=train_dir, test=test, tr=tr, te=te, cl=cl, arch=arch, epochs=epochs,
                         defense=defense, adv_eps=adv_eps, adv_norm=adv_norm, jpeg_quality=jpeg_quality,
                         poison_ratio=poison_ratio, batch_size=batch_size, rec=rec, lr=lr, weight_decay=weight_decay,
                         seed=seed, learner=learner, defense_options=defense_options, dev=dev, victim=victim,
-                        clean_ref=clean_ref, ref_from=ref_from, partial_run=partial_run, pairs=pairs,
+                        clean_ref=ref["clean_ref"], ref_from=ref["ref_from"], partial_run=partial_run, pairs=pairs,
                         detection=detection, contrastive=contrastive, probe_epochs=probe_epochs, t_victim=t_victim)
-    if t_ref is not None:
-        results["timings_s"]["reference"] = t_ref
+    if ref["t_ref"] is not None:
+        results["timings_s"]["reference"] = ref["t_ref"]
     if poison_ratio is not None:
         results["poison_ratio"] = partial or {"ratio": poison_ratio, "protected": len(tr), "clean": 0, "seed": seed,
                                               "clean_part": None}
-    _add_ud_mi(results, ud=ud, mi=mi, sal=sal, ref=ref if ud else None, mi_ref=mi_ref, cl=cl, tr=tr, te=te,
-               ud_samples=ud_samples, ud_iters=ud_iters, ud_rho=ud_rho, seed=seed, t_ud=t_ud, common=common, dev=dev)
+    _add_ud_mi(results, ud=ud, mi=mi, sal=sal, ref=ref["ud_run"], mi_ref=ref["mi_ref"], cl=cl, tr=tr, te=te,
+               ud_samples=ud_samples, ud_iters=ud_iters, ud_rho=ud_rho, seed=seed, t_ud=ref["t_ud"], common=common,
+               dev=dev)
     results["timings_s"]["total"] = time.perf_counter() - t0
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out, results)
-        if plot:
-            from .plot import plot_curves
-
-            plot_curves([results], out.with_suffix(".png"))
+        _write(Path(out), results, plot)
     return results
 
 
-def _document(*, label, train_dir, test, tr, te, cl, arch, epochs, defense, adv_eps, adv_norm, jpeg_quality,
-              poison_ratio, batch_size, rec, lr, weight_decay, seed, learner, defense_options, dev, victim, clean_ref,
-              ref_from, partial_run, pairs, detection, contrastive, probe_epochs, t_victim) -> dict:
-    """The results document of one evaluation, before the optional parts (ud, mi, poison_ratio)."""
-    results = {
-        "format": FORMAT,
-        "ue_fast_version": __version__,
-        "label": label or f"{train_dir.name if train_dir else 'train'} ({defense})",
-        "train": str(train_dir) if train_dir else "ImageSet",
-        "test": str(test) if not isinstance(test, ImageSet) else "ImageSet",
-        "train_source": tr.origin,
-        "num_train": len(tr), "num_test": len(te), "classes": tr.classes, "image_size": list(tr.image_size),
-        "settings": dict(arch=arch, epochs=epochs, defense=defense, adv_eps_255=adv_eps if defense == "adv-train"
-                         else None, adv_norm=adv_norm if defense == "adv-train" else None,
-                         jpeg_quality=jpeg_quality if defense == "jpeg" else None, poison_ratio=poison_ratio,
-                         batch_size=batch_size, optimizer=rec["optimizer"], lr=lr, weight_decay=weight_decay, seed=seed,
-                         momentum=rec.get("momentum"), augmentation="crop 4 px padding + horizontal flip",
-                         schedule="cosine", learner=learner, defense_options=defense_options or None),
-        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
-        "versions": {"ue_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "test_acc": victim.test_acc, "train_acc": victim.train_acc,
-        "best": victim.best, "last": victim.last,
-        "peak_accuracy": victim.best, "peak_epoch": victim.peak_epoch,
-        "train_loss": [_finite(x) for x in victim.train_loss],
-        "diverged": _verdict(victim.diverged),
-        "comparison": None if clean_ref is None else _comparison(
-            clean_ref, victim, len(te), "clean part alone" if partial_run else "clean counterparts", ref_from),
-        "pairs_checked": pairs,
-        "detect": detection,
-        "learner": None if not contrastive else {
-            "kind": learner, "pretrain_epochs": epochs, "pretrain_loss": [_finite(x) for x in victim.pretrain_loss],
-            "probe_epochs": probe_epochs, "probe_on": "clean counterparts" if cl is not None else "training set",
-            "settings": _learner_settings(learner)},
-        "timings_s": {"victim": t_victim},
-    }
-    return results
+def _partial(tr: ImageSet, cl: ImageSet, te: ImageSet, ratio: float, seed: int, defense, common: dict):
+    """Partial protection: (the training set with a seeded, class-balanced ``ratio`` of it
+    protected and the rest its clean counterparts, the ``poison_ratio`` record with the curve of
+    the victim trained on the clean part alone, the reference the mix must be compared to)."""
+    mask = protected_mask(tr.labels, len(tr.classes), ratio, seed)
+    mixed = ImageSet(torch.where(mask[:, None, None, None], tr.images, cl.images), tr.labels, tr.classes, tr.paths,
+                     origin=tr.origin)
+    keep = (~mask).nonzero()[:, 0]
+    part_ref = train_victim(cl.images[keep], cl.labels[keep], te.images, te.labels, len(tr.classes),
+                            defense=defense, label="on the clean part alone", **common)
+    return mixed, {"ratio": ratio, "protected": int(mask.sum()), "clean": len(keep), "seed": seed,
+                   "clean_part": _curve(part_ref)}
+
+
+def _sharpness_hook(sal: dict, which: str, data: ImageSet, *, samples, seed, rho, iters):
+    """An ``on_epoch`` hook appending UD's per-layer sharpness of the victim, on a seeded,
+    class-balanced subset of ``data``, to ``sal[which]`` after every epoch."""
+    from .ud import layer_sharpness, sharpness_layers, subset
+
+    pick = subset(data.labels, samples, seed)
+    x, y = data.images[pick], data.labels[pick]
+
+    def on_epoch(epoch, model):
+        sal.setdefault("layers", sharpness_layers(model))
+        sal[which].append(layer_sharpness(model, x, y, seed=seed + epoch, rho=rho, iters=iters).tolist())
+    return on_epoch
+
+
+def _clean_reference(*, partial, ud, ud_reference, reference, mi, defense, contrastive, victim, sal, ud_opts, epochs,
+                     cl, te, defend, learn, common) -> dict:
+    """The clean side of the comparison, trained at most once: ``clean_ref`` (a curve) and
+    ``ref_from`` (which run it is), UD's clean run ``ud_run``, the MI reference model ``mi_ref``
+    and the seconds they took. In order of preference: the clean part of a partial protection,
+    UD's clean run (the victim itself for ``ud_reference="self"``, an earlier run's, or one trained
+    here), else a victim of the same recipe and defence on the clean counterparts."""
+    got = {"clean_ref": None, "ref_from": None, "ud_run": None, "mi_ref": None, "t_ud": 0.0, "t_ref": None}
+    if partial is not None:
+        got.update(clean_ref=partial["clean_part"], ref_from="poison_ratio's victim trained on the clean part alone")
+    if ud and ud_reference == "self":
+        sal["clean"] = sal["protected"]
+        got["ud_run"] = victim
+        if reference and got["clean_ref"] is None:
+            got.update(clean_ref=_curve(victim),
+                       ref_from="the victim itself (ud_reference='self': the training set is clean)")
+    elif ud and ud_reference is not None:
+        sal["clean"] = ud_reference["sal"]["clean"]
+        theirs = {k: ud_reference["settings"].get(k) for k in ("samples", "iters", "rho", "seed")}
+        ours = {k: ud_opts[k] for k in ("samples", "iters", "rho", "seed")}
+        if len(sal["clean"]) != epochs or len(sal["clean"][0]) != len(sal["layers"]) or theirs != ours:
+            raise ValueError(f"ud_reference is of another run ({len(sal['clean'])} epochs, settings {theirs}): "
+                             "its clean values are not this run's reference")
+        run = VictimResult(test_acc=list(ud_reference["clean_run"]["test_acc"]))
+        run.diverged = ud_reference["clean_run"].get("diverged")
+        got["ud_run"] = run
+        if got["clean_ref"] is None:
+            got.update(clean_ref={"test_acc": run.test_acc, "best": run.best, "last": run.last,
+                                  "peak_accuracy": run.best, "peak_epoch": run.peak_epoch, "diverged": run.diverged},
+                       ref_from="the clean run of ud_reference (same recipe and defence)")
+    elif ud:
+        t1 = time.perf_counter()
+        run = train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes), defense=defend(),
+                           on_epoch=_sharpness_hook(sal, "clean", cl, **ud_opts),
+                           return_model=mi and defense == "none", label="on the clean counterparts", **common)
+        got.update(ud_run=run, mi_ref=run if mi and defense == "none" else None, t_ud=time.perf_counter() - t1)
+        if got["clean_ref"] is None:
+            got.update(clean_ref=_curve(run), ref_from="ud's clean run (same recipe and defence)")
+    if got["clean_ref"] is None and (reference or (mi and defense == "none")):
+        # mi's reference model is trained with no defence: with defense "none" it is this recipe's
+        # clean victim, trained once for both
+        t1 = time.perf_counter()
+        if contrastive:
+            run = learn(cl.images, "on the clean counterparts")
+        else:
+            run = train_victim(cl.images, cl.labels, te.images, te.labels, len(cl.classes), defense=defend(),
+                               return_model=mi and defense == "none", label="on the clean counterparts", **common)
+        got.update(clean_ref=_curve(run), mi_ref=run if mi and defense == "none" else None,
+                   ref_from="a victim of the same recipe and defence on the clean counterparts",
+                   t_ref=time.perf_counter() - t1)
+    return got
+
+
+def _write(out: Path, results: dict, plot: bool) -> None:
+    """The results JSON at ``out`` (atomically) and, with ``plot``, the curves beside it (.png)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, results)
+    if plot:
+        from .plot import plot_curves
+
+        plot_curves([results], out.with_suffix(".png"))
+
+
 
 
 def _add_ud_mi(results: dict, *, ud, mi, sal, ref, mi_ref, cl, tr, te, ud_samples, ud_iters, ud_rho, seed, t_ud,
@@ -565,7 +321,3 @@ def _add_ud_mi(results: dict, *, ud, mi, sal, ref, mi_ref, cl, tr, te, ud_sample
         results["timings_s"]["mi"] = time.perf_counter() - t1
 
 
-def _learner_settings(learner: str) -> dict:
-    from .learners import settings
-
-    return settings(learner)
