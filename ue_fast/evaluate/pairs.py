@@ -164,11 +164,41 @@ def check_pairs(protected: ImageSet, clean: ImageSet, *, path=None, what: str = 
                                 f"set {n} of {tuple(protected.images.shape[1:])}: they cannot be pairs")
     b = budget or budget_of(protected, path)
     nearest = b.rule == "nearest" and n > 1
+    linf, own, other = _distances(protected, clean, nearest)
+    record = {"count": n, "max_linf_255": int(linf.max()) if n else 0, "budget": b.budget, "bound_255": b.bound_255,
+              "source": b.source, "rule": b.rule, "checked": [], "not_checked": None}
+    notes = list(b.notes)
+    problems = []  # sentences naming the mismatched pairs
+
+    def name(i: int) -> str:
+        return protected.paths[i] if i < len(protected.paths) else str(i)
+
+    _check_bound(b, linf, record, problems, name)
+    _check_clipping(b, protected.origin or {}, record, notes, problems)
+    if nearest:
+        elems = max(1, math.prod(protected.images.shape[1:]))
+        _check_nearest(linf, own, other, elems, record, notes, problems, name, what)
+    elif b.rule == "nearest":
+        notes.append("a single image: no budget known and nothing to compare it with: not checked")
+    record["not_checked"] = "; ".join(notes) or None
+    if problems:
+        raise PairMismatchError("; ".join(problems) + f": {what} is not the protected set's clean counterpart "
+                                "(shuffled or another set?)")
+    return record
+
+
+def _examples(idx: torch.Tensor, fmt) -> str:
+    return ", ".join(fmt(i) for i in idx[:EXAMPLES].tolist()) + (", ..." if len(idx) > EXAMPLES else "")
+
+
+def _distances(protected: ImageSet, clean: ImageSet, nearest: bool):
+    """Per pair, by chunks: the L-inf distance (int64 [N], in 1/255) and, for the ``nearest`` rule,
+    the L1 distance to its own clean image and to the next one (else None, None)."""
+    n = len(protected)
     linf = torch.zeros(n, dtype=torch.int64)
     own = torch.zeros(n, dtype=torch.int64) if nearest else None
     other = torch.zeros(n, dtype=torch.int64) if nearest else None
-    elems = max(1, math.prod(protected.images.shape[1:]))
-    step = max(1, CHUNK_ELEMS // elems)
+    step = max(1, CHUNK_ELEMS // max(1, math.prod(protected.images.shape[1:])))
     for a in range(0, n, step):
         e = min(n, a + step)
         p = protected.images[a:e].to(torch.int16)
@@ -178,17 +208,13 @@ def check_pairs(protected: ImageSet, clean: ImageSet, *, path=None, what: str = 
             own[a:e] = d.sum(1, dtype=torch.int64)
             nxt = clean.images[(torch.arange(a, e) + 1) % n].to(torch.int16)
             other[a:e] = (p - nxt).abs_().flatten(1).sum(1, dtype=torch.int64)
-    record = {"count": n, "max_linf_255": int(linf.max()) if n else 0, "budget": b.budget, "bound_255": b.bound_255,
-              "source": b.source, "rule": b.rule, "checked": [], "not_checked": None}
-    notes = list(b.notes)
-    problems = []  # sentences naming the mismatched pairs
+    return linf, own, other
 
-    def name(i: int) -> str:
-        return protected.paths[i] if i < len(protected.paths) else str(i)
 
-    def examples(idx: torch.Tensor, fmt) -> str:
-        return ", ".join(fmt(i) for i in idx[:EXAMPLES].tolist()) + (", ..." if len(idx) > EXAMPLES else "")
-
+def _check_bound(b: Budget, linf: torch.Tensor, record: dict, problems: list, name) -> None:
+    """Every pair within the budget's L-inf bound, and equal to the L-inf the manifest recorded for
+    its file (when it did)."""
+    n = len(linf)
     over_mask = torch.zeros(n, dtype=torch.bool)
     if b.bound_255 is not None:
         over_mask = linf > b.bound_255
@@ -197,7 +223,7 @@ def check_pairs(protected: ImageSet, clean: ImageSet, *, path=None, what: str = 
                                  f"{b.budget.get('eps_255'):g}/255)")
         if len(over):
             problems.append(f"{len(over)} of {n} pairs differ by more than eps {b.bound_255}/255: "
-                            + examples(over, lambda i: f"{name(i)} {int(linf[i])}/255"))
+                            + _examples(over, lambda i: f"{name(i)} {int(linf[i])}/255"))
     if b.records is not None and bool((b.records >= 0).any()):
         has = b.records >= 0
         off = torch.nonzero(has & (linf != b.records) & ~over_mask)[:, 0]  # those over the budget are named above
@@ -206,54 +232,56 @@ def check_pairs(protected: ImageSet, clean: ImageSet, *, path=None, what: str = 
         if len(off):
             problems.append(f"{len(off)} {'more ' if problems else ''}of {n} pairs differ from the L-inf protect "
                             "recorded for their file: "
-                            + examples(off, lambda i: f"{name(i)} {int(linf[i])}/255 (recorded "
-                                                       f"{int(b.records[i])}/255)"))
-    origin = protected.origin or {}
-    if b.rule in ("manifest", "perturbation") and "clipped_pixels" in origin:
-        clipped, shifted = origin["clipped_pixels"], origin.get("clipped_pixels_shifted")
-        record.update(clipped_pixels=clipped, clipped_pixels_shifted=shifted)
-        if b.exact_fit:
-            record["checked"].append("base + perturbation clips no pixel (protect's sample-wise tensor holds "
-                                     "protected - clean exactly)")
-            if clipped:
-                hit = origin.get("clipped_images", 0)
-                named = ", ".join(origin.get("clipped_examples", [])) + (", ..." if hit > EXAMPLES else "")
-                problems.append(f"base + perturbation leaves [0, 255] at {clipped} pixels of {hit} images ({named}), "
-                                "where the images it was made from fit exactly")
-        elif b.rule == "perturbation":
-            if clipped == 0 and shifted:
-                record["checked"].append(f"base + perturbation clips no pixel, where a shifted pairing clips "
-                                         f"{shifted}: the perturbation fits this base set's pixel range as one made "
-                                         "against it and clamped does")
-            else:
-                notes.append(f"another tool's {origin.get('layout')} perturbation: |protected - base| is bounded by "
-                             f"the tensor's own values whatever the base set; base + perturbation clips {clipped} "
-                             f"pixels here, {shifted} on a shifted pairing: consistent with this base set and a "
-                             "generator that does not clamp, and with another base set alike: the pairs are not "
-                             "checked")
-    if nearest:
-        bad = torch.nonzero(own >= other)[:, 0]
-        record["unmatched"] = len(bad)
-        record["checked"].append(f"each protected image is closer (mean |difference|) to its own clean counterpart "
-                                 f"than to the next clean image: {n - len(bad)} of {n} pairs")
-        notes.append("no budget known: no L-inf bound checked")
-        if len(bad) > UNMATCHED_LIMIT * n:
-            problems.append(f"{len(bad)} of {n} protected images are no closer to their clean counterpart than to "
-                            "another clean image (a protection changes an image far less than two images differ): "
-                            + examples(bad, lambda i: f"{name(i)} L-inf {int(linf[i])}/255, mean |difference| "
-                                                      f"{own[i] / elems:.1f}/255 vs {other[i] / elems:.1f}/255 to "
-                                                      "the next"))
-        elif len(bad):
-            warnings.warn(f"{len(bad)} of {n} protected images are no closer to their clean counterpart in {what} "
-                          f"than to the next clean image (near-duplicates, or wrong pairs): "
-                          + examples(bad, lambda i: f"{name(i)} L-inf {int(linf[i])}/255"), PairsWarning, stacklevel=3)
-    elif b.rule == "nearest":
-        notes.append("a single image: no budget known and nothing to compare it with: not checked")
-    record["not_checked"] = "; ".join(notes) or None
-    if problems:
-        raise PairMismatchError("; ".join(problems) + f": {what} is not the protected set's clean counterpart "
-                                "(shuffled or another set?)")
-    return record
+                            + _examples(off, lambda i: f"{name(i)} {int(linf[i])}/255 (recorded "
+                                                        f"{int(b.records[i])}/255)"))
+
+
+def _check_clipping(b: Budget, origin: dict, record: dict, notes: list, problems: list) -> None:
+    """A perturbation tensor against its base set: base + perturbation must clip no pixel where the
+    tensor holds protected - clean exactly; another tool's tensor is consistent or not checked."""
+    if b.rule not in ("manifest", "perturbation") or "clipped_pixels" not in origin:
+        return
+    clipped, shifted = origin["clipped_pixels"], origin.get("clipped_pixels_shifted")
+    record.update(clipped_pixels=clipped, clipped_pixels_shifted=shifted)
+    if b.exact_fit:
+        record["checked"].append("base + perturbation clips no pixel (protect's sample-wise tensor holds "
+                                 "protected - clean exactly)")
+        if clipped:
+            hit = origin.get("clipped_images", 0)
+            named = ", ".join(origin.get("clipped_examples", [])) + (", ..." if hit > EXAMPLES else "")
+            problems.append(f"base + perturbation leaves [0, 255] at {clipped} pixels of {hit} images ({named}), "
+                            "where the images it was made from fit exactly")
+    elif b.rule == "perturbation":
+        if clipped == 0 and shifted:
+            record["checked"].append(f"base + perturbation clips no pixel, where a shifted pairing clips "
+                                     f"{shifted}: the perturbation fits this base set's pixel range as one made "
+                                     "against it and clamped does")
+        else:
+            notes.append(f"another tool's {origin.get('layout')} perturbation: |protected - base| is bounded by "
+                         f"the tensor's own values whatever the base set; base + perturbation clips {clipped} "
+                         f"pixels here, {shifted} on a shifted pairing: consistent with this base set and a "
+                         "generator that does not clamp, and with another base set alike: the pairs are not "
+                         "checked")
+
+
+def _check_nearest(linf, own, other, elems: int, record: dict, notes: list, problems: list, name, what: str) -> None:
+    """No budget known: each protected image must be closer to its own clean image than to the next."""
+    n = len(linf)
+    bad = torch.nonzero(own >= other)[:, 0]
+    record["unmatched"] = len(bad)
+    record["checked"].append(f"each protected image is closer (mean |difference|) to its own clean counterpart "
+                             f"than to the next clean image: {n - len(bad)} of {n} pairs")
+    notes.append("no budget known: no L-inf bound checked")
+    if len(bad) > UNMATCHED_LIMIT * n:
+        problems.append(f"{len(bad)} of {n} protected images are no closer to their clean counterpart than to "
+                        "another clean image (a protection changes an image far less than two images differ): "
+                        + _examples(bad, lambda i: f"{name(i)} L-inf {int(linf[i])}/255, mean |difference| "
+                                                   f"{own[i] / elems:.1f}/255 vs {other[i] / elems:.1f}/255 to "
+                                                   "the next"))
+    elif len(bad):
+        warnings.warn(f"{len(bad)} of {n} protected images are no closer to their clean counterpart in {what} "
+                      f"than to the next clean image (near-duplicates, or wrong pairs): "
+                      + _examples(bad, lambda i: f"{name(i)} L-inf {int(linf[i])}/255"), PairsWarning, stacklevel=4)
 
 
 def describe(record: dict | None) -> str:

@@ -135,28 +135,11 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
     ``evaluate``'s. Returns the report document (``report.json``).
     """
     t0 = time.perf_counter()
-    archs = _check_list("archs", archs, ARCHS)
-    defenses = _check_list("defenses", defenses, DEFENSES)
-    learners = _check_list("learners", learners, LEARNERS)
-    defense_options = dict(defense_options or {})
-    for name in defense_options:
-        if name not in defenses:
-            raise ValueError(f"defense_options names {name!r}, which is not among the report's defenses "
-                             f"({', '.join(defenses)})")
-    for name in defenses:  # every defence built once before anything trains (options, optional dependencies)
-        check_options(name, defense_options.get(name, {}))
-    check_int("probe_epochs", probe_epochs, 1)
+    archs, defenses, learners, defense_options, ratios = _check_arguments(
+        archs, defenses, learners, defense_options, poison_ratios, epochs, probe_epochs, detect, detect_epochs,
+        detect_model)
     contrastive = [k for k in learners if k != "supervised"]
     rows_keys = (list(defenses) if "supervised" in learners else []) + contrastive  # a row: a defence or a learner
-    ratios = _check_ratios(poison_ratios)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not isinstance(detect, bool):
-        raise ValueError(f"detect must be True or False, got {detect!r}")
-    if detect:
-        from .detect import check_settings as check_detect
-
-        check_detect(detect_epochs, detect_model)
     out = Path(out)
     _check_report_folder(out, {"protected set": protected, "clean set": clean, "test set": test, "order file": order})
     prot, cl, te, source = load_sets(protected, clean, test, order=order, resize=resize)
@@ -166,12 +149,11 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
         cells_dir.mkdir(parents=True, exist_ok=True)
         data = {"protected": _fingerprint(prot), "clean": _fingerprint(cl), "test": _fingerprint(te)}
         common = dict(epochs=epochs, device=device, seed=seed, batch_size=batch_size, lr=lr, adv_eps=adv_eps,
-                      adv_norm=adv_norm, jpeg_quality=jpeg_quality, progress=progress)
-        ud_opts = dict(ud=ud, ud_samples=ud_samples, ud_iters=ud_iters, ud_rho=ud_rho)
+                      adv_norm=adv_norm, jpeg_quality=jpeg_quality, progress=progress, ud=ud, ud_samples=ud_samples,
+                      ud_iters=ud_iters, ud_rho=ud_rho)
         shared = {"format": FORMAT, "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
                   "adv_eps": adv_eps, "adv_norm": adv_norm, "jpeg_quality": jpeg_quality, "data": data,
                   "ud": {"samples": ud_samples, "iters": ud_iters, "rho": ud_rho} if ud else None}
-
         plan = []
         for arch in archs:
             for key in rows_keys:
@@ -189,35 +171,21 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
         reused = 0
         for kind, arch, defense, ratio in plan:
             name = _cell_name(kind, arch, defense, ratio)
-            path = cells_dir / f"{name}.json"
+            learner = defense if defense in contrastive else None
             fp = {**shared, "set": kind, "arch": arch, "defense": defense, "ratio": ratio}
-            if defense in contrastive:  # a learner's row: no defence, its own recipe
-                fp.update(defense="none", learner=defense, probe_epochs=probe_epochs)
+            if learner:  # a learner's row: no defence, its own recipe
+                fp.update(defense="none", learner=learner, probe_epochs=probe_epochs)
             elif defense in defense_options:
                 fp["defense_options"] = defense_options[defense]
             if kind == "clean":  # a clean cell does not depend on the protected set: reports of several can share it
                 fp["data"] = {k: v for k, v in data.items() if k != "protected"}
-            doc = _read_cell(path, fp)
+            doc = _read_cell(cells_dir / f"{name}.json", fp)
             if doc is not None:
                 reused += 1
             else:
-                opts = dict(arch=arch, defense=defense, **common, **ud_opts,
-                            label=f"{kind} {arch} {defense}" + ("" if ratio is None else f" ratio {ratio:g}"))
-                if defense in contrastive:
-                    opts.update(defense="none", learner=defense, probe_epochs=probe_epochs, ud=False)
-                elif defense in defense_options:
-                    opts["defense_options"] = defense_options[defense]
-                if opts["defense"] != "adv-train":
-                    opts.pop("adv_eps"), opts.pop("adv_norm")
-                if opts["defense"] != "jpeg":
-                    opts.pop("jpeg_quality")
-                if kind == "clean":
-                    doc = evaluate(cl, te, ud_reference="self" if opts["ud"] else None, **opts)
-                else:
-                    ref = results[_cell_name("clean", arch, defense, None)].get("ud") if opts["ud"] else None
-                    doc = evaluate(prot, te, clean=cl, poison_ratio=None if ratio == 1 else ratio, ud_reference=ref,
-                                   **opts)
-                write_json_atomic(path, {"fingerprint": fp, "results": doc})
+                doc = _run_cell(kind, arch, defense, ratio, learner, prot, cl, te, results, common=common,
+                                options=defense_options.get(defense), probe_epochs=probe_epochs)
+                write_json_atomic(cells_dir / f"{name}.json", {"fingerprint": fp, "results": doc})
             results[name] = doc
             bar.set_postfix(cell=name, reused=reused)
             bar.update(1)
@@ -225,6 +193,52 @@ def report(protected, clean, test, out, *, archs=DEFAULT_ARCHS, defenses=DEFAULT
                            complete=len(results) == len(plan), elapsed=time.perf_counter() - t0, detection=detection)
         bar.close()
         return read_json(out / "report.json")
+
+
+def _check_arguments(archs, defenses, learners, defense_options, poison_ratios, epochs, probe_epochs, detect,
+                     detect_epochs, detect_model):
+    """The report's arguments, refused before anything is read or trained; every defence is built
+    once (its options, its optional dependencies). (archs, defenses, learners, defense_options, ratios)."""
+    archs = _check_list("archs", archs, ARCHS)
+    defenses = _check_list("defenses", defenses, DEFENSES)
+    learners = _check_list("learners", learners, LEARNERS)
+    defense_options = dict(defense_options or {})
+    for name in defense_options:
+        if name not in defenses:
+            raise ValueError(f"defense_options names {name!r}, which is not among the report's defenses "
+                             f"({', '.join(defenses)})")
+    for name in defenses:
+        check_options(name, defense_options.get(name, {}))
+    check_int("probe_epochs", probe_epochs, 1)
+    ratios = _check_ratios(poison_ratios)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not isinstance(detect, bool):
+        raise ValueError(f"detect must be True or False, got {detect!r}")
+    if detect:
+        from .detect import check_settings as check_detect
+
+        check_detect(detect_epochs, detect_model)
+    return archs, defenses, learners, defense_options, ratios
+
+
+def _run_cell(kind, arch, defense, ratio, learner, prot, cl, te, results, *, common, options, probe_epochs) -> dict:
+    """Train one cell's victim (``evaluate``): the clean victim (its own UD reference), or the
+    protected one at ``ratio`` (UD against the clean cell of the same row, computed before it)."""
+    opts = dict(arch=arch, defense=defense, **common,
+                label=f"{kind} {arch} {defense}" + ("" if ratio is None else f" ratio {ratio:g}"))
+    if learner:
+        opts.update(defense="none", learner=learner, probe_epochs=probe_epochs, ud=False)
+    elif options is not None:
+        opts["defense_options"] = options
+    if opts["defense"] != "adv-train":
+        opts.pop("adv_eps"), opts.pop("adv_norm")
+    if opts["defense"] != "jpeg":
+        opts.pop("jpeg_quality")
+    if kind == "clean":
+        return evaluate(cl, te, ud_reference="self" if opts["ud"] else None, **opts)
+    ref = results[_cell_name("clean", arch, defense, None)].get("ud") if opts["ud"] else None
+    return evaluate(prot, te, clean=cl, poison_ratio=None if ratio == 1 else ratio, ud_reference=ref, **opts)
 
 
 def _read_cell(path: Path, fp: dict) -> dict | None:
