@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import ue_fast
-import ue_fast.generation.store as store_mod
+import ue_fast.generation.placement as placement_mod
 import ue_fast.methods.base as base_mod
 from _helpers import demo_subset
 from ue_fast.data import read_image_folder
 from ue_fast.generation import PerturbationStore, Runner
-from ue_fast.generation.store import Placement, check_delta_dtype, choose_store
+from ue_fast.generation.placement import Placement, check_delta_dtype, choose_store
 from ue_fast.methods import MIUE, MIUEConfig
 
 SHORT = dict(arch="cnn-small", epochs=1, pgd_steps=2, batch_size=16, poison_batch_size=64)  # 2 steps of 0.2/255
@@ -119,11 +119,11 @@ def test_int8_resume_draws_the_same_rounding(tmp_path, monkeypatch):
 
 
 def test_choose_store(monkeypatch):
-    monkeypatch.setattr(store_mod, "_host_available_bytes", lambda: 1e12)
+    monkeypatch.setattr(placement_mod, "_host_available_bytes", lambda: 1e12)
     assert choose_store(CPU, 3000, 3000, "auto") == Placement(CPU, CPU, torch.float32)
     assert choose_store(CPU, 3000, 3000, "int8") == Placement(CPU, CPU, torch.int8)
     # float32 perturbations would not fit half of the memory, float16 ones do
-    monkeypatch.setattr(store_mod, "_host_available_bytes", lambda: 2 * (1000 + 1000 * 3))
+    monkeypatch.setattr(placement_mod, "_host_available_bytes", lambda: 2 * (1000 + 1000 * 3))
     assert choose_store(CPU, 1000, 1000, "auto") == Placement(CPU, CPU, torch.float16)
     # float32 asked for and over the budget: to disk, or kept in memory when memory is forced
     assert choose_store(CPU, 1000, 1000, "float32") == Placement("disk", "disk", torch.float32)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .generation.store import default_memory_budget
+from .generation.placement import default_memory_budget
 from .methods import METHODS, SurrogateMethod
 
 

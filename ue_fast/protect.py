@@ -64,7 +64,7 @@ from .data.sources import find_source
 from .devices import resolve_device
 from .generation import COMPILE_MODES, Runner
 from .generation.distributed import env_world_size, from_env
-from .generation.store import (
+from .generation.placement import (
     check_delta_dtype,
     check_store,
     parse_size,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..generation.store import parse_size
+from ..generation.placement import parse_size
 
 
 def _positive_int(text: str) -> int:

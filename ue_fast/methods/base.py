@@ -24,7 +24,7 @@ import time
 import torch
 
 from ..generation import PGD, Batches, PerturbationStore, RunContext, Stage, Surrogate
-from ..generation.store import check_delta_dtype, choose_store
+from ..generation.placement import check_delta_dtype, choose_store
 from .settings import Config, SurrogateConfig
 
 

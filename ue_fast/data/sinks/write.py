@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ...generation.rowfile import RowFile, chunk_rows
-from ...generation.store import default_memory_budget
+from ...generation.placement import default_memory_budget
 from ...progress import progress as _progress
 from ..folders import ImageSet
 from ..png import PNG_LEVEL
