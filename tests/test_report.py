@@ -172,3 +172,17 @@ def test_report_refuses_bad_input(sets, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         report_mod.report(tmp_path / "missing", train, test, tmp_path / "r", **kw)
     assert not (tmp_path / "r").exists()
+
+
+def test_robustness_lines_say_when_a_row_is_a_probe():
+    """A contrastive learner's row is a linear probe against the probe on the clean images: the
+    robustness lines say so where it is the worst case or the smallest gap; a defence's row is named plainly."""
+    from ue_fast.evaluate.report_doc import _robustness_lines
+
+    entry = {"arch": "cnn-small", "left_out": [],
+             "last": {"accuracy": 0.4, "defense": "jpeg", "gap": -0.05, "gap_defense": "simclr"},
+             "peak": {"accuracy": 0.45, "defense": "moco", "epoch": 3, "gap": 0.01, "gap_defense": "grayscale"}}
+    (line,) = [x for x in _robustness_lines({"1": [entry]}, 3) if x.startswith("- cnn-small")]
+    assert "under jpeg (last epoch)" in line
+    assert "-5.0 points under simclr (a linear probe's, against the probe on the clean images)" in line
+    assert "45.0% under moco (a linear probe's" in line and "peak gap 1.0 under grayscale" in line

@@ -101,6 +101,14 @@ def _gap(cell, key: str = "gap") -> str:
     return f"{100 * cell[key]:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
 
 
+def _row_name(key: str) -> str:
+    """A row's name in the robustness lines: a contrastive learner's says that its accuracy and
+    gap are a linear probe's, against the same probe on the clean images (often a weak baseline)."""
+    if key in LEARNERS and key != "supervised":
+        return f"{key} (a linear probe's, against the probe on the clean images)"
+    return key
+
+
 def _robustness_lines(summary: dict, n_defenses: int) -> list[str]:
     lines = ["", "## Robustness", "",
              f"The protection's worst case over the {n_defenses} defence(s) of this report, per victim: the highest "
@@ -115,11 +123,12 @@ def _robustness_lines(summary: dict, n_defenses: int) -> list[str]:
                 continue
             last, peak = e["last"], e["peak"]
             gap = ("" if last["gap"] is None else
-                   f"; smallest gap {100 * last['gap']:.1f} points under {last['gap_defense']}")
+                   f"; smallest gap {100 * last['gap']:.1f} points under {_row_name(last['gap_defense'])}")
             pgap = ("" if peak["gap"] is None else
-                    f", smallest peak gap {100 * peak['gap']:.1f} under {peak['gap_defense']}")
-            lines.append(f"- {where}: worst case {_pct(last['accuracy'])}% under {last['defense']} (last epoch){gap}; "
-                         f"at the peak {_pct(peak['accuracy'])}% under {peak['defense']} (epoch {peak['epoch']}){pgap}"
+                    f", smallest peak gap {100 * peak['gap']:.1f} under {_row_name(peak['gap_defense'])}")
+            lines.append(f"- {where}: worst case {_pct(last['accuracy'])}% under {_row_name(last['defense'])} (last "
+                         f"epoch){gap}; at the peak {_pct(peak['accuracy'])}% under {_row_name(peak['defense'])} "
+                         f"(epoch {peak['epoch']}){pgap}"
                          + (f"; diverged, left out: {', '.join(e['left_out'])}" if e["left_out"] else ""))
     return lines
 
