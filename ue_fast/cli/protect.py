@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..generation import COMPILE_MODES, DELTA_DTYPES
-from ..generation.store import STORES
+from ..generation.placement import STORES
 from ..methods import METHODS
 from ..methods.settings import parse_sets
 from ..models import SURROGATE_ARCHS
@@ -124,24 +124,54 @@ def _cmd_protect(args) -> int:
 
 
 def add_parser(sub, default_device: str) -> None:
-    """The ``protect`` subcommand."""
+    """The ``protect`` subcommand: its arguments in four groups (input, method, run, output)."""
     pr = sub.add_parser("protect", help="turn an image folder into its unlearnable copy",
-                        description="Protect INPUT_DIR (class sub-folders of images, or a CIFAR/SVHN/array data set "
-                        "in its own index order) into OUTPUT_DIR: a PNG copy of the tree with bounded perturbations, "
+                        description="Protect INPUT_DIR (class sub-folders of images, a CIFAR/SVHN/array data set "
+                        "in its own index order, WebDataset shards, a Parquet table or an LMDB environment) into OUTPUT_DIR: a PNG copy of the tree with bounded perturbations, "
                         "perturbation_int8.npy, poison.pt (when it fits the memory budget) and manifest.json, all in "
                         "the data set's order. Defaults are each method's published CIFAR-10 settings.")
+    _add_input_args(pr.add_argument_group("the input and how it is read"))
+    _add_method_args(pr.add_argument_group("the method and its settings"))
+    _add_run_args(pr.add_argument_group("the run: device, resume, memory, processes"), default_device)
+    _add_output_args(pr.add_argument_group("the outputs"))
+    pr.set_defaults(func=_cmd_protect)
+
+
+def _add_input_args(pr) -> None:
     pr.add_argument("input_dir", type=Path, help="a folder of class sub-folders of images, or a data set in its "
                     "authors' distribution, read in its own index order: cifar-10-batches-py/, "
                     "cifar-100-python/, an SVHN .mat, a .npz with x (uint8 NHWC) and y; or WebDataset shards: "
                     "'shards/train-{000000..000146}.tar' (quoted), a glob, a list file of shard paths, one .tar; or "
-                    "a table: .parquet files (one, a glob, a folder of them) or a datasets save_to_disk folder")
+                    "a table: .parquet files (one, a glob, a folder of them) or a datasets save_to_disk folder; or an LMDB "
+                    "environment of encoded images and labels (read-only; layouts in docs/datasets.md)")
     pr.add_argument("output_dir", type=Path)
     pr.add_argument("--order", type=Path, default=None, metavar="FILE",
                     help="for a folder input: a text file listing its images' relative paths, one per line, in "
                     "the data set's order (e.g. CIFAR-10's index order); every output follows it")
     pr.add_argument("--split", default="train", choices=["train", "test", "extra"],
                     help="which split of a CIFAR or SVHN distribution to protect (default train)")
+    pr.add_argument("--resize", type=_resize, default=None, help="resize every image to N or HxW")
+    pr.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    pr.add_argument("--workers", type=_positive_int, default=None,
+                    help="processes decoding the input folder (default: the CPUs, at most 16)")
+    pr.add_argument("--image-key", default=None, metavar="EXT",
+                    help="a WebDataset input's image member (default: the first of jpg, jpeg, png, webp, ...); a "
+                    "table's image column (default: the first of image, img, png, jpg, ...)")
+    pr.add_argument("--label-key", default=None, metavar="FIELD",
+                    help="the field of a WebDataset sample's .json that holds its label, an integer or a class "
+                    "name (default: the integer in its .cls member); a table's label column (default: the first of "
+                    "label, labels, fine_label, ...)")
+
+def _add_method_args(pr) -> None:
     pr.add_argument("--method", default="miue", choices=sorted(METHODS))
+    pr.add_argument("--preset", default=None, choices=PRESETS,
+                    help="a named set of the method's settings: paper (its authors' published settings, the "
+                    "default) or cpu-small (a schedule that protects measurably on a CPU in minutes); the "
+                    "other flags and --set override it")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any setting of the method's config (repeatable), e.g. --set alpha=0.8/255 --set "
+                    "post_aug=False; values are Python literals or N/D fractions. An unknown key or a bad value "
+                    "is refused before anything is read or written")
     pr.add_argument("--arch", default=None, choices=SURROGATE_ARCHS, help="surrogate network (default: the method's, resnet18)")
     pr.add_argument("--eps", type=float, default=None,
                     help="L-inf budget in units of 1/255 (default: the method's, 8; 255 for ops, 2 for sep; "
@@ -151,29 +181,21 @@ def add_parser(sub, default_device: str) -> None:
     pr.add_argument("--loss", default=None, choices=["supcon", "centroid"], help="MI-UE's poison loss (default supcon)")
     pr.add_argument("--batch-size", type=_positive_int, default=None, help="surrogate batch (default: the method's; 128 for miue)")
     pr.add_argument("--poison-batch-size", type=_positive_int, default=None, help="PGD batch (default: the method's; 512 for miue)")
-    pr.add_argument("--device", default=default_device, help=f"cpu, cuda or cuda:N (default {default_device})")
     pr.add_argument("--seed", type=int, default=None, help="random seed (default 7)")
-    pr.add_argument("--resize", type=_resize, default=None, help="resize every image to N or HxW")
-    pr.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    pr.add_argument("--sparse", type=float, default=None, metavar="K",
+                    help="SALM: perturb only the K%% most salient pixels of each image (surrogate-based methods)")
+
+def _add_run_args(pr, default_device: str) -> None:
+    pr.add_argument("--device", default=default_device, help=f"cpu, cuda or cuda:N (default {default_device})")
     pr.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT_DIR")
     pr.add_argument("--overwrite", action="store_true",
                     help="replace OUTPUT_DIR if it holds an earlier ue_fast output (anything else is refused)")
-    pr.add_argument("--profile", action="store_true",
-                    help="time every stage (synchronising), print the breakdown, and write a torch.profiler "
-                    "trace of the first outer epoch to OUTPUT_DIR/profile_trace.json")
-    pr.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
-                    help="torch.compile the surrogate (MODE default, reduce-overhead = with CUDA graphs, "
-                    "or max-autotune); the first outer epoch pays the compilation")
-    pr.add_argument("--sparse", type=float, default=None, metavar="K",
-                    help="SALM: perturb only the K%% most salient pixels of each image (surrogate-based methods)")
-    pr.add_argument("--preset", default=None, choices=PRESETS,
-                    help="a named set of the method's settings: paper (its authors' published settings, the "
-                    "default) or cpu-small (a schedule that protects measurably on a CPU in minutes); the "
-                    "other flags and --set override it")
-    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="any setting of the method's config (repeatable), e.g. --set alpha=0.8/255 --set "
-                    "post_aug=False; values are Python literals or N/D fractions. An unknown key or a bad value "
-                    "is refused before anything is read or written")
+    pr.add_argument("--checkpoint-every", type=float, default=0, metavar="SECONDS",
+                    help="checkpoint after a step once SECONDS have passed since the last checkpoint, and at the "
+                    "end of every stage (default 0: after every step). --resume is exact from any checkpoint; a "
+                    "longer interval saves the time of writing the whole perturbation store after every step of "
+                    "a fast method (ops, pil) and loses at most that much work to a crash")
+    pr.add_argument("--keep-checkpoint", action="store_true", help="keep OUTPUT_DIR/.ue_fast (the checkpoint, the ingested images, a disk store's files)")
     pr.add_argument("--delta-dtype", default="auto", choices=list(DELTA_DTYPES),
                     help="how perturbations are kept between PGD passes: auto (default: float32, float16 when "
                     "float32 does not fit the memory budget), float32, float16, or int8 (whole grey levels, "
@@ -185,8 +207,6 @@ def add_parser(sub, default_device: str) -> None:
     pr.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
                     help="host memory images + perturbations may take, e.g. 8G or 500M (default: half of the "
                     "memory available at the start); poison.pt is written only when it fits too")
-    pr.add_argument("--workers", type=_positive_int, default=None,
-                    help="processes decoding the input folder (default: the CPUs, at most 16)")
     pr.add_argument("--sync-bn", action="store_true",
                     help="under torchrun: batch norm takes its training statistics over the global batch, so the "
                     "run matches one process's to float tolerance")
@@ -194,32 +214,26 @@ def add_parser(sub, default_device: str) -> None:
                     help="compute in double precision (slower: 2x on a CPU, far more on GPUs; no bf16): to check "
                     "that a torchrun run gives one process's result, which float32 rounding amplified by SGD "
                     "otherwise blurs")
-    pr.add_argument("--rounding", default="stochastic", choices=list(ROUNDINGS),
-                    help="how the 8-bit output rounds x + delta: stochastic (default; keeps sub-grey-level "
-                    "perturbations in expectation) or nearest")
+    pr.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                    help="torch.compile the surrogate (MODE default, reduce-overhead = with CUDA graphs, "
+                    "or max-autotune); the first outer epoch pays the compilation")
+    pr.add_argument("--profile", action="store_true",
+                    help="time every stage (synchronising), print the breakdown, and write a torch.profiler "
+                    "trace of the first outer epoch to OUTPUT_DIR/profile_trace.json")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+def _add_output_args(pr) -> None:
     pr.add_argument("--output-format", default="png", metavar="FORMAT",
                     help="how the protected images are written: png (default: the PNG tree), webdataset (shards "
                     "with the input's names, keys and non-image members, each image as <key>.png; for a WebDataset "
                     "input) or parquet (the input table's files and columns, each image as PNG bytes; for a Parquet "
                     "or datasets input). Lossy formats (jpeg) are refused: their compression is itself a defence")
-    pr.add_argument("--checkpoint-every", type=float, default=0, metavar="SECONDS",
-                    help="checkpoint after a step once SECONDS have passed since the last checkpoint, and at the "
-                    "end of every stage (default 0: after every step). --resume is exact from any checkpoint; a "
-                    "longer interval saves the time of writing the whole perturbation store after every step of "
-                    "a fast method (ops, pil) and loses at most that much work to a crash")
     pr.add_argument("--png-compression", type=int, default=PNG_LEVEL, choices=range(10), metavar="0-9",
                     help=f"zlib level of the PNGs written (default {PNG_LEVEL}: 1.3-1.4x faster to encode than "
                     "Pillow's 6, files up to 10%% larger; the pixels are the same at every level)")
-    pr.add_argument("--image-key", default=None, metavar="EXT",
-                    help="a WebDataset input's image member (default: the first of jpg, jpeg, png, webp, ...); a "
-                    "table's image column (default: the first of image, img, png, jpg, ...)")
-    pr.add_argument("--label-key", default=None, metavar="FIELD",
-                    help="the field of a WebDataset sample's .json that holds its label, an integer or a class "
-                    "name (default: the integer in its .cls member); a table's label column (default: the first of "
-                    "label, labels, fine_label, ...)")
+    pr.add_argument("--rounding", default="stochastic", choices=list(ROUNDINGS),
+                    help="how the 8-bit output rounds x + delta: stochastic (default; keeps sub-grey-level "
+                    "perturbations in expectation) or nearest")
     pr.add_argument("--key-file", default=None, metavar="PATH",
                     help="a keyed method (cuda): write its private key (seed and filters, JSON) to this new file; "
                     "without it the key is in none of the outputs")
-    pr.add_argument("--keep-checkpoint", action="store_true", help="keep OUTPUT_DIR/.ue_fast (the checkpoint, the ingested images, a disk store's files)")
-    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
-    pr.set_defaults(func=_cmd_protect)
