@@ -358,3 +358,44 @@ def test_torchrun_with_webdataset_shards_in_and_out(tmp_path, src, two):
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
     assert np.array_equal(np.load(out / "perturbation_int8.npy"), np.load(two["memory"] / "perturbation_int8.npy"))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "lmdb"])
+def test_torchrun_with_a_table_or_an_lmdb_environment(tmp_path, src, two, kind):
+    """A Parquet table in and out, an LMDB environment in (rank 0 ingests, the other process opens its
+    index; rank 0 writes the table): the same perturbations, bit for bit, as the same images given as a
+    folder, both with 2 processes."""
+    from ue_fast.data import read_image_folder
+
+    data = read_image_folder(src, progress=False)
+    blobs, labels = [(src / p).read_bytes() for p in data.paths], data.labels.tolist()
+    if kind == "parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        given = tmp_path / "train.parquet"
+        pq.write_table(pa.table({"image": blobs, "label": labels}), given)
+        extra = ["--output-format", "parquet"]
+    else:
+        lmdb = pytest.importorskip("lmdb")
+        import pickle
+
+        given = tmp_path / "train.lmdb"
+        env = lmdb.open(str(given), map_size=1 << 26)
+        with env.begin(write=True) as txn:
+            keys = [str(i).encode() for i in range(len(blobs))]
+            for k, b, y in zip(keys, blobs, labels):
+                txn.put(k, pickle.dumps((b, y)))
+            txn.put(b"__keys__", pickle.dumps(keys))
+        env.close()
+        extra = []
+    out = tmp_path / "out"
+    r = _cli(["protect", str(given), str(out), *FLAGS, "--sync-bn", "--store", "memory", *extra], nproc=2,
+             check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert np.array_equal(np.load(out / "perturbation_int8.npy"), np.load(two["memory"] / "perturbation_int8.npy"))
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(sorted(out.glob("*.parquet"))[0])
+        assert table.num_rows == len(data) and table.column("label").to_pylist() == labels
