@@ -204,6 +204,14 @@ def decode_stream(items, n: int, path: Path, size, workers: int, progress: bool,
     return shape, bad
 
 
+def skip_or_raise(skip_bad: bool, skipped: list, path: str, why: str) -> None:
+    """A bad sample: a ValueError saying ``why`` (with how to skip it), or with ``skip_bad`` its
+    ``path`` and ``why`` added to ``skipped`` (the manifest's list)."""
+    if not skip_bad:
+        raise ValueError(why + SKIP_HINT)
+    skipped.append({"path": path, "reason": why})
+
+
 def settle(bad: dict, shape, path: Path, skip_bad: bool, skipped: list, where, what: str, name) -> list[int]:
     """The rows ``decode_stream`` could not read: an error naming the first (``where(row)``: where
     it is; ``what``: its image member or column), or with ``skip_bad`` each added to ``skipped``
@@ -216,8 +224,10 @@ def settle(bad: dict, shape, path: Path, skip_bad: bool, skipped: list, where, w
             why = f"no image bytes in its {what}"
         else:
             why = f"cannot decode its {what}: {err[1]}"
-        if not skip_bad or err[0] == "size":
-            raise ValueError(f"{where(row)}: {why}" + ("" if err[0] == "size" else SKIP_HINT))
+        if err[0] == "size":
+            raise ValueError(f"{where(row)}: {why}")
+        if not skip_bad:
+            raise ValueError(f"{where(row)}: {why}{SKIP_HINT}")
         skipped.append({"path": name(row), "reason": why})
     kept = [r for r in range(shape[0]) if r not in bad]
     if bad:

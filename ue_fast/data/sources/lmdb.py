@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..canonical import RestrictedUnpickler, UnsafePickleError
 from ..decode import display_path
-from ._stream import IMAGES_FILE, SKIP_HINT, StreamedSource, classes_of, decode_stream, settle
+from ._stream import IMAGES_FILE, StreamedSource, classes_of, decode_stream, settle, skip_or_raise
 
 HINT = "pip install 'ue-fast[lmdb]'"
 
@@ -116,9 +116,7 @@ class LMDB(StreamedSource):
             for key in all_keys:  # the labels first: small values, or one unpickle each
                 _, label, why = self._sample(txn, layout, key, source)
                 if why is not None:
-                    if not skip_bad:
-                        raise ValueError(why + SKIP_HINT)
-                    skipped.append({"path": f"{display_path(source)}:{key.decode(errors='replace')}", "reason": why})
+                    skip_or_raise(skip_bad, skipped, f"{display_path(source)}:{key.decode(errors='replace')}", why)
                     continue
                 keys.append(key)
                 labels.append(label)

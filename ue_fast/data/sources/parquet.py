@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..decode import display_path
 from ..tables import batches, hf_features, image_bytes, is_table_spec, list_tables, pick_columns, schema_of
-from ._stream import IMAGES_FILE, SKIP_HINT, StreamedSource, classes_of, decode_stream, settle
+from ._stream import IMAGES_FILE, StreamedSource, classes_of, decode_stream, settle, skip_or_raise
 
 
 class Parquet(StreamedSource):
@@ -42,10 +42,8 @@ class Parquet(StreamedSource):
             for b in batches(f, kind, [label]):
                 for v in b.column(0).to_pylist():
                     if v is None or isinstance(v, bool) or not isinstance(v, (int, str)):
-                        msg = f"row {r} of {display_path(f)} has no usable label ({v!r})"
-                        if not skip_bad:
-                            raise ValueError(msg + SKIP_HINT)
-                        skipped.append({"path": f"row {r} of {display_path(f)}", "reason": msg})
+                        skip_or_raise(skip_bad, skipped, f"row {r} of {display_path(f)}",
+                                      f"row {r} of {display_path(f)} has no usable label ({v!r})")
                     else:
                         rows.append((i, r))
                         values.append(v)

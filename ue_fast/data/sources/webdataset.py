@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..decode import display_path
 from ..wds import image_ext, is_shard_spec, label_of, list_shards, read_member, scan_shard
-from ._stream import IMAGES_FILE, SKIP_HINT, AlphaDroppedWarning, StreamedSource, classes_of, decode_stream, settle
+from ._stream import (IMAGES_FILE, AlphaDroppedWarning, StreamedSource, classes_of, decode_stream, settle,
+                      skip_or_raise)
 
 __all__ = ["AlphaDroppedWarning", "WebDataset"]
 
@@ -40,9 +41,7 @@ class WebDataset(StreamedSource):
                     ext = image_ext(s, shard, self.image_key)
                     label = label_of(s, shard, self.label_key)
                 except ValueError as e:
-                    if not skip_bad:
-                        raise ValueError(f"{e}{SKIP_HINT}") from None
-                    skipped.append({"path": f"{display_path(shard)}:{s.key}", "reason": str(e)})
+                    skip_or_raise(skip_bad, skipped, f"{display_path(shard)}:{s.key}", str(e))
                     continue
                 samples.append(s)
                 labels.append(label)
