@@ -393,6 +393,12 @@ def test_export_errors(tmp_path):
         save_poison_pt(tmp_path / "p.pt", torch.zeros(2, 3, 4, 4, dtype=torch.int8))
     with pytest.raises(ValueError, match="NaN"):
         save_poison_pt(tmp_path / "p.pt", torch.full((2, 3, 4, 4), float("nan")))
+    for bad in (float("nan"), float("inf"), -float("inf")):  # one bad value among finite ones
+        delta = torch.rand(2, 3, 4, 4) - 0.5
+        delta[1, 2, 3, 0] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            save_poison_pt(tmp_path / "p.pt", delta)
+    assert not (tmp_path / "p.pt").exists()
     with pytest.raises(ValueError, match="\\[N, 3, H, W\\]"):
         save_poison_pt(tmp_path / "p.pt", torch.zeros(3, 4, 4))
     with pytest.raises(TypeError, match="int8"):

@@ -217,7 +217,7 @@ def test_a_full_disk_says_so_and_how_to_go_on(src, tmp_path, capsys, monkeypatch
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(png_tree, "write_image_folder", full)
+        m.setattr(png_tree, "write_png", full)
         out = tmp_path / "out"
         assert protect_lsp(src, out) == 2
     err = capsys.readouterr().err

@@ -190,7 +190,7 @@ def test_a_crash_anywhere_resumes_to_the_uninterrupted_result(tmp_path, src, mon
         elif where == "mid-checkpoint":  # torch.save of round 2's checkpoint: the rename never happens
             _interrupted(monkeypatch, ckpt_mod.torch, "save", 3)
         else:  # the outputs: some PNGs written, no manifest
-            _interrupted(monkeypatch, png_tree, "write_image_folder", 2)
+            _interrupted(monkeypatch, png_tree, "write_png", 15)  # in the second chunk of PNGs
             monkeypatch.setattr(sinks_write, "chunk_rows", lambda row_bytes, target=0: 10)
         with pytest.raises(KeyboardInterrupt):
             ue_fast.protect(src, out, **kw)

@@ -129,6 +129,10 @@ def test_manifest_fields(runs, name):
     assert on_disk["rounds"] == sum("epoch" in h for h in on_disk["history"]) >= 1
     assert all(h["finished"] in (True, False) for h in on_disk["history"])
     assert on_disk["images_per_s"] > 0 and on_disk["timings_s"]["writing"] >= 0
+    # each output's own seconds within the writing, beside the rounding (written ones only)
+    assert {"rounding", "images", "npy"} <= set(on_disk["writing_s"]) <= {"rounding", *on_disk["outputs"], "images",
+                                                                          "npy", "poison.pt", "poison_classwise.pt"}
+    assert all(v >= 0 for v in on_disk["writing_s"].values())
     if METHODS[name].lp:
         assert on_disk["budget"] == {"kind": "linf", "eps_255": on_disk["settings"]["eps_255"], "holds": True}
     else:  # the method's own bound, checked

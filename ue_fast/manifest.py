@@ -89,6 +89,7 @@ def _manifest(*, method, cls, cfg, gen, eps, compile, sparse, delta_dtype, prese
         "history": result.history,
         "resumed_from_epoch": result.resumed_from,
         "timings_s": timings,
+        "writing_s": out["seconds"],
         "generation_s": gen_s,
         "rounds": rounds,
         "images_per_s": len(data) * rounds / gen_s if gen_s > 0 else None,

@@ -99,6 +99,22 @@ def _alpha_rows(alpha, n: int, hw) -> np.ndarray | None:
     return alpha.cpu().numpy()
 
 
+def write_png(dest: Path, image: torch.Tensor, alpha=None, compress_level: int = PNG_LEVEL) -> None:
+    """One uint8 [3, H, W] image (with ``alpha``, a uint8 [H, W] array or None: RGBA where it
+    is not all 255) as the PNG ``dest``, through a hidden temporary name renamed when
+    complete (no fsync: that would cost more than the encoding)."""
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    px = image.permute(1, 2, 0).numpy()
+    if alpha is not None and int(alpha.min()) < 255:
+        px = np.concatenate([px, alpha[:, :, None]], axis=2)  # [H, W, 4]: an RGBA PNG
+    try:
+        Image.fromarray(np.ascontiguousarray(px)).save(tmp, format="PNG", compress_level=compress_level)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_image_folder(out_root, images: torch.Tensor, paths: list[str], *, alpha=None,
                        progress: bool = False, compress_level: int = PNG_LEVEL, workers: int = 1) -> list[str]:
     """Write images [N, 3, H, W] uint8 as PNG files at ``out_root/<paths[i]>``.
@@ -141,17 +157,7 @@ def write_image_folder(out_root, images: torch.Tensor, paths: list[str], *, alph
     check_png_level(compress_level)
 
     def write(i: int) -> None:
-        dest = out_root / outs[i]
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-        px = images[i].permute(1, 2, 0).numpy()
-        if a is not None and int(a[i].min()) < 255:
-            px = np.concatenate([px, a[i][:, :, None]], axis=2)  # [H, W, 4]: an RGBA PNG
-        try:
-            Image.fromarray(np.ascontiguousarray(px)).save(tmp, format="PNG", compress_level=compress_level)
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_png(out_root / outs[i], images[i], None if a is None else a[i], compress_level)
 
     with _progress(len(outs), "writing images", "img", enabled=progress) as bar:
         if workers <= 1 or len(outs) < 2:

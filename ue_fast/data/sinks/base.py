@@ -53,9 +53,13 @@ class Sink:
     ``planned(ctx)`` lists the files it may write (relative to the output folder), before
     anything is written; ``open(ctx)`` prepares; ``write(rows)`` takes every chunk in
     order; ``close()`` finishes and returns ``{output name: {"written": bool, "why": str}}``
-    for the manifest. A sink never writes outside ``ctx.output_dir``."""
+    for the manifest; ``abort()`` lets go of what it holds when the run fails before
+    ``close``. A sink never writes outside ``ctx.output_dir``. A ``background`` sink's
+    ``write`` runs on a thread of its own, one chunk behind the rows being rounded (its
+    chunks still in order): the sinks that encode images, so encoding overlaps the rest."""
 
     name: ClassVar[str]
+    background: ClassVar[bool] = False
 
     def planned(self, ctx: SinkContext) -> list[str]:
         raise NotImplementedError
@@ -68,3 +72,6 @@ class Sink:
 
     def close(self) -> dict:
         raise NotImplementedError
+
+    def abort(self) -> None:
+        pass

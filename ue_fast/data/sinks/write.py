@@ -1,7 +1,10 @@
 """The rows of a run, rounded to 8 bits chunk by chunk and handed to every sink."""
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -46,35 +49,79 @@ def write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding
     class-wise method, ``class_rows`` being its [C, 3, H, W] perturbations, poison_classwise.pt).
     Memory stays bounded whatever N. Returns the statistics the manifest reports."""
     classwise = class_rows is not None
-    n, shape = len(data), tuple(data.images.shape[1:])
-    row_elems = math.prod(shape)
+    shape = tuple(data.images.shape[1:])
     rounder = Rounder(rounding, seed, data.labels if classwise else None, shape)
     ctx = sink_context(output_dir, data, eps, budget,
                        (lambda: rounder.class_levels(class_rows, eps)) if classwise else None, png_level, workers)
     sinks = [SINKS[name]() for name in sinks]
-    for sink in sinks:
-        sink.open(ctx)
+    opened, timings = [], {}
+    try:
+        for sink in sinks:
+            sink.open(ctx)
+            opened.append(sink)
+        stats = _write_chunks(data, result, eps, rounder, sinks, progress, timings)
+        outputs = {}
+        for sink in sinks:
+            with _timed(timings, sink.name):
+                outputs.update(sink.close())
+        opened = []
+    finally:
+        for sink in opened:  # a failed run: let go of threads and files, the partial outputs stay for --resume
+            sink.abort()
+    return dict(stats, written=sinks[0].written, npy_name=npy_name(eps), outputs=outputs,
+                seconds={k: round(v, 3) for k, v in timings.items()})
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, name: str):
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+
+
+def _write_chunks(data: ImageSet, result, eps: float, rounder, sinks, progress: bool, timings: dict) -> dict:
+    """Every chunk of rows rounded and handed to the sinks; a background sink's chunk is
+    written on its own thread while the next chunk is rounded (one chunk in flight per sink)."""
+    n, shape = len(data), tuple(data.images.shape[1:])
     clean_file = RowFile(data.file) if data.file is not None else None
     step = output_step(shape)
     linf = torch.empty(n, dtype=torch.int64)
     abs_sum, changed = 0.0, 0
-    with _progress(n, "writing images", "img", enabled=progress) as bar:
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            clean = clean_file.read_range(a, b) if clean_file is not None else data.images[a:b]
-            delta = result.read(a, b)  # float32 [B, 3, H, W] pixel units
-            abs_sum += float(delta.abs().sum(dtype=torch.float64))
-            protected = rounder(clean, delta, eps, data.labels[a:b])
-            effective = protected.to(torch.int16) - clean.to(torch.int16)  # what the PNGs carry, in 1/255
-            linf[a:b] = effective.abs().amax(dim=(1, 2, 3))
-            changed += int((effective != 0).sum())
-            rows = Rows(a, b, protected, effective)
-            for sink in sinks:
-                sink.write(rows)
-            bar.update(b - a)
-    outputs = {}
-    for sink in sinks:
-        outputs.update(sink.close())
-    unchanged = int((linf == 0).sum())
-    return dict(linf=linf, written=sinks[0].written, npy_name=npy_name(eps), unchanged=unchanged, outputs=outputs,
-                mean_abs_255=abs_sum / (n * row_elems) * 255, changed_fraction=changed / (n * row_elems))
+    threads = {s.name: ThreadPoolExecutor(1, thread_name_prefix=f"ue_fast-{s.name}") for s in sinks if s.background}
+    pending: dict[str, Future] = {}
+
+    def timed_write(sink, rows):
+        with _timed(timings, sink.name):
+            sink.write(rows)
+
+    try:
+        with _progress(n, "writing images", "img", enabled=progress) as bar:
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                with _timed(timings, "rounding"):
+                    clean = clean_file.read_range(a, b) if clean_file is not None else data.images[a:b]
+                    delta = result.read(a, b)  # float32 [B, 3, H, W] pixel units
+                    abs_sum += float(delta.abs().sum(dtype=torch.float64))
+                    protected = rounder(clean, delta, eps, data.labels[a:b])
+                    effective = protected.to(torch.int16) - clean.to(torch.int16)  # what the PNGs carry, in 1/255
+                    linf[a:b] = effective.abs().amax(dim=(1, 2, 3))
+                    changed += int((effective != 0).sum())
+                rows = Rows(a, b, protected, effective)
+                for sink in sinks:
+                    if sink.background:
+                        if sink.name in pending:
+                            pending.pop(sink.name).result()  # the previous chunk written (or its error raised)
+                        pending[sink.name] = threads[sink.name].submit(timed_write, sink, rows)
+                    else:
+                        timed_write(sink, rows)
+                bar.update(b - a)
+            for name in list(pending):
+                pending.pop(name).result()
+    finally:
+        for t in threads.values():
+            t.shutdown(wait=True)  # after a failure too: no thread writes once this returns
+    row_elems = math.prod(shape)
+    return dict(linf=linf, unchanged=int((linf == 0).sum()), mean_abs_255=abs_sum / (n * row_elems) * 255,
+                changed_fraction=changed / (n * row_elems))
