@@ -84,7 +84,8 @@ def protected_victim(train, test, out: Path, method: str, victim_epochs: int, so
 
 def protect_killed_after_checkpoint(monkeypatch, src, out: Path, die_at: int = 1, **settings) -> None:
     """``ue_fast.protect(src, out, **settings)`` interrupted by a KeyboardInterrupt right after
-    the runner's ``die_at``-th checkpoint (asserted to happen); the runner's save is restored."""
+    the runner's ``die_at``-th checkpoint (asserted to happen; ``checkpoint_every`` defaults to 0
+    here, a checkpoint after every step); the runner's save is restored."""
     import pytest
 
     import ue_fast
@@ -100,6 +101,7 @@ def protect_killed_after_checkpoint(monkeypatch, src, out: Path, die_at: int = 1
         if calls == die_at:
             raise KeyboardInterrupt
 
+    settings.setdefault("checkpoint_every", 0)
     monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
     try:
         with pytest.raises(KeyboardInterrupt):

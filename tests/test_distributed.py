@@ -146,7 +146,7 @@ def test_pgd_pass_is_bitwise_and_a_training_step_matches_one_process(tmp_path, s
 
 # ----------------------------------------------------------------------------- torchrun end to end
 FLAGS = ["--method", "miue", "--arch", "cnn-small", "--epochs", "2", "--pgd-steps", "3", "--batch-size", "16",
-         "--poison-batch-size", "24", "--device", "cpu", "--no-progress", "--keep-checkpoint"]
+         "--poison-batch-size", "24", "--device", "cpu", "--no-progress", "--keep-checkpoint", "--checkpoint-every", "0"]
 
 
 def _cli(args, nproc: int = 1, check=True):
@@ -268,7 +268,9 @@ def test_torchrun_killed_and_resumed_gives_the_uninterrupted_result(tmp_path, sr
     import time
 
     whole, out = tmp_path / "whole", tmp_path / "killed"
-    flags = [*FLAGS[:FLAGS.index("--epochs")], "--epochs", "4", *FLAGS[FLAGS.index("--epochs") + 2:], "--store", "disk"]
+    # A checkpoint after every step through the time-based path (rank 0's decision broadcast).
+    flags = [*FLAGS[:FLAGS.index("--epochs")], "--epochs", "4", *FLAGS[FLAGS.index("--epochs") + 2:], "--store", "disk",
+             "--checkpoint-every", "0.001"]
     r = _cli(["protect", str(src), str(whole), *flags], nproc=2, check=False)
     assert r.returncode == 0, r.stderr[-4000:]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

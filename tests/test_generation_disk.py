@@ -119,7 +119,7 @@ def _same_outputs(a: Path, b: Path) -> None:
 def test_disk_store_gives_the_memory_result_bit_for_bit(tmp_path, src, method, settings):
     kw = dict(SHORT, method=method, **settings)
     ue_fast.protect(src, tmp_path / "mem", store="memory", **kw)
-    m = ue_fast.protect(src, tmp_path / "disk", store="disk", keep_checkpoint=True, **kw)
+    m = ue_fast.protect(src, tmp_path / "disk", store="disk", keep_checkpoint=True, checkpoint_every=0, **kw)
     assert m["delta_store"]["images_on"] == "disk"
     assert m["delta_store"]["on"] == ("cpu" if method == "em-classwise" else "disk")
     _same_outputs(tmp_path / "mem", tmp_path / "disk")
@@ -179,7 +179,7 @@ def test_a_crash_anywhere_resumes_to_the_uninterrupted_result(tmp_path, src, mon
     from ue_fast.data.sinks import write as sinks_write
     from ue_fast.generation import store as store_mod
 
-    kw = dict(SHORT, epochs=3, store="disk")
+    kw = dict(SHORT, epochs=3, store="disk", checkpoint_every=0)  # a checkpoint every round
     ue_fast.protect(src, tmp_path / "whole", **kw)
     out = tmp_path / "split"
     if where == "after-checkpoint":
@@ -205,7 +205,7 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(tmp_path, src):
     equal an uninterrupted run's whatever the moment."""
     args = [sys.executable, "-m", "ue_fast", "protect", str(src), None, "--method", "miue", "--arch", "cnn-small",
             "--epochs", "6", "--pgd-steps", "4", "--batch-size", "16", "--poison-batch-size", "32",
-            "--device", "cpu", "--store", "disk", "--no-progress"]
+            "--device", "cpu", "--store", "disk", "--no-progress", "--checkpoint-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def cmd(out, *extra):
@@ -228,8 +228,9 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(tmp_path, src):
 
 
 def test_checkpoint_every_saves_less_and_resumes_to_the_same_result(tmp_path, src, monkeypatch):
-    """--checkpoint-every: fewer checkpoints (the stages' ends only, within an hour), and a run killed
-    after one resumes from it to the uninterrupted result."""
+    """--checkpoint-every: a checkpoint once that many seconds have passed (a clock that moves 10 s
+    per reading here), none within an hour, the same outputs either way, and a run killed after a
+    checkpoint resumes from it to the uninterrupted result."""
     import ue_fast.generation.runner as runner
 
     kw = dict(SHORT, epochs=3)
@@ -237,16 +238,26 @@ def test_checkpoint_every_saves_less_and_resumes_to_the_same_result(tmp_path, sr
     real = runner.save_checkpoint
     monkeypatch.setattr(runner, "save_checkpoint", lambda path, state: (saves.append(state.get("stage")),
                                                                         real(path, state)))
-    whole = ue_fast.protect(src, tmp_path / "whole", **kw)
+    whole = ue_fast.protect(src, tmp_path / "whole", checkpoint_every=0, **kw)
     every_step = len(saves)
+    assert every_step == len(whole["history"]) >= 3
     saves.clear()
     ue_fast.protect(src, tmp_path / "hourly", checkpoint_every=3600, **kw)
-    assert every_step == len(whole["history"]) and 1 <= len(saves) < every_step
+    assert saves == []
+    clock = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(runner, "_clock", lambda: float(next(clock)))
+    ue_fast.protect(src, tmp_path / "clocked", checkpoint_every=25, **kw)
+    assert 1 <= len(saves) < every_step
     monkeypatch.undo()
-    assert np.array_equal(np.load(tmp_path / "hourly" / "perturbation_int8.npy"),
-                          np.load(tmp_path / "whole" / "perturbation_int8.npy"))
-    protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "split", die_at=1, checkpoint_every=3600, **kw)
-    ue_fast.protect(src, tmp_path / "split", resume=True, checkpoint_every=3600, **kw)
+    for out in ("hourly", "clocked"):
+        assert np.array_equal(np.load(tmp_path / out / "perturbation_int8.npy"),
+                              np.load(tmp_path / "whole" / "perturbation_int8.npy"))
+    clock = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(runner, "_clock", lambda: float(next(clock)))
+    protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "split", die_at=1, checkpoint_every=25, **kw)
+    monkeypatch.undo()
+    m = ue_fast.protect(src, tmp_path / "split", resume=True, **kw)
+    assert m["resumed_from_epoch"] >= 1
     assert np.array_equal(np.load(tmp_path / "split" / "perturbation_int8.npy"),
                           np.load(tmp_path / "whole" / "perturbation_int8.npy"))
     with pytest.raises(ValueError, match="checkpoint_every"):

@@ -242,7 +242,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
 
     src = _subset(tmp_path / "in", per_class=4)
     flags = ["--arch", "cnn-small", "--epochs", "300", "--pgd-steps", "1", "--batch-size", "4",
-             "--poison-batch-size", "12", "--device", "cpu", "--no-progress"]
+             "--poison-batch-size", "12", "--device", "cpu", "--no-progress", "--checkpoint-every", "0"]
     out = tmp_path / "killed"
     # Same thread count as this process: CPU reductions are bit-reproducible only at equal thread counts.
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))

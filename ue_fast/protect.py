@@ -51,7 +51,7 @@ import warnings
 from pathlib import Path
 
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CHECKPOINT_EVERY, load_checkpoint
 from .data import ImageSet
 from .data.exports import write_json_atomic
 from .data.scan import describe_left_out
@@ -113,7 +113,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             store: str = "auto", memory_budget=None, workers: int | None = None, sync_bn: bool = False,
             float64: bool = False, order=None, split: str = "train", key_file=None, output_format: str = "png",
             image_key: str | None = None, label_key: str | None = None, png_compression: int = PNG_LEVEL,
-            checkpoint_every: float = 0, **settings) -> dict:
+            checkpoint_every: float = CHECKPOINT_EVERY, **settings) -> dict:
     """Protect an image folder (or arrays) with ``method``; write the outputs; return the manifest.
 
     Args:
@@ -184,11 +184,14 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             and schema, each image as PNG bytes; a Parquet or ``datasets`` input only). A lossy format (JPEG) is refused: its
             compression is itself a defence that strips the perturbation. The perturbation
             files (.npy, poison.pt) are written either way.
-        checkpoint_every: seconds between checkpoints: 0 (default) after every step (a round, an
-            epoch, a restart); more, after a step once that long has passed since the last one,
-            and at the end of every stage. A resume is exact from whichever checkpoint exists;
-            a longer interval only loses more work to a crash, and saves the time of writing the
-            checkpoint (the whole perturbation store) after every step of a fast method.
+        checkpoint_every: seconds between checkpoints (default ``CHECKPOINT_EVERY``, 60): a
+            checkpoint is written after a step (a round, an epoch, a restart) once that long has
+            passed since the last one or the start, so a crash loses at most that much work; 0
+            writes one after every step. A resume is exact from whichever checkpoint exists.
+            Every checkpoint writes the whole perturbation store (0.9 s for CIFAR-10's 50,000
+            images, 3.5 s for 2,000 at 224 px on a 2-core CPU); after every step of a fast
+            method that cost more than the method (PIL on CIFAR-10: 27 s of checkpoints for
+            24 s of generation), while once a minute costs at most a few percent.
         png_compression: zlib's level 0-9 of every PNG written (default 1: 1.3-1.4x faster to
             encode than Pillow's default 6, files up to 10% larger; the pixels are the same at every
             level). The images are encoded by ``workers`` threads.

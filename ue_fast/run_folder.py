@@ -71,8 +71,13 @@ def _readable_write_errors(output_dir: Path, ckpt: Path):
         images = output_dir / CHECKPOINT_DIR / "images.npy"
         need = (f"; the run needs roughly {_size(7 * images.stat().st_size)} there (the ingested images, "
                 "the PNG copy, the perturbations as .npy and as float32 poison.pt)") if full and images.exists() else ""
-        go_on = ("free space and run the same command with --resume: it continues from the last finished step"
-                 if ckpt.exists() else "free space (or choose another output folder) and run the command again")
+        if ckpt.exists():
+            go_on = "free space and run the same command with --resume: it continues from the last finished step"
+        elif (output_dir / CHECKPOINT_DIR).exists():  # before the first checkpoint (--checkpoint-every)
+            go_on = ("free space and run the same command with --resume: no step was checkpointed yet, so the "
+                     "generation starts over in the same folder")
+        else:
+            go_on = "free space (or choose another output folder) and run the command again"
         raise WriteError(f"{what}{need}; {go_on}" if full else what) from e
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import CHECKPOINT_EVERY
 from ..generation import COMPILE_MODES, DELTA_DTYPES
 from ..generation.placement import STORES
 from ..methods import METHODS
@@ -190,11 +191,11 @@ def _add_run_args(pr, default_device: str) -> None:
     pr.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTPUT_DIR")
     pr.add_argument("--overwrite", action="store_true",
                     help="replace OUTPUT_DIR if it holds an earlier ue_fast output (anything else is refused)")
-    pr.add_argument("--checkpoint-every", type=float, default=0, metavar="SECONDS",
-                    help="checkpoint after a step once SECONDS have passed since the last checkpoint, and at the "
-                    "end of every stage (default 0: after every step). --resume is exact from any checkpoint; a "
-                    "longer interval saves the time of writing the whole perturbation store after every step of "
-                    "a fast method (ops, pil) and loses at most that much work to a crash")
+    pr.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY, metavar="SECONDS",
+                    help=f"checkpoint after a step once SECONDS have passed since the last checkpoint (default "
+                    f"{CHECKPOINT_EVERY:g}: a crash loses at most that much work; 0: after every step). --resume is "
+                    "exact from any checkpoint; each writes the whole perturbation store, which after every step "
+                    "of a fast method (ops, pil) costs more than the method")
     pr.add_argument("--keep-checkpoint", action="store_true", help="keep OUTPUT_DIR/.ue_fast (the checkpoint, the ingested images, a disk store's files)")
     pr.add_argument("--delta-dtype", default="auto", choices=list(DELTA_DTYPES),
                     help="how perturbations are kept between PGD passes: auto (default: float32, float16 when "

@@ -71,12 +71,15 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor, file=None) -> str:
     return h.hexdigest()
 
 
+_clock = time.monotonic  # the checkpoint interval's clock (a test moves it)
+
+
 class Runner:
     """Runs ``method`` over ``images`` uint8 [N, 3, H, W] with ``labels`` [N] on ``device``.
 
     Run options: ``checkpoint_path`` (None: no checkpoints), ``checkpoint_every`` (seconds: 0, the
-    default, checkpoints after every step; more, after a step once that long has passed since the
-    last one, and at the end of every stage; a resume is exact from whichever exists),
+    runner's default, checkpoints after every step; more, after a step once that long has passed
+    since the last one or the start; a resume is exact from whichever exists),
     ``progress``, ``amp`` (bf16
     autocast; default on CUDA), ``profile`` (synchronise to time every part), ``trace_path``
     (a torch.profiler trace of the first round), ``compile`` (``torch.compile`` mode of the
@@ -122,7 +125,7 @@ class Runner:
                 or not 0 <= checkpoint_every < float("inf"):
             raise ValueError(f"checkpoint_every must be a number of seconds >= 0, got {checkpoint_every!r}")
         self.checkpoint_every = float(checkpoint_every)  # 0: after every step
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = _clock()
         self.trace_path = Path(trace_path) if trace_path else None
         self.fingerprint = fingerprint(images, labels, self.ctx.images_file)
         method.setup(self.ctx, images, labels, num_classes)
@@ -163,12 +166,13 @@ class Runner:
         self.history = list(state["history"])
         self.stage, self.done, self.ended = int(state["stage"]), int(state["done"]), bool(state["ended"])
 
-    def _checkpoint_due(self, last: bool) -> bool:
-        """After a step: always at the end of a stage, and otherwise once ``checkpoint_every`` seconds
-        have passed since the last checkpoint (rank 0 decides for every process under torchrun)."""
-        if last or self.checkpoint_every == 0:
+    def _checkpoint_due(self) -> bool:
+        """After a step: with ``checkpoint_every`` 0, always; otherwise once that many seconds have
+        passed since the last checkpoint (or the run's start): a crash loses at most that much work,
+        whatever the stage (rank 0 decides for every process under torchrun)."""
+        if self.checkpoint_every == 0:
             return True
-        due = time.monotonic() - self._last_checkpoint >= self.checkpoint_every
+        due = _clock() - self._last_checkpoint >= self.checkpoint_every
         if self.ctx.dist is not None:
             import torch.distributed as tdist
 
@@ -178,7 +182,7 @@ class Runner:
         return due
 
     def _checkpoint(self) -> None:
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = _clock()
         if self.checkpoint_path is None:
             return
         with self.ctx.timer("checkpoint"):
@@ -251,7 +255,7 @@ class Runner:
                 record.setdefault("images_per_s", self.n / max(seconds, 1e-9))
                 self.history.append(record)
                 self.done, self.ended = i, record["finished"]
-                if self._checkpoint_due(last=self.done >= stage.steps or self.ended):
+                if self._checkpoint_due():
                     self._checkpoint()
                 if first and self.notify is not None and not self.ended and self.done < stage.steps:
                     self.notify(self._estimate(stage, seconds))
