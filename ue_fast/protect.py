@@ -1,44 +1,21 @@
 """``protect``: read an image folder or data set, generate the perturbations, write the protected copy.
 
-The data set's order: a folder's images sorted (class folders, then files), or the
-order of its ``order`` file; a CIFAR/SVHN distribution's or an array's own index order.
-Every output below and the manifest's ``files`` follow it (``dataset`` in the manifest
-says which it is).
-
-Outputs in OUTPUT_DIR:
-
-- the input tree mirrored as PNG (``cat/0001.jpg`` -> ``cat/0001.png``; a JPEG could
-  not hold an 8-bit perturbation), every pixel within eps of its input; a data set read
-  from arrays is written as ``<class>/<index>.png``;
-- ``poison.pt``: float32 perturbations [N, 3, H, W] in [-eps, eps], row i for image i of
-  the data set's order (the layout the MI-UE and EM evaluation scripts read:
-  protected = clean + poison, exactly, at 8 bits), when it fits the memory budget;
-- ``perturbation_int8.npy``: the same in units of 1/255, int8 (``perturbation_int16.npy``
-  when the budget exceeds 127/255, as the one-pixel ``ops``'s does);
-- ``poison_classwise.pt`` (class-wise methods): float32 [C, 3, H, W] in [-eps, eps], row c
-  the perturbation of class c of the manifest's ``classes`` in whole grey levels (rounded
-  once per class), so that ``clip(clean + row of its class)`` is each PNG, exactly;
-- ``manifest.json``: method, every setting, seed, versions, per-file L-inf, counts,
-  time per stage, images per second, which outputs were written and why, and
-  ``budget``: what bounds the change (the L-inf ball of eps, or, for a method that is not
-  an L_p perturbation, its own bound) and whether it held. It is written last: its
-  presence marks a complete output.
-
-A keyed method (``cuda``) has its seed as a private key: drawn at random unless given,
-recorded in no output (the manifest's ``seed`` is null), written only to ``key_file``.
-
-Every output is written by chunks of rows, so memory stays bounded whatever N.
+A pipeline: check the arguments, open the source (``ue_fast.data.sources``: an image
+folder, a field's distribution, arrays, WebDataset, Parquet, LMDB), run the method's
+stages (``ue_fast.generation.Runner``), hand the rounded rows to the sinks
+(``ue_fast.data.sinks``: the PNG tree or the input's format, the perturbation ``.npy``,
+``poison.pt``, ``poison_classwise.pt``; each file there says what it writes), then write
+``manifest.json``, last: its presence marks a complete output. Every output follows the
+data set's order (the manifest's ``dataset`` and ``files``) and is written by chunks of
+rows, so memory stays bounded whatever N.
 
 While running, ``OUTPUT_DIR/.ue_fast/`` holds the ingested images (``images.npy``,
-reused by ``resume``), a disk store's files, and ``checkpoint.pt``, the state after
-the last finished step of the method's stages (a clean pre-training epoch, a round, a
-restart; ``resume=True`` continues from it); it is removed when the run completes.
-
-The 8-bit output rounds ``255 (x + delta)`` stochastically by default: up with a
-probability equal to its fraction, so a perturbation below half a grey level
-survives in expectation instead of vanishing (``rounding="nearest"`` rounds to
-nearest). Images the output leaves unchanged are counted in the manifest and
-warned about (:class:`UnchangedImagesWarning`).
+reused by ``resume``), a disk store's files, and ``checkpoint.pt``, the state after a
+step of the method's stages (once ``checkpoint_every`` seconds have passed; ``resume=True``
+continues from it); it is removed when the run completes. A keyed method (``cuda``) has
+its seed as a private key, recorded in no output and written only to ``key_file``.
+Images the output leaves unchanged are counted in the manifest and warned about
+(:class:`UnchangedImagesWarning`). The outputs in full: ``docs/protect.md``.
 """
 from __future__ import annotations
 
