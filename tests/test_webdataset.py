@@ -143,6 +143,38 @@ def test_what_cannot_apply_is_refused_before_anything_is_written(shards, tmp_pat
     assert not out.exists()
 
 
+def test_samples_with_different_members_keep_each_its_own(tmp_path):
+    """The sample index (a table of offsets, not a dict per sample) gives every sample its own
+    members: some lack one, one has an extension no other has, one's image is a png."""
+    from ue_fast.data.wds import scan_shard
+
+    imgs = sorted((demo_dir() / "train" / "cat").glob("*.jpg"))[:4]
+    png = io.BytesIO()
+    Image.open(imgs[3]).save(png, format="PNG")
+    members = [{"jpg": imgs[0].read_bytes(), "cls": b"0"},
+               {"jpg": imgs[1].read_bytes(), "cls": b"1", "txt": b"a caption"},
+               {"jpg": imgs[2].read_bytes(), "cls": b"0", "seg.png": png.getvalue(), "json": b"{}"},
+               {"png": png.getvalue(), "cls": b"1"}]
+    with tarfile.open(tmp_path / "mixed.tar", "w") as tar:
+        for i, m in enumerate(members):
+            for ext, data in m.items():
+                _add(tar, f"s{i}.{ext}", data)
+    data = read_dataset(str(tmp_path / "mixed.tar"))
+    scanned = scan_shard(tmp_path / "mixed.tar", 0)
+    assert len(data.members) == 4 and data.members.shard.tolist() == [0, 0, 0, 0]
+    for i, s in enumerate(scanned):
+        assert data.members[i] == {"shard": 0, "key": s.key, "image": "png" if i == 3 else "jpg",
+                                   "members": s.members}
+    out = tmp_path / "out"
+    ue_fast.protect(str(tmp_path / "mixed.tar"), out, output_format="webdataset", **OPS)
+    with tarfile.open(out / "mixed.tar") as tar:
+        names = tar.getnames()
+        assert tar.extractfile("s1.txt").read() == b"a caption"
+        assert tar.extractfile("s2.seg.png").read() == png.getvalue()
+    assert names == ["s0.png", "s0.cls", "s1.png", "s1.cls", "s1.txt", "s2.png", "s2.cls", "s2.seg.png", "s2.json",
+                     "s3.png", "s3.cls"]
+
+
 def test_an_interrupted_output_resumes_to_the_same_shards(shards, tmp_path, monkeypatch):
     pattern = str(shards / "train-*.tar")
     ue_fast.protect(pattern, tmp_path / "whole", output_format="webdataset", **OPS)

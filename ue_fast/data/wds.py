@@ -11,8 +11,11 @@ from __future__ import annotations
 import glob
 import json
 import tarfile
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .decode import display_path
 
@@ -78,6 +81,73 @@ class Sample:
     shard: int  # index in the shard list
     key: str
     members: dict  # extension -> (offset of the data, size)
+
+
+class SampleRows:
+    """The samples of a WebDataset input, row by row, in columns of machine integers (a
+    sample's members as Python dicts cost about 1.7 KB; here 8 bytes a number): per row its
+    shard, its image member and each member's offset and size in the shard."""
+
+    def __init__(self):
+        self.n = 0
+        self.shard, self.image = array("q"), array("q")
+        self.exts: list[str] = []  # every member extension seen, in order of first sight
+        self.offset: list[array] = []  # per extension: per row, the data's offset, -1 where absent
+        self.size: list[array] = []
+
+    def add(self, sample: Sample, image: str) -> None:
+        for ext in sample.members:
+            if ext not in self.exts:
+                self.exts.append(ext)
+                self.offset.append(array("q", [-1]) * self.n)
+                self.size.append(array("q", [0]) * self.n)
+        self.shard.append(sample.shard)
+        self.image.append(self.exts.index(image))
+        for k, ext in enumerate(self.exts):
+            off, size = sample.members.get(ext, (-1, 0))
+            self.offset[k].append(off)
+            self.size[k].append(size)
+        self.n += 1
+
+    def image_member(self, r: int) -> tuple[int, tuple[int, int]]:
+        """Row ``r``'s shard and its image member's (offset, size)."""
+        k = self.image[r]
+        return self.shard[r], (self.offset[k][r], self.size[k][r])
+
+    def table(self, keep: list[int]) -> np.ndarray:
+        """int64 [len(keep), 2 + 2E]: shard, image extension's column, then offset and size per
+        extension of ``exts`` (what :class:`SampleIndex` reads)."""
+        cols = [self.shard, self.image] + [c for k in range(len(self.exts)) for c in (self.offset[k], self.size[k])]
+        rows = np.asarray(keep, dtype=np.int64)
+        return np.stack([np.frombuffer(c, dtype=np.int64)[rows] for c in cols], axis=1)
+
+
+class SampleIndex:
+    """Per row of an ingested WebDataset input, its sample: ``index[i]`` is ``{"shard", "key",
+    "image", "members": {ext: (offset, size)}}``, made when asked from ``table`` (a
+    :meth:`SampleRows.table`, memory-mapped from the work folder), the extensions ``exts`` and
+    the rows' ``paths`` (``<key>.<image ext>``); ``shard`` is the int64 column of shards.
+    ``members`` lists a sample's members in their order in the shard (by offset)."""
+
+    def __init__(self, table: np.ndarray, exts: list[str], paths: list[str]):
+        if table.ndim != 2 or table.shape != (len(paths), 2 + 2 * len(exts)):
+            raise ValueError(f"a WebDataset sample index of shape {table.shape} does not match {len(paths)} rows "
+                             f"and {len(exts)} member extensions: ingest anew")
+        self.table, self.exts, self.paths = table, list(exts), paths
+        self.shard = table[:, 0]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.table[i].tolist()
+        image = self.exts[row[1]]
+        at = sorted((row[2 + 2 * k], row[3 + 2 * k], ext) for k, ext in enumerate(self.exts) if row[2 + 2 * k] >= 0)
+        members = {ext: (off, size) for off, size, ext in at}  # in the shard's order, as scanned
+        return {"shard": row[0], "key": self.paths[i][:-len(image) - 1], "image": image, "members": members}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -11,6 +11,8 @@ import os
 import tarfile
 from pathlib import Path
 
+import numpy as np
+
 from ..png import encode_pngs
 from ..wds import read_member
 from .base import Rows, Sink, SinkContext
@@ -32,7 +34,7 @@ class WebDatasetShards(Sink):
         if ctx.members is None:
             return []
         names = _shard_names(ctx)
-        return [names[i] for i in sorted({m["shard"] for m in ctx.members})]
+        return [names[i] for i in np.unique(ctx.members.shard).tolist()]
 
     def open(self, ctx: SinkContext) -> None:
         super().open(ctx)
@@ -41,7 +43,7 @@ class WebDatasetShards(Sink):
                              "must be WebDataset shards")
         self.shards = [Path(s) for s in ctx.origin["shards"]]
         self.names = _shard_names(ctx)
-        self.written = [self.names[m["shard"]] for m in ctx.members]
+        self.written = [self.names[i] for i in ctx.members.shard.tolist()]
         self.current, self.tar, self.tmp = None, None, None
 
     def _start(self, shard: int) -> None:

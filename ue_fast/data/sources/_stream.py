@@ -89,8 +89,13 @@ class StreamedSource(Source):
             raise ValueError(f"{display_path(work / IMAGES_FILE)} does not match its index: ingest anew")
         data = ImageSet(_map(work / IMAGES_FILE), torch.tensor(meta["labels"], dtype=torch.int64), meta["classes"],
                         meta["paths"], meta["skipped"], file=work / IMAGES_FILE, origin=meta["origin"])
-        data.members = meta.get("members")  # what a sink that writes the input's format back passes through
+        data.members = self.members(work, meta)  # what a sink that writes the input's format back passes through
         return data
+
+    def members(self, work: Path, meta: dict):
+        """Per row, where its record lies in the input (what a sink writing the input's format
+        back passes through), or None."""
+        return meta.get("members")
 
     def _ingest(self, source, work: Path, resize, skip_bad: bool, workers: int, progress: bool, stats) -> ImageSet:
         t0 = time.perf_counter()
