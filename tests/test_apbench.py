@@ -112,6 +112,47 @@ def test_apbench_reads_our_export_with_the_right_labels(cifar, tmp_path):
     assert [e["label"] for e in index] == base[1]
 
 
+def test_protect_writes_apbench_layout_itself_as_the_export_would(cifar, tmp_path):
+    """--output-format apbench: APBench reads every index with its label, and each file holds the
+    bytes export-apbench copies from the PNG tree of the same run."""
+    out = tmp_path / "dataset"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", APBenchExportWarning)
+        m = ue_fast.protect(cifar / "cifar-10-batches-py", out, method="lsp", output_format="apbench",
+                            progress=False, device="cpu")
+    assert m["outputs"]["apbench"]["written"] and "images" not in m["outputs"]
+    assert [f["output"] for f in m["files"]] == [f"lsp_poisons/c10/data/{i}.png" for i in range(300)]
+    base = torchvision_cifar10(cifar)
+    items = apbench_train_set(out, "lsp", "c10", base)
+    assert sorted(i for i, _, _ in items) == list(range(300))
+    exported = export_apbench(cifar / "p", tmp_path / "exported", dataset="c10")
+    for i, img, label in items:
+        assert label == m["files"][i]["label"] == base[1][i]
+        assert (out / "lsp_poisons" / "c10" / "data" / f"{i}.png").read_bytes() == (exported / f"{i}.png").read_bytes()
+    assert json.loads((out / "lsp_poisons" / "c10" / "index.json").read_text()) == \
+        json.loads((exported.parent / "index.json").read_text())
+    # a method APBench does not know is written, with a warning naming the folder to rename
+    with pytest.warns(APBenchExportWarning, match="rename the folder cuda_poisons"):
+        ue_fast.protect(cifar / "cifar-10-batches-py", tmp_path / "cuda", method="cuda", output_format="apbench",
+                        progress=False, device="cpu")
+    assert len(list((tmp_path / "cuda" / "cuda_poisons" / "c10" / "data").iterdir())) == 300
+
+
+def test_apbench_output_needs_a_training_set_in_its_own_order(cifar, tmp_path):
+    folder = tmp_path / "folder"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / c / "0.png")
+    for source, split, text in ((folder, "train", "export-apbench"),
+                                (cifar / "cifar-10-batches-py", "test", "not the test split")):
+        with pytest.raises(ValueError, match=text):
+            ue_fast.protect(source, tmp_path / "out", method="lsp", output_format="apbench", split=split,
+                            progress=False, device="cpu")
+        assert not (tmp_path / "out").exists()
+    assert cli_main(["protect", str(folder), str(tmp_path / "out"), "--method", "lsp", "--output-format", "apbench",
+                     "--device", "cpu", "--no-progress"]) == 2
+
+
 def test_miue_evaluation_reads_our_poison_pt(cifar):
     m = json.loads((cifar / "p" / "manifest.json").read_text())
     data, targets = miue_cifar10_index(cifar, cifar / "p" / "poison.pt")

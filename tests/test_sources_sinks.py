@@ -93,7 +93,7 @@ def _context(out, data, eps=8.0, memory_limit=float("inf"), classwise=False):
     return SinkContext(output_dir=out, paths=data.paths, classes=data.classes, labels=data.labels, alpha=None,
                        shape=tuple(data.images.shape[1:]), eps=eps, memory_limit=memory_limit,
                        class_levels=(lambda: levels) if classwise else None, origin=data.origin,
-                       members=getattr(data, "members", None))
+                       members=getattr(data, "members", None), method="lsp")
 
 
 def _write(sink, ctx, data, effective, step):
@@ -106,9 +106,21 @@ def _write(sink, ctx, data, effective, step):
     return sink.close()
 
 
+@pytest.fixture(scope="module")
+def cifar10(inputs, tmp_path_factory):
+    """The same 30 images as a CIFAR-10 distribution (what the apbench sink writes)."""
+    from _helpers import write_cifar10
+
+    data = inputs[1]
+    root = tmp_path_factory.mktemp("cifar10")
+    write_cifar10(root, data.images.numpy(), data.labels.numpy(), data.classes)
+    return root / "cifar-10-batches-py"
+
+
 @pytest.mark.parametrize("name", list(SINKS))
-def test_every_sink_writes_what_it_plans_the_same_whatever_the_chunks(inputs, tmp_path, name):
-    source = inputs[0]["parquet" if name == "parquet" else "webdataset"]  # what passes through: members, columns
+def test_every_sink_writes_what_it_plans_the_same_whatever_the_chunks(inputs, cifar10, tmp_path, name):
+    # what passes through: members, columns; a CIFAR-10 distribution's index order for APBench's layout
+    source = {"parquet": inputs[0]["parquet"], "apbench": cifar10}.get(name, inputs[0]["webdataset"])
     data = find_source(source).read(source)
     effective = torch.randint(-8, 9, data.images.shape, generator=torch.Generator().manual_seed(0),
                               dtype=torch.int16)

@@ -34,7 +34,9 @@ from .data.exports import write_json_atomic
 from .data.scan import describe_left_out
 from .data.ingest import default_workers
 from .data.png import PNG_LEVEL, check_png_level
+from .data.canonical import detect
 from .data.sinks import sinks_for
+from .data.sinks.apbench import apbench_key
 from .data.sinks.rounding import ROUNDINGS, quantize  # noqa: F401 (quantize: public here too)
 from .data.sinks.write import output_step, planned_files, write_outputs
 from .data.sources import find_source
@@ -158,7 +160,9 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         output_format: how the protected images are written: "png" (default: the PNG tree),
             "webdataset" (shards with the input's names, keys and non-image members, each image as
             ``<key>.png``; a WebDataset input only) or "parquet" (the input table's files, columns
-            and schema, each image as PNG bytes; a Parquet or ``datasets`` input only). A lossy format (JPEG) is refused: its
+            and schema, each image as PNG bytes; a Parquet or ``datasets`` input only) or "apbench"
+            (APBench's ``<method>_poisons/<key>/data/<i>.png`` and its ``index.json``; a CIFAR-10,
+            CIFAR-100 or SVHN training set read from its own files only). A lossy format (JPEG) is refused: its
             compression is itself a defence that strips the perturbation. The perturbation
             files (.npy, poison.pt) are written either way.
         checkpoint_every: seconds between checkpoints (default ``CHECKPOINT_EVERY``, 60): a
@@ -212,6 +216,10 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
                          "use 'png'")
     input_dir = None if src.name == "arrays" else Path(source)
     src.check(input_dir if input_dir is not None else source, order=order, split=split, resize=resize)
+    if output_format == "apbench":  # a CIFAR/SVHN training set in its own order, or refused before anything is written
+        p = Path(source) if src.name == "distribution" else None
+        apbench_key(p and {"format": detect(p), "order": "index", "split": None if p.is_file() else split,
+                           "files": [str(p)]})
     if resize is not None:
         _check_resize_for(method, resize)
     cls = METHODS[method]
@@ -321,7 +329,7 @@ def _generate(*, source, src, sinks, png_compression, checkpoint_every, input_di
                                 main=main, barrier=barrier if dist is not None else None)
     t_read = time.perf_counter() - t0
     if main:  # what this run will write, recorded before it writes any of it (--overwrite removes only that)
-        planned = [*planned_files(sinks, output_dir, data, eps, cls.classwise), "manifest.json",
+        planned = [*planned_files(sinks, output_dir, data, eps, cls.classwise, method), "manifest.json",
                    *(["profile_trace.json"] if profile else [])]
         write_json_atomic(work / OUTPUTS_FILE, {"files": planned})
 
@@ -340,7 +348,7 @@ def _generate(*, source, src, sinks, png_compression, checkpoint_every, input_di
         return _broadcast(None)
     out = write_outputs(output_dir, data, result, eps, rounding, 0 if cls.keyed else cfg.seed,
                         gen.store.all().cpu() if cls.classwise else None, budget, progress, sinks=sinks,
-                        png_level=png_compression, workers=workers or default_workers())
+                        png_level=png_compression, workers=workers or default_workers(), method=method)
     if left_out := describe_left_out(data.ignored, data.skipped):
         warnings.warn(left_out, LeftOutWarning, stacklevel=2)
     if out["unchanged"]:

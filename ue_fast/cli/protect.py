@@ -40,7 +40,7 @@ def _print_summary(m: dict) -> None:
           f"({bound}, max |delta| {m['linf_max_255']}/255, mean "
           f"{m['mean_abs_delta_255']:.2f}/255, {_percent(m['changed_pixels_fraction'])} of pixels changed) in "
           f"{m['total_s']:.1f} s; {m['images_per_s']:.0f} images/s per outer epoch")
-    names = {"images": "PNG tree", "webdataset": "WebDataset shards"}
+    names = {"images": "PNG tree", "webdataset": "WebDataset shards", "apbench": "APBench's poison layout"}
     files = [names.get(k, k) for k, v in m["outputs"].items() if v["written"]] + ["manifest.json"]
     print(f"output: {m['output']}  ({', '.join(files)})")
     key = m.get("key")
@@ -227,8 +227,10 @@ def _add_output_args(pr) -> None:
     pr.add_argument("--output-format", default="png", metavar="FORMAT",
                     help="how the protected images are written: png (default: the PNG tree), webdataset (shards "
                     "with the input's names, keys and non-image members, each image as <key>.png; for a WebDataset "
-                    "input) or parquet (the input table's files and columns, each image as PNG bytes; for a Parquet "
-                    "or datasets input). Lossy formats (jpeg) are refused: their compression is itself a defence")
+                    "input), parquet (the input table's files and columns, each image as PNG bytes; for a Parquet "
+                    "or datasets input) or apbench (APBench's <method>_poisons/<key>/data/<index>.png, OUTPUT_DIR "
+                    "being its dataset/ folder; for a CIFAR-10, CIFAR-100 or SVHN training set read from its own "
+                    "files). Lossy formats (jpeg) are refused: their compression is itself a defence")
     pr.add_argument("--png-compression", type=int, default=PNG_LEVEL, choices=range(10), metavar="0-9",
                     help=f"zlib level of the PNGs written (default {PNG_LEVEL}: 1.3-1.4x faster to encode than "
                     "Pillow's 6, files up to 10%% larger; the pixels are the same at every level)")

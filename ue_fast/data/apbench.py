@@ -104,18 +104,8 @@ def export_apbench(protected_dir, root, *, poison_type: str | None = None, datas
         warnings.warn(mismatch, APBenchExportWarning, stacklevel=2)
 
     base = Path(root) / f"{poison_type}_poisons" / dataset
-    if dataset == "imagenet100":
-        classes = manifest.get("classes") or []
-        # ImageFolder sorts class folders as strings: the class names, sorted, give label i to
-        # folder i as APBench's clean sets (ImageFolders of the same names) do; bare numbers
-        # ("0".."99", as APBench's own export writes them) would sort "10" before "2".
-        names = classes if classes == sorted(classes) and classes else \
-            [f"{i:0{len(str(len(classes) - 1))}d}" for i in range(len(classes))]
-        target, dest = base, [f"{names[f['label']]}/{i}.png" for i, f in enumerate(files)]
-        index_path = base / "index.json"
-    else:
-        target, dest = base / "data", [f"{i}.png" for i in range(len(files))]
-        index_path = base / "index.json"
+    folder, dest = apbench_layout(dataset, manifest.get("classes") or [], [f["label"] for f in files])
+    target, index_path = base / folder if folder else base, base / "index.json"
     _clear(target, index_path, overwrite)
     for d in sorted({Path(p).parent for p in dest}):
         (target / d).mkdir(parents=True, exist_ok=True)
@@ -124,9 +114,28 @@ def export_apbench(protected_dir, root, *, poison_type: str | None = None, datas
         if not src.is_file():
             raise ValueError(f"{src} is listed in the manifest but missing")
         shutil.copyfile(src, target / rel)  # protect() writes 8-bit PNGs (RGBA where the input had alpha)
-    write_json_atomic(index_path, [{"index": i, "source": f["source"], "label": f["label"], "file": rel}
-                                   for i, (f, rel) in enumerate(zip(files, dest))])
+    write_json_atomic(index_path, apbench_index([f["source"] for f in files], [f["label"] for f in files], dest))
     return target
+
+
+def apbench_layout(dataset: str, classes: list[str], labels: list[int]) -> tuple[str, list[str]]:
+    """Where APBench reads the images of ``dataset``'s poisons, relative to
+    ``<type>_poisons/<dataset>/``: (the folder, "" for the dataset's own folder; each image's path
+    in it, image i being the data set's index i)."""
+    if dataset != "imagenet100":
+        return "data", [f"{i}.png" for i in range(len(labels))]
+    # ImageFolder sorts class folders as strings: the class names, sorted, give label i to
+    # folder i as APBench's clean sets (ImageFolders of the same names) do; bare numbers
+    # ("0".."99", as APBench's own export writes them) would sort "10" before "2".
+    names = classes if classes == sorted(classes) and classes else \
+        [f"{i:0{len(str(len(classes) - 1))}d}" for i in range(len(classes))]
+    return "", [f"{names[y]}/{i}.png" for i, y in enumerate(labels)]
+
+
+def apbench_index(sources: list[str], labels: list[int], dest: list[str]) -> list[dict]:
+    """``index.json``: per index, its source path, label and file."""
+    return [{"index": i, "source": s, "label": y, "file": rel}
+            for i, (s, y, rel) in enumerate(zip(sources, labels, dest))]
 
 
 _TORCHVISION = {"c10": "CIFAR10(train=True)", "c100": "CIFAR100(train=True)", "svhn": "SVHN(split='train')"}

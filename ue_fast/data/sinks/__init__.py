@@ -8,12 +8,14 @@ poison.pt          float32 perturbations, when they fit the memory budget (``poi
 poison_classwise.pt  a class-wise method's [C, 3, H, W] rows (``classwise.py``)
 webdataset         WebDataset shards, the input's members passed through (``webdataset.py``)
 parquet            Parquet files, the input table's columns kept (``parquet.py``)
+apbench            APBench's ``<method>_poisons/<key>/data/<i>.png`` (``apbench.py``)
 ================== ============================================================
 
 Adding one is a file with a :class:`Sink` and a line in ``SINKS``.
 """
 from __future__ import annotations
 
+from .apbench import APBenchPoisons
 from .base import Rows, Sink, SinkContext
 from .classwise import PoisonClasswise
 from .npy import PerturbationNpy, npy_name
@@ -22,9 +24,10 @@ from .parquet import ParquetFiles
 from .poison_pt import PoisonPt
 from .webdataset import WebDatasetShards
 
-SINKS = {cls.name: cls for cls in (PNGTree, PerturbationNpy, PoisonPt, PoisonClasswise, WebDatasetShards, ParquetFiles)}
+SINKS = {cls.name: cls for cls in (PNGTree, PerturbationNpy, PoisonPt, PoisonClasswise, WebDatasetShards, ParquetFiles,
+                                   APBenchPoisons)}
 # The images in one format, then the perturbation files every run writes, in the manifest's order.
-OUTPUT_FORMATS = {"png": "images", "webdataset": "webdataset", "parquet": "parquet"}
+OUTPUT_FORMATS = {"png": "images", "webdataset": "webdataset", "parquet": "parquet", "apbench": "apbench"}
 LOSSY = {"jpeg", "jpg", "webp-lossy", "avif"}
 PERTURBATION_SINKS = ("npy", "poison.pt", "poison_classwise.pt")
 DEFAULT_SINKS = ("images", *PERTURBATION_SINKS)

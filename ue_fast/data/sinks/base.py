@@ -27,9 +27,10 @@ class SinkContext:
     memory_limit: float
     class_levels: Callable[[], torch.Tensor] | None = None
     origin: dict | None = None  # the data set's origin (a WebDataset input's shards)
-    members: list | None = None  # per row, a WebDataset input's sample: shard, key, image member, members
+    members: object = None  # per row: a WebDataset input's sample (a wds.SampleIndex), a Parquet row (file, row)
     png_level: int = 1  # zlib level of every PNG written (ue_fast.data.png.PNG_LEVEL)
     workers: int = 1  # threads encoding images at once
+    method: str = ""  # the method's name (the apbench sink's <type>_poisons folder)
 
     @property
     def n(self) -> int:

@@ -26,24 +26,25 @@ def output_step(row_shape) -> int:
 
 
 def sink_context(output_dir: Path, data: ImageSet, eps: float, budget, class_levels=None, png_level: int = PNG_LEVEL,
-                 workers: int = 1) -> SinkContext:
+                 workers: int = 1, method: str = "") -> SinkContext:
     """What the sinks of a run over ``data`` need to know."""
     return SinkContext(output_dir=output_dir, paths=data.paths, classes=data.classes, labels=data.labels,
                        alpha=data.alpha, shape=tuple(data.images.shape[1:]), eps=eps,
                        memory_limit=budget if budget is not None else default_memory_budget(),
                        class_levels=class_levels, origin=data.origin, members=getattr(data, "members", None),
-                       png_level=png_level, workers=workers)
+                       png_level=png_level, workers=workers, method=method)
 
 
-def planned_files(sinks: tuple[str, ...], output_dir: Path, data: ImageSet, eps: float, classwise: bool) -> list[str]:
+def planned_files(sinks: tuple[str, ...], output_dir: Path, data: ImageSet, eps: float, classwise: bool,
+                  method: str = "") -> list[str]:
     """Every file the sinks may write, before any of them writes (what --overwrite may remove later)."""
-    ctx = sink_context(output_dir, data, eps, None, (lambda: None) if classwise else None)
+    ctx = sink_context(output_dir, data, eps, None, (lambda: None) if classwise else None, method=method)
     return [f for name in sinks for f in SINKS[name]().planned(ctx)]
 
 
 def write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding: str, seed: int,
                   class_rows: torch.Tensor | None, budget, progress: bool, sinks: tuple[str, ...] = DEFAULT_SINKS,
-                  png_level: int = PNG_LEVEL, workers: int = 1) -> dict:
+                  png_level: int = PNG_LEVEL, workers: int = 1, method: str = "") -> dict:
     """Round every chunk of rows to 8 bits and hand it to each of ``sinks`` (``ue_fast.data.sinks``:
     by default the PNG tree, the perturbation .npy, poison.pt when it fits the memory budget, and for a
     class-wise method, ``class_rows`` being its [C, 3, H, W] perturbations, poison_classwise.pt).
@@ -52,7 +53,8 @@ def write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding
     shape = tuple(data.images.shape[1:])
     rounder = Rounder(rounding, seed, data.labels if classwise else None, shape)
     ctx = sink_context(output_dir, data, eps, budget,
-                       (lambda: rounder.class_levels(class_rows, eps)) if classwise else None, png_level, workers)
+                       (lambda: rounder.class_levels(class_rows, eps)) if classwise else None, png_level, workers,
+                       method)
     sinks = [SINKS[name]() for name in sinks]
     opened, timings = [], {}
     try:
