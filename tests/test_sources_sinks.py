@@ -85,7 +85,7 @@ def test_options_a_source_cannot_honour_are_refused_before_anything_is_written(i
     assert not out.exists()
 
 
-def _context(out, data, eps=8.0, memory_limit=float("inf"), classwise=False):
+def _context(out, data, eps=8.0, memory_limit=float("inf"), classwise=False, poison_pt="auto"):
     """A sink context over ``data`` (read from the WebDataset shard: the webdataset sink passes its
     members through; the others ignore them)."""
     levels = torch.randint(-8, 9, (len(data.classes), *data.images.shape[1:]), dtype=torch.int16,
@@ -93,7 +93,7 @@ def _context(out, data, eps=8.0, memory_limit=float("inf"), classwise=False):
     return SinkContext(output_dir=out, paths=data.paths, classes=data.classes, labels=data.labels, alpha=None,
                        shape=tuple(data.images.shape[1:]), eps=eps, memory_limit=memory_limit,
                        class_levels=(lambda: levels) if classwise else None, origin=data.origin,
-                       members=getattr(data, "members", None), method="lsp")
+                       members=getattr(data, "members", None), method="lsp", poison_pt=poison_pt)
 
 
 def _write(sink, ctx, data, effective, step):
@@ -145,6 +145,33 @@ def test_poison_pt_over_the_memory_budget_is_not_written_and_says_why(inputs, tm
                    torch.zeros(data.images.shape, dtype=torch.int16), 10)
     assert not notes["poison.pt"]["written"] and "memory budget" in notes["poison.pt"]["why"]
     assert not (out / "poison.pt").exists()
+
+
+@pytest.mark.parametrize("mode, limit, auto_max, written, why", [
+    ("auto", float("inf"), 1 << 30, True, "fit the memory budget"),
+    ("auto", float("inf"), 1000, False, "--poison-pt auto writes"),
+    ("yes", float("inf"), 1000, True, "fit the memory budget"),
+    ("yes", 1024, 1 << 30, False, "memory budget"),
+    ("no", float("inf"), 1 << 30, False, "--poison-pt no"),
+])
+def test_poison_pt_is_written_as_its_mode_says(inputs, tmp_path, monkeypatch, mode, limit, auto_max, written, why):
+    from ue_fast.data.sinks import poison_pt
+
+    monkeypatch.setattr(poison_pt, "POISON_PT_AUTO", auto_max)  # 30 images of 32 px: 368,640 bytes
+    data = inputs[1]
+    out = tmp_path / "out"
+    notes = _write(SINKS["poison.pt"](), _context(out, data, memory_limit=limit, poison_pt=mode), data,
+                   torch.ones(data.images.shape, dtype=torch.int16), 10)
+    assert notes["poison.pt"]["written"] == written == (out / "poison.pt").exists()
+    assert why in notes["poison.pt"]["why"]
+    if not written:
+        assert "perturbation_int8.npy holds the same" in notes["poison.pt"]["why"]
+
+
+def test_an_unknown_poison_pt_mode_is_refused_before_anything_is_written(inputs, tmp_path):
+    with pytest.raises(ValueError, match="poison_pt must be one of auto, yes, no"):
+        ue_fast.protect(inputs[0]["image-folder"], tmp_path / "out", method="ops", poison_pt="maybe", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_npy_of_a_budget_over_127_is_int16(inputs, tmp_path):

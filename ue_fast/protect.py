@@ -37,6 +37,7 @@ from .data.png import PNG_LEVEL, check_png_level
 from .data.canonical import detect
 from .data.sinks import sinks_for
 from .data.sinks.apbench import apbench_key
+from .data.sinks.poison_pt import POISON_PT_MODES
 from .data.sinks.rounding import ROUNDINGS, quantize  # noqa: F401 (quantize: public here too)
 from .data.sinks.write import output_step, planned_files, write_outputs
 from .data.sources import find_source
@@ -92,7 +93,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             store: str = "auto", memory_budget=None, workers: int | None = None, sync_bn: bool = False,
             float64: bool = False, order=None, split: str = "train", key_file=None, output_format: str = "png",
             image_key: str | None = None, label_key: str | None = None, png_compression: int = PNG_LEVEL,
-            checkpoint_every: float = CHECKPOINT_EVERY, **settings) -> dict:
+            checkpoint_every: float = CHECKPOINT_EVERY, poison_pt: str = "auto", **settings) -> dict:
     """Protect an image folder (or arrays) with ``method``; write the outputs; return the manifest.
 
     Args:
@@ -176,6 +177,11 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         png_compression: zlib's level 0-9 of every PNG written (default 1: 1.3-1.4x faster to
             encode than Pillow's default 6, files up to 10% larger; the pixels are the same at every
             level). The images are encoded by ``workers`` threads.
+        poison_pt: "auto" (default): write ``poison.pt`` (float32, 4 bytes a pixel) when it holds at
+            most ``POISON_PT_AUTO`` (1 GiB: CIFAR-10, CIFAR-100 and SVHN whole, the sets the MI-UE and
+            EM scripts that read it evaluate) and fits the memory budget; "yes": whenever it fits
+            the budget; "no": never. The ``.npy`` holds the same perturbations at a quarter of the
+            size either way; the manifest's ``outputs`` says why poison.pt was or was not written.
         image_key, label_key: a WebDataset input's image member (default: the first of jpg,
             jpeg, png, webp, ...) and the field of its ``json`` member that holds the label
             (default: the integer in its ``cls`` member); a table's image and label columns
@@ -206,6 +212,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     output_dir = Path(output_dir)
     sinks = sinks_for(output_format)
     check_png_level(png_compression)
+    if poison_pt not in POISON_PT_MODES:
+        raise ValueError(f"poison_pt must be one of {', '.join(POISON_PT_MODES)}, got {poison_pt!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)) \
             or not 0 <= checkpoint_every < math.inf:
         raise ValueError(f"checkpoint_every must be a number of seconds >= 0, got {checkpoint_every!r}")
@@ -250,7 +258,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     ckpt = work / "checkpoint.pt"
     # (errors of creating the folder itself are the CLI's to explain: nothing is written yet)
     with _output_run(output_dir, main, overwrite, resume, ckpt), _readable_write_errors(output_dir, ckpt):
-        return _generate(source=source, src=src, sinks=sinks, png_compression=png_compression,
+        return _generate(source=source, src=src, sinks=sinks, png_compression=png_compression, poison_pt=poison_pt,
                          checkpoint_every=checkpoint_every, input_dir=input_dir, split=split, main=main, dist=dist,
                          work=work, ckpt=ckpt, resize=resize, skip_bad=skip_bad, workers=workers,
                          progress=progress, order=order, gen=gen, dev=dev, profile=profile,
@@ -313,7 +321,7 @@ def _method(cls, method: str, eps, overrides: dict, settings: dict, *, preset, r
     return gen, cfg, eps
 
 
-def _generate(*, source, src, sinks, png_compression, checkpoint_every, input_dir, split, main, dist, work, ckpt,
+def _generate(*, source, src, sinks, png_compression, poison_pt, checkpoint_every, input_dir, split, main, dist, work, ckpt,
               resize, skip_bad, workers, progress, order,
               gen, dev, profile, output_dir, compile, delta_dtype, store, budget, sync_bn, float64, resume, eps,
               rounding, cls, cfg, method, key_file, sparse, preset, t_start, keep_checkpoint) -> dict:
@@ -348,7 +356,8 @@ def _generate(*, source, src, sinks, png_compression, checkpoint_every, input_di
         return _broadcast(None)
     out = write_outputs(output_dir, data, result, eps, rounding, 0 if cls.keyed else cfg.seed,
                         gen.store.all().cpu() if cls.classwise else None, budget, progress, sinks=sinks,
-                        png_level=png_compression, workers=workers or default_workers(), method=method)
+                        png_level=png_compression, workers=workers or default_workers(), method=method,
+                        poison_pt=poison_pt)
     if left_out := describe_left_out(data.ignored, data.skipped):
         warnings.warn(left_out, LeftOutWarning, stacklevel=2)
     if out["unchanged"]:

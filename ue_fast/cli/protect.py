@@ -15,6 +15,7 @@ from ..methods import METHODS
 from ..methods.settings import parse_sets
 from ..models import SURROGATE_ARCHS
 from ..data.png import PNG_LEVEL
+from ..data.sinks.poison_pt import POISON_PT_AUTO, POISON_PT_MODES
 from ..protect import ROUNDINGS
 from ._args import _positive_int, _resize, _size
 
@@ -110,6 +111,7 @@ def _cmd_protect(args) -> int:
                            sync_bn=args.sync_bn, float64=args.float64, order=args.order, split=args.split,
                            key_file=args.key_file, output_format=args.output_format, image_key=args.image_key,
                            png_compression=args.png_compression, checkpoint_every=args.checkpoint_every,
+                           poison_pt=args.poison_pt,
                            label_key=args.label_key, **_settings(args))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Leave the group before exiting: a process that exits inside it may abort in gloo's threads.
@@ -231,6 +233,11 @@ def _add_output_args(pr) -> None:
                     "or datasets input) or apbench (APBench's <method>_poisons/<key>/data/<index>.png, OUTPUT_DIR "
                     "being its dataset/ folder; for a CIFAR-10, CIFAR-100 or SVHN training set read from its own "
                     "files). Lossy formats (jpeg) are refused: their compression is itself a defence")
+    pr.add_argument("--poison-pt", default="auto", choices=list(POISON_PT_MODES),
+                    help="when poison.pt (float32, 4 bytes a pixel: the MI-UE and EM scripts' format) is written: "
+                    f"auto (default: up to {POISON_PT_AUTO / 2**30:g} GiB, CIFAR and SVHN whole, and within "
+                    "--memory-budget), yes (whenever it fits --memory-budget) or no; the .npy holds the same "
+                    "perturbations either way")
     pr.add_argument("--png-compression", type=int, default=PNG_LEVEL, choices=range(10), metavar="0-9",
                     help=f"zlib level of the PNGs written (default {PNG_LEVEL}: 1.3-1.4x faster to encode than "
                     "Pillow's 6, files up to 10%% larger; the pixels are the same at every level)")

@@ -31,6 +31,7 @@ class SinkContext:
     png_level: int = 1  # zlib level of every PNG written (ue_fast.data.png.PNG_LEVEL)
     workers: int = 1  # threads encoding images at once
     method: str = ""  # the method's name (the apbench sink's <type>_poisons folder)
+    poison_pt: str = "auto"  # when poison.pt is written: auto, yes or no (ue_fast.data.sinks.poison_pt)
 
     @property
     def n(self) -> int:

@@ -26,13 +26,13 @@ def output_step(row_shape) -> int:
 
 
 def sink_context(output_dir: Path, data: ImageSet, eps: float, budget, class_levels=None, png_level: int = PNG_LEVEL,
-                 workers: int = 1, method: str = "") -> SinkContext:
+                 workers: int = 1, method: str = "", poison_pt: str = "auto") -> SinkContext:
     """What the sinks of a run over ``data`` need to know."""
     return SinkContext(output_dir=output_dir, paths=data.paths, classes=data.classes, labels=data.labels,
                        alpha=data.alpha, shape=tuple(data.images.shape[1:]), eps=eps,
                        memory_limit=budget if budget is not None else default_memory_budget(),
                        class_levels=class_levels, origin=data.origin, members=getattr(data, "members", None),
-                       png_level=png_level, workers=workers, method=method)
+                       png_level=png_level, workers=workers, method=method, poison_pt=poison_pt)
 
 
 def planned_files(sinks: tuple[str, ...], output_dir: Path, data: ImageSet, eps: float, classwise: bool,
@@ -44,7 +44,7 @@ def planned_files(sinks: tuple[str, ...], output_dir: Path, data: ImageSet, eps:
 
 def write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding: str, seed: int,
                   class_rows: torch.Tensor | None, budget, progress: bool, sinks: tuple[str, ...] = DEFAULT_SINKS,
-                  png_level: int = PNG_LEVEL, workers: int = 1, method: str = "") -> dict:
+                  png_level: int = PNG_LEVEL, workers: int = 1, method: str = "", poison_pt: str = "auto") -> dict:
     """Round every chunk of rows to 8 bits and hand it to each of ``sinks`` (``ue_fast.data.sinks``:
     by default the PNG tree, the perturbation .npy, poison.pt when it fits the memory budget, and for a
     class-wise method, ``class_rows`` being its [C, 3, H, W] perturbations, poison_classwise.pt).
@@ -54,7 +54,7 @@ def write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding
     rounder = Rounder(rounding, seed, data.labels if classwise else None, shape)
     ctx = sink_context(output_dir, data, eps, budget,
                        (lambda: rounder.class_levels(class_rows, eps)) if classwise else None, png_level, workers,
-                       method)
+                       method, poison_pt)
     sinks = [SINKS[name]() for name in sinks]
     opened, timings = [], {}
     try:
