@@ -19,7 +19,6 @@ Images the output leaves unchanged are counted in the manifest and warned about
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -28,7 +27,7 @@ import warnings
 from pathlib import Path
 
 
-from .checkpoint import CHECKPOINT_EVERY, load_checkpoint
+from .checkpoint import CHECKPOINT_EVERY
 from .data import ImageSet
 from .data.exports import write_json_atomic
 from .data.scan import describe_left_out
@@ -44,12 +43,9 @@ from .data.sources import find_source
 from .devices import resolve_device
 from .generation import COMPILE_MODES, Runner
 from .generation.distributed import env_world_size, from_env
-from .generation.placement import (
-    check_delta_dtype,
-    check_store,
-    parse_size,
-)
-from .methods import METHODS, Sparse, SurrogateMethod
+from .generation.placement import check_store, parse_size
+from .methods import METHODS, SurrogateMethod
+from .methods.build import build_generator
 from .models import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from .progress import note
 from .manifest import _manifest, _unchanged_message
@@ -93,7 +89,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             store: str = "auto", memory_budget=None, workers: int | None = None, sync_bn: bool = False,
             float64: bool = False, order=None, split: str = "train", key_file=None, output_format: str = "png",
             image_key: str | None = None, label_key: str | None = None, png_compression: int = PNG_LEVEL,
-            checkpoint_every: float = CHECKPOINT_EVERY, poison_pt: str = "auto", **settings) -> dict:
+            checkpoint_every: float = CHECKPOINT_EVERY, poison_pt: str = "auto", robust=None, **settings) -> dict:
     """Protect an image folder (or arrays) with ``method``; write the outputs; return the manifest.
 
     Args:
@@ -140,6 +136,10 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     each owns a shard of the images and perturbations, ``batch_size`` and
     ``poison_batch_size`` are global batches split over the processes, rank 0 writes the
     outputs and the manifest, and every process returns the manifest.
+        robust: defences the protection must survive (``["jpeg", "grayscale"]`` or
+            ``"jpeg,grayscale"``; those with a differentiable form: jpeg, grayscale, bdr): the
+            perturbation is optimised through them and the surrogate trains on defended
+            inputs (``ue_fast.methods.robust``; surrogate methods but sep; None: plain).
         sparse: SALM: perturb only this percentage (0, 100] of each image's most salient
             pixels (surrogate input-gradient magnitude), for any surrogate-based method.
         device: "cpu", "cuda" or "cuda:N"; default CUDA when available.
@@ -250,8 +250,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     key_file = _check_key_file(key_file, cls, method, output_dir)
     overrides = dict(epochs=epochs, pgd_steps=pgd_steps, arch=arch, loss=loss, batch_size=batch_size,
                      poison_batch_size=poison_batch_size, seed=seed)
-    gen, cfg, eps = _method(cls, method, eps, overrides, settings, preset=preset, resume=resume, output_dir=output_dir,
-                            store=store, delta_dtype=delta_dtype, sparse=sparse)
+    gen, cfg, eps = build_generator(cls, method, eps, overrides, settings, preset=preset, resume=resume, output_dir=output_dir,
+                            store=store, delta_dtype=delta_dtype, sparse=sparse, robust=robust)
 
     src.check_input(input_dir, order=order, main=main)  # a bad input fails here, before an output is replaced
     work = output_dir / CHECKPOINT_DIR
@@ -284,41 +284,6 @@ def _check_key_file(key_file, cls, method: str, output_dir: Path) -> Path | None
     if not key_file.parent.is_dir():
         raise ValueError(f"{key_file.parent} is not a folder; cannot write the key file there")
     return key_file
-
-
-def _method(cls, method: str, eps, overrides: dict, settings: dict, *, preset, resume: bool, output_dir: Path,
-            store: str, delta_dtype: str, sparse):
-    """The method's generator, its config (preset, then the settings given) and the budget in
-    1/255, every setting checked before anything is read or written."""
-    if eps is not None and not cls.lp:
-        raise ValueError(f"method {method!r} is not an L-inf perturbation: eps does not apply "
-                         f"({cls.config_class.__name__}'s settings bound its change)")
-    names = {f.name for f in dataclasses.fields(cls.config_class)}
-    unknown = sorted(k for k, v in {**overrides, **settings}.items() if k not in names and v is not None)
-    if unknown:
-        raise ValueError(f"method {method!r} has no setting(s) {unknown}; its settings: {sorted(names)}")
-    if eps is not None:
-        overrides["eps"] = eps / 255
-    chosen = {**(cls.preset(preset) if preset is not None else {}),
-              **{k: v for k, v in overrides.items() if v is not None}, **settings}
-    if cls.keyed and chosen.get("seed") is None and resume:  # the interrupted run's key, kept in its checkpoint
-        saved = output_dir / CHECKPOINT_DIR / "checkpoint.pt"
-        if saved.exists():
-            chosen["seed"] = load_checkpoint(saved)["settings"]["seed"]
-    cfg = cls.config_class(**chosen)
-    check_delta_dtype(delta_dtype, cfg.eps)
-    if cls.lp and cfg.eps * 255 < 1 - 1e-6:
-        raise ValueError(f"eps {cfg.eps * 255:g}/255 is below one grey level: an 8-bit image cannot change by "
-                         "less than 1/255, so no pixel of the output could differ from its input. Use eps >= 1 "
-                         "(units of 1/255; the field's budget is 8)")
-    if store == "disk" and not cls.streams:
-        raise ValueError(f"method {method!r} needs its images and perturbations in memory ({cls.streams_why}); "
-                         "run it with --store memory or auto")
-    gen = cls(cfg)
-    if sparse is not None:
-        gen = Sparse(gen, sparse)
-    eps = round(cfg.eps * 255, 6)
-    return gen, cfg, eps
 
 
 def _generate(*, source, src, sinks, png_compression, poison_pt, checkpoint_every, input_dir, split, main, dist, work, ckpt,

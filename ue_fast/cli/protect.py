@@ -106,6 +106,7 @@ def _cmd_protect(args) -> int:
                            resize=args.resize, skip_bad=args.skip_bad, resume=args.resume,
                            overwrite=args.overwrite, progress=not args.no_progress, profile=args.profile,
                            keep_checkpoint=args.keep_checkpoint, compile=args.compile or False, sparse=args.sparse,
+                           robust=args.robust,
                            rounding=args.rounding, preset=args.preset, delta_dtype=args.delta_dtype,
                            store=args.store, memory_budget=args.memory_budget, workers=args.workers,
                            sync_bn=args.sync_bn, float64=args.float64, order=args.order, split=args.split,
@@ -185,6 +186,10 @@ def _add_method_args(pr) -> None:
     pr.add_argument("--batch-size", type=_positive_int, default=None, help="surrogate batch (default: the method's; 128 for miue)")
     pr.add_argument("--poison-batch-size", type=_positive_int, default=None, help="PGD batch (default: the method's; 512 for miue)")
     pr.add_argument("--seed", type=int, default=None, help="random seed (default 7)")
+    pr.add_argument("--robust", default=None, metavar="DEFENCES",
+                    help="harden the protection against these defences, comma-separated (jpeg, grayscale, bdr): the "
+                    "perturbation is optimised through their differentiable forms, drawn per image and step, and "
+                    "the surrogate trains on defended inputs (surrogate methods but sep)")
     pr.add_argument("--sparse", type=float, default=None, metavar="K",
                     help="SALM: perturb only the K%% most salient pixels of each image (surrogate-based methods)")
 

@@ -42,13 +42,15 @@ class PGD:
 
     ``mask``: bool [N, 1, H, W] on the store's place of the pixels allowed to move (None:
     all); ``mask_source``, if set, makes it at the start of the first pass (SALM's saliency
-    needs the surrogate trained by then).
+    needs the surrogate trained by then). ``input_transform``, if set, takes the surrogate's
+    input of every step, differentiably (``--robust``: the defences it must survive).
     """
 
     def __init__(self, ctx: RunContext, surrogate: Surrogate, data: Batches, store: PerturbationStore, eps: float):
         self.ctx, self.surrogate, self.data, self.store, self.eps = ctx, surrogate, data, store, eps
         self.mask: torch.Tensor | None = None
         self.mask_source: Callable[[], torch.Tensor] | None = None
+        self.input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._labels_all: torch.Tensor | None = None  # under torchrun: every shard's labels (whole-set passes)
 
     def _mask(self, idx: torch.Tensor) -> torch.Tensor | None:
@@ -129,7 +131,10 @@ class PGD:
         leaf.requires_grad_(True)
         delta = leaf if class_mid is None else leaf[y]  # [B, 3, H, W]
         with timer("forward"), self.ctx.autocast():
-            features, logits = self.surrogate.forward(inputs(x, delta, y))
+            inp = inputs(x, delta, y)
+            if self.input_transform is not None:
+                inp = self.input_transform(inp)
+            features, logits = self.surrogate.forward(inp)
         with timer("loss"):
             if self.ctx.dist is None:
                 value = loss(features, logits, y)
@@ -181,6 +186,9 @@ class PGD:
         step is that optimiser's on ``x + delta`` (then projected) instead of a sign step.
         Returns the last step's ``poison_loss`` (the loss before that step) and ``poison_s``.
         """
+        if self.input_transform is not None:
+            raise ValueError("a whole-set pass computes every batch twice and needs the same inputs both times: "
+                             "it cannot optimise through randomly drawn defences (robust)")
         t0, timer, data = time.perf_counter(), self.ctx.timer, self.data
         self._begin()
         batches = data.ordered(batch_size)

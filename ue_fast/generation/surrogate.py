@@ -48,6 +48,7 @@ class Surrogate:
     def __init__(self, ctx: RunContext, arch: str, num_classes: int, image_size: int, *, seed: int, lr: float,
                  momentum: float, weight_decay: float, nesterov: bool = False):
         self.ctx, self.arch, self.num_classes, self.image_size = ctx, arch, num_classes, image_size
+        self.input_transform = None  # --robust: fit() trains on its images' defended forms
         torch.manual_seed(seed)  # model initialisation
         self.model = build_model(arch, num_classes, image_size=image_size).to(ctx.device, ctx.dtype)
         if ctx.device.type == "cuda":
@@ -107,6 +108,9 @@ class Surrogate:
         for idx in streamed(batches):
             with timer("data"):
                 x, y = inputs(idx)
+            if self.input_transform is not None:  # --robust: trained on defended inputs
+                with timer("defences"), torch.no_grad():
+                    x = self.input_transform(x)
             with timer("surrogate training"):
                 if dist is None:
                     with self.ctx.autocast():

@@ -1,0 +1,127 @@
+"""--robust (ue_fast.methods.robust, ue_fast.generation.defended): each differentiable defence
+against the defence of the same name in the registry, their gradients, the per-image draws, and
+the wrapper through protect (settings, refusals, resume)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _helpers import demo_sets, demo_subset, protect_killed_after_checkpoint
+
+import ue_fast
+from ue_fast.evaluate.defenses import get_defense
+from ue_fast.generation.batches import Draws
+from ue_fast.generation.defended import BDR_BITS, EOT, JPEG_QUALITIES, ROBUST, bdr, check_robust, grayscale, jpeg
+
+pytest.importorskip("kornia")
+
+SHORT = dict(arch="cnn-small", epochs=2, pgd_steps=2, batch_size=16, poison_batch_size=32, progress=False,
+             device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images():
+    """64 demo training images, uint8 [64, 3, 32, 32], perturbed by +-8 grey levels as a protection is."""
+    train, _ = demo_sets()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(-8, 9, train.images[:64].shape, generator=g, dtype=torch.int16)
+    return (train.images[:64].to(torch.int16) + noise).clamp(0, 255).to(torch.uint8)
+
+
+def _u_for(level: int, lo: int, hi: int, n: int) -> torch.Tensor:
+    """Uniform draws that give ``level`` in [lo, hi] for every image."""
+    return torch.full((n,), (level - lo + 0.5) / (hi - lo + 1))
+
+
+def test_grayscale_is_the_registry_s_before_its_8_bit_rounding(images):
+    ours = grayscale(images.float() / 255) * 255
+    theirs = get_defense("grayscale").prepare(images, torch.Generator()).float()
+    assert (ours - theirs).abs().max() <= 0.5 + 1e-4  # Pillow rounds the same luma to a grey level
+    assert torch.equal(ours[:, 0], ours[:, 1]) and torch.equal(ours[:, 1], ours[:, 2])
+
+
+@pytest.mark.parametrize("bits", range(BDR_BITS[0], BDR_BITS[1] + 1))
+def test_bdr_is_the_registry_s_exactly(images, bits):
+    ours = bdr(images.float() / 255, _u_for(bits, *BDR_BITS, len(images))) * 255
+    theirs = get_defense("bdr", bits=bits).prepare(images, torch.Generator()).float()
+    assert torch.allclose(ours, theirs, atol=1e-3)
+
+
+def test_jpeg_at_the_registry_s_quality_is_within_what_jpeg_itself_changes(images):
+    """kornia's codec against Pillow's at quality 10 (ISS's): their difference is a small part
+    of what the JPEG round trip changes (the rounding of DCT coefficients near a quantisation
+    boundary, and the chroma filters, differ), and at quality 90 they nearly agree."""
+    x = images.float() / 255
+    for quality, share in ((JPEG_QUALITIES[0], 0.35), (JPEG_QUALITIES[1], 0.8)):
+        ours = jpeg(x, _u_for(quality, *JPEG_QUALITIES, len(x)))
+        theirs = get_defense("jpeg", quality=quality).prepare(images, torch.Generator()).float() / 255
+        changed = (theirs - x).abs().mean()
+        assert (ours - theirs).abs().mean() <= share * changed, quality
+        assert (ours - x).abs().mean() == pytest.approx(float(changed), rel=0.25)  # as strong a defence
+
+
+@pytest.mark.parametrize("name", list(ROBUST))
+def test_every_form_has_a_useful_gradient(images, name):
+    x = (images.float() / 255).requires_grad_(True)
+    u = torch.rand(len(x), generator=torch.Generator().manual_seed(1))
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    (ROBUST[name](x, u) * w).sum().backward()
+    g = x.grad
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    if name == "bdr":  # straight through: the identity's gradient
+        assert torch.equal(g, w)
+    if name == "grayscale":  # the luma weights, per channel, of the three channels' upstream sum
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        assert torch.allclose(g, w.sum(1, keepdim=True) * luma, atol=1e-5)
+
+
+def test_eot_draws_a_defence_per_image_reproducibly(images):
+    x = images.float() / 255
+    eot = EOT(["grayscale", "jpeg", "bdr"])  # kept in the registry's order
+    assert eot.names == ("jpeg", "grayscale", "bdr")
+    a = eot(x, Draws(torch.Generator().manual_seed(3)))
+    b = eot(x, Draws(torch.Generator().manual_seed(3)))
+    assert torch.equal(a, b)
+    u = torch.rand(len(x), 2, generator=torch.Generator().manual_seed(3))
+    which = torch.floor(u[:, 0] * 4).long()
+    assert set(which.tolist()) == {0, 1, 2, 3}  # none and each defence, at 64 images
+    for k in range(4):
+        rows = which == k
+        expect = x[rows] if k == 0 else ROBUST[eot.names[k - 1]](x[rows], u[rows, 1])
+        assert torch.allclose(a[rows], expect, atol=1e-6), k
+
+
+@pytest.mark.parametrize("names, text", [
+    ("", "names the defences"), ("jpeg,nope", "unknown defence 'nope'"),
+    ("cutout", "no differentiable form.*jpeg, grayscale, bdr"), (["jpeg", "jpeg"], "twice"),
+])
+def test_robust_names_are_checked(names, text):
+    with pytest.raises(ValueError, match=text):
+        check_robust(names)
+
+
+def test_robust_runs_through_protect_and_resumes_to_the_same_result(tmp_path, monkeypatch):
+    src = demo_subset(tmp_path / "in")
+    kw = dict(SHORT, robust="jpeg,grayscale", checkpoint_every=0)
+    m = ue_fast.protect(src, tmp_path / "whole", **kw)
+    assert m["settings"]["robust"] == ["jpeg", "grayscale"] and m["budget"]["holds"]
+    assert "defences" in m["timings_s"]  # the surrogate's training inputs were defended
+    plain = ue_fast.protect(src, tmp_path / "plain", **SHORT)
+    assert plain["settings"]["robust"] is None
+    whole = np.load(tmp_path / "whole" / "perturbation_int8.npy")
+    assert not np.array_equal(whole, np.load(tmp_path / "plain" / "perturbation_int8.npy"))
+    protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "split", die_at=1, **kw)
+    resumed = ue_fast.protect(src, tmp_path / "split", resume=True, **kw)
+    assert resumed["resumed_from_epoch"] == 1
+    assert np.array_equal(np.load(tmp_path / "split" / "perturbation_int8.npy"), whole)
+    protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "mixed", die_at=1, **SHORT)
+    with pytest.raises(ValueError, match="robust"):  # a checkpoint of the plain method is not this run's
+        ue_fast.protect(src, tmp_path / "mixed", resume=True, **kw)
+
+
+@pytest.mark.parametrize("method, text", [("ops", "training-free"), ("sep", "ensemble"), ("bayes", "whole-set")])
+def test_robust_is_refused_where_it_cannot_apply(tmp_path, method, text):
+    src = demo_subset(tmp_path / "in", per_class=2)
+    with pytest.raises(ValueError, match=text):
+        ue_fast.protect(src, tmp_path / "out", method=method, robust="jpeg", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,93 @@
+"""``--robust``: any surrogate method optimised through differentiable forms of the defences
+its protection must survive (expectation over transformation).
+
+``Robust(method, ["jpeg", "grayscale"])`` runs ``method`` unchanged except that every input
+the surrogate sees is first passed through :class:`ue_fast.generation.defended.EOT`: per image
+and per step, none or one of the named defences with a drawn parameter (JPEG quality 10-90,
+bit depth 2-4), differentiable in the perturbation (kornia's JPEG codec; a straight-through
+estimator for bit-depth reduction). Both levels of the bi-level problem see it:
+
+- the PGD passes (per batch and class-wise) optimise the perturbation through it, so it must
+  move the surrogate's loss after a JPEG re-encode or a grayscale conversion as well as
+  without (EOT, Athalye et al. 2018);
+- the surrogate trains on defended inputs (clean pre-training and the rounds on perturbed
+  data), as a victim that applies the defence would, so the perturbation is optimised
+  against a model that has learnt to see through it (ARMOR's augmentation-aware surrogate,
+  2025; REM's robust min-min-max against adversarial training, Fu et al. 2022, is the same
+  idea with an adversary as the transformation).
+
+The budget stays the method's L-inf ball, and the output is checked against it as always.
+Why JPEG and grayscale: ISS (Liu et al. 2023) shows that grayscale removes perturbations that
+live in colour (low-frequency, class-wise colour shifts as in EM, REM) and JPEG-10 removes
+high-frequency ones (sample-wise PGD noise), which is why one defence alone leaves some
+protections standing and the two together remove most (our report: MI-UE keeps -1.5 of its
+26.5-point gap under JPEG-10 and 6.0 under grayscale). AUE/AAP (Wang et al. 2024) harden
+against augmentations by a stronger augmentation in the surrogate's training; this wrapper
+does that for the defences themselves, for any surrogate method.
+
+Not supported: SEP (its attack runs an ensemble of snapshots, not the surrogate's passes),
+a whole-set pass (Bayes's: its two passes over the data must see the same inputs), and the
+training-free methods (no surrogate to optimise through).
+"""
+from __future__ import annotations
+
+from ..generation.defended import EOT, check_robust
+from .base import SurrogateMethod
+from .salm import Sparse
+
+
+class Robust:
+    """``method`` (a ``SurrogateMethod``, or one made ``Sparse``) hardened against ``defences``."""
+
+    def __init__(self, method, defences):
+        inner = method.method if isinstance(method, Sparse) else method
+        if not isinstance(inner, SurrogateMethod):
+            raise ValueError(f"robust optimises a surrogate's perturbation through the defences; method "
+                             f"{method.name!r} is training-free")
+        if inner.name == "sep":
+            raise ValueError("robust does not apply to sep: its attack runs an ensemble of snapshots, not the "
+                             "surrogate's PGD passes that robust goes through")
+        if getattr(inner.config, "whole_set", False):
+            raise ValueError(f"robust does not apply to {inner.name}'s whole-set pass: it computes every batch twice "
+                             "and needs the same inputs both times, not defences drawn at random "
+                             "(--set ascent=sign --set whole_set=False runs its per-batch pass)")
+        self.defences = check_robust(defences)
+        self.eot = EOT(self.defences)
+        self.method, self.inner = method, inner
+        self.name, self.config, self.classwise = method.name, method.config, method.classwise
+
+    def settings(self) -> dict:
+        return {**self.method.settings(), "robust": list(self.defences)}
+
+    def budget(self) -> dict:
+        return self.method.budget()
+
+    def setup(self, ctx, images, labels, num_classes) -> None:
+        self.method.setup(ctx, images, labels, num_classes)
+        m = self.inner
+        defend = lambda x: self.eot(x, m.data.draws())  # noqa: E731  the current batch's draws
+        m.pgd.input_transform = defend
+        m.surrogate.input_transform = defend
+
+    def stages(self):
+        return self.method.stages()
+
+    def state_dict(self) -> dict:
+        return self.method.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_state_dict(state)
+
+    def perturbations(self):
+        return self.method.perturbations()
+
+    def read_perturbations(self, start: int, stop: int):
+        return self.method.read_perturbations(start, stop)
+
+    @property
+    def store(self):
+        return self.method.store
+
+    @property
+    def data(self):
+        return self.method.data
