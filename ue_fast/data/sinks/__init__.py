@@ -4,7 +4,7 @@ set's order (memory stays bounded whatever N) and each reporting what it wrote a
 ================== ============================================================
 images             the PNG tree (``png_tree.py``)
 npy                ``perturbation_int8.npy`` / ``_int16`` (``npy.py``)
-poison.pt          float32 perturbations, when they fit the memory budget (``poison_pt.py``)
+poison.pt          float32 perturbations, up to 1 GiB by default (``poison_pt.py``)
 poison_classwise.pt  a class-wise method's [C, 3, H, W] rows (``classwise.py``)
 webdataset         WebDataset shards, the input's members passed through (``webdataset.py``)
 parquet            Parquet files, the input table's columns kept (``parquet.py``)

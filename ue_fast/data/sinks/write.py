@@ -46,9 +46,10 @@ def write_outputs(output_dir: Path, data: ImageSet, result, eps: float, rounding
                   class_rows: torch.Tensor | None, budget, progress: bool, sinks: tuple[str, ...] = DEFAULT_SINKS,
                   png_level: int = PNG_LEVEL, workers: int = 1, method: str = "", poison_pt: str = "auto") -> dict:
     """Round every chunk of rows to 8 bits and hand it to each of ``sinks`` (``ue_fast.data.sinks``:
-    by default the PNG tree, the perturbation .npy, poison.pt when it fits the memory budget, and for a
+    by default the PNG tree, the perturbation .npy, poison.pt as ``poison_pt`` says, and for a
     class-wise method, ``class_rows`` being its [C, 3, H, W] perturbations, poison_classwise.pt).
-    Memory stays bounded whatever N. Returns the statistics the manifest reports."""
+    Memory stays bounded whatever N. Returns the statistics the manifest reports, with
+    ``seconds``: the rounding's and each sink's own time."""
     classwise = class_rows is not None
     shape = tuple(data.images.shape[1:])
     rounder = Rounder(rounding, seed, data.labels if classwise else None, shape)
