@@ -103,7 +103,10 @@ def test_robust_names_are_checked(names, text):
 def test_robust_runs_through_protect_and_resumes_to_the_same_result(tmp_path, monkeypatch):
     src = demo_subset(tmp_path / "in")
     kw = dict(SHORT, robust="jpeg,grayscale", checkpoint_every=0)
-    m = ue_fast.protect(src, tmp_path / "whole", **kw)
+    from ue_fast.methods.robust import RobustExperimentalWarning
+
+    with pytest.warns(RobustExperimentalWarning, match="weakened the protection"):  # until a configuration works
+        m = ue_fast.protect(src, tmp_path / "whole", **kw)
     assert m["settings"]["robust"] == ["jpeg", "grayscale"] and m["budget"]["holds"]
     assert "defences" in m["timings_s"]  # the surrogate's training inputs were defended
     plain = ue_fast.protect(src, tmp_path / "plain", **SHORT)

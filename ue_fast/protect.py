@@ -140,6 +140,7 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             ``"jpeg,grayscale"``; those with a differentiable form: jpeg, grayscale, bdr): the
             perturbation is optimised through them and the surrogate trains on defended
             inputs (``ue_fast.methods.robust``; surrogate methods but sep; None: plain).
+            Experimental: its first measurement weakened MI-UE's protection (docs/methods.md).
         sparse: SALM: perturb only this percentage (0, 100] of each image's most salient
             pixels (surrogate input-gradient magnitude), for any surrogate-based method.
         device: "cpu", "cuda" or "cuda:N"; default CUDA when available.

@@ -189,7 +189,8 @@ def _add_method_args(pr) -> None:
     pr.add_argument("--robust", default=None, metavar="DEFENCES",
                     help="harden the protection against these defences, comma-separated (jpeg, grayscale, bdr): the "
                     "perturbation is optimised through their differentiable forms, drawn per image and step, and "
-                    "the surrogate trains on defended inputs (surrogate methods but sep)")
+                    "the surrogate trains on defended inputs (surrogate methods but sep). EXPERIMENTAL: its first "
+                    "measurement weakened MI-UE's protection instead of hardening it (docs/methods.md)")
     pr.add_argument("--sparse", type=float, default=None, metavar="K",
                     help="SALM: perturb only the K%% most salient pixels of each image (surrogate-based methods)")
 

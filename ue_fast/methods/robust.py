@@ -31,9 +31,15 @@ training-free methods (no surrogate to optimise through).
 """
 from __future__ import annotations
 
+import warnings
+
 from ..generation.defended import EOT, check_robust
 from .base import SurrogateMethod
 from .salm import Sparse
+
+
+class RobustExperimentalWarning(UserWarning):
+    """robust is not yet shown to harden anything (its first measurement weakened MI-UE's protection)."""
 
 
 class Robust:
@@ -52,6 +58,10 @@ class Robust:
                              "and needs the same inputs both times, not defences drawn at random "
                              "(--set ascent=sign --set whole_set=False runs its per-batch pass)")
         self.defences = check_robust(defences)
+        warnings.warn("robust is experimental: its first measurement (MI-UE, cpu-small, cnn-small victims) weakened "
+                      "the protection instead of hardening it (no-defence gap 26.5 -> 7.0 points); check the "
+                      "result with `ue-fast report` before relying on it (docs/methods.md)",
+                      RobustExperimentalWarning, stacklevel=3)
         self.eot = EOT(self.defences)
         self.method, self.inner = method, inner
         self.name, self.config, self.classwise = method.name, method.config, method.classwise
