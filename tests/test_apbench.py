@@ -121,6 +121,8 @@ def test_protect_writes_apbench_layout_itself_as_the_export_would(cifar, tmp_pat
         m = ue_fast.protect(cifar / "cifar-10-batches-py", out, method="lsp", output_format="apbench",
                             progress=False, device="cpu")
     assert m["outputs"]["apbench"]["written"] and "images" not in m["outputs"]
+    assert sorted(p.name for p in out.iterdir()) == ["lsp_poisons", "manifest.json", "perturbation_int8.npy",
+                                                     "poison.pt"]  # no PNG tree's class folders beside it
     assert [f["output"] for f in m["files"]] == [f"lsp_poisons/c10/data/{i}.png" for i in range(300)]
     base = torchvision_cifar10(cifar)
     items = apbench_train_set(out, "lsp", "c10", base)

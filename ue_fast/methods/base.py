@@ -224,3 +224,45 @@ class TrainingFreeMethod(Method):
         self.shape = tuple(images.shape)
         self.begin(lambda: [(images, labels)], gen, device)
         return self.rows(images, labels, gen, device)
+
+
+class MethodWrapper:
+    """A method run unchanged but for what a wrapper sets up around it (``Sparse``, ``Robust``):
+    everything the runner and ``protect`` read of a method is the wrapped one's, except what a
+    subclass overrides (its ``settings``, ``budget``, ``setup``)."""
+
+    def __init__(self, method):
+        self.method = method
+        self.name, self.config, self.classwise = method.name, method.config, method.classwise
+
+    def settings(self) -> dict:
+        return self.method.settings()
+
+    def budget(self) -> dict:
+        return self.method.budget()
+
+    def setup(self, ctx, images, labels, num_classes) -> None:
+        self.method.setup(ctx, images, labels, num_classes)
+
+    def stages(self):
+        return self.method.stages()
+
+    def state_dict(self) -> dict:
+        return self.method.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_state_dict(state)
+
+    def perturbations(self):
+        return self.method.perturbations()
+
+    def read_perturbations(self, start: int, stop: int):
+        return self.method.read_perturbations(start, stop)
+
+    @property
+    def store(self):
+        return self.method.store
+
+    @property
+    def data(self):
+        return self.method.data

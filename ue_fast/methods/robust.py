@@ -34,7 +34,7 @@ from __future__ import annotations
 import warnings
 
 from ..generation.defended import EOT, check_robust
-from .base import SurrogateMethod
+from .base import MethodWrapper, SurrogateMethod
 from .salm import Sparse
 
 
@@ -42,7 +42,7 @@ class RobustExperimentalWarning(UserWarning):
     """robust is not yet shown to harden anything (its first measurement weakened MI-UE's protection)."""
 
 
-class Robust:
+class Robust(MethodWrapper):
     """``method`` (a ``SurrogateMethod``, or one made ``Sparse``) hardened against ``defences``."""
 
     def __init__(self, method, defences):
@@ -63,14 +63,11 @@ class Robust:
                       "result with `ue-fast report` before relying on it (docs/methods.md)",
                       RobustExperimentalWarning, stacklevel=3)
         self.eot = EOT(self.defences)
-        self.method, self.inner = method, inner
-        self.name, self.config, self.classwise = method.name, method.config, method.classwise
+        super().__init__(method)
+        self.inner = inner
 
     def settings(self) -> dict:
         return {**self.method.settings(), "robust": list(self.defences)}
-
-    def budget(self) -> dict:
-        return self.method.budget()
 
     def setup(self, ctx, images, labels, num_classes) -> None:
         self.method.setup(ctx, images, labels, num_classes)
@@ -78,26 +75,3 @@ class Robust:
         defend = lambda x: self.eot(x, m.data.draws())  # noqa: E731  the current batch's draws
         m.pgd.input_transform = defend
         m.surrogate.input_transform = defend
-
-    def stages(self):
-        return self.method.stages()
-
-    def state_dict(self) -> dict:
-        return self.method.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.method.load_state_dict(state)
-
-    def perturbations(self):
-        return self.method.perturbations()
-
-    def read_perturbations(self, start: int, stop: int):
-        return self.method.read_perturbations(start, stop)
-
-    @property
-    def store(self):
-        return self.method.store
-
-    @property
-    def data(self):
-        return self.method.data

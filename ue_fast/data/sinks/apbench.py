@@ -7,13 +7,12 @@ and ``export-apbench``, which takes an order file or ImageNet-100's class folder
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..apbench import _KEY_OF_FORMAT, APBENCH_TYPES, APBenchExportWarning, apbench_index, apbench_layout
 from ..exports import write_json_atomic
-from ..png import check_png_level, write_png
-from .base import Rows, Sink, SinkContext
+from .base import Sink, SinkContext
+from .png_tree import PNGTree
 
 
 def apbench_key(origin: dict | None) -> str:
@@ -35,9 +34,10 @@ def apbench_key(origin: dict | None) -> str:
     return key
 
 
-class APBenchPoisons(Sink):
+class APBenchPoisons(PNGTree):
+    """The PNG tree's writing (its encoder pool, one file per image), at APBench's paths."""
+
     name = "apbench"
-    background = True  # encoding overlaps the rounding of the next chunk
 
     def _layout(self, ctx: SinkContext) -> tuple[str, list[str], list[str]]:
         """(``<method>_poisons/<key>``, each image's path in OUTPUT_DIR, and in its folder: index.json's)"""
@@ -51,21 +51,14 @@ class APBenchPoisons(Sink):
         return [*files, f"{base}/index.json"]
 
     def open(self, ctx: SinkContext) -> None:
-        super().open(ctx)
+        Sink.open(self, ctx)
         self.base, self.written, self.dest = self._layout(ctx)
         if ctx.method not in APBENCH_TYPES:
             warnings.warn(f"APBench's train.py accepts only the poison types {', '.join(APBENCH_TYPES)} and stops "
                           f"with 'ValueError: Valid type poisons' on {ctx.method!r}: rename the folder "
                           f"{ctx.method}_poisons to <type>_poisons with one of them to train on it there",
                           APBenchExportWarning, stacklevel=2)
-        (ctx.output_dir / self.written[0]).parent.mkdir(parents=True, exist_ok=True)
-        self.level = check_png_level(ctx.png_level)
-        self.pool = ThreadPoolExecutor(max(1, ctx.workers), thread_name_prefix="ue_fast-apbench")
-
-    def write(self, rows: Rows) -> None:
-        images = rows.protected.cpu()
-        list(self.pool.map(lambda i: write_png(self.ctx.output_dir / self.written[rows.a + i], images[i], None,
-                                               self.level), range(rows.b - rows.a)))
+        self._start()  # the PNG tree's folders (here one) and encoder pool
 
     def close(self) -> dict:
         self.abort()
@@ -73,6 +66,3 @@ class APBenchPoisons(Sink):
                           apbench_index(self.ctx.paths, self.ctx.labels.tolist(), self.dest))
         return {self.name: {"written": True, "why": f"{self.ctx.n} PNGs named by data-set index in {self.base}/data "
                             "(APBench's layout; OUTPUT_DIR is its dataset/ folder), and its index.json"}}
-
-    def abort(self) -> None:
-        self.pool.shutdown(wait=True)

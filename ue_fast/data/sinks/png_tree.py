@@ -20,10 +20,14 @@ class PNGTree(Sink):
     def open(self, ctx: SinkContext) -> None:
         super().open(ctx)
         self.written = output_paths(ctx.paths, ctx.output_dir)  # every collision refused before a file is written
+        self._start()
+
+    def _start(self) -> None:
+        """The folders of ``self.written`` and the encoder pool."""
         for d in sorted({str(PurePosixPath(o).parent) for o in self.written}):
-            (ctx.output_dir / d).mkdir(parents=True, exist_ok=True)
-        self.level = check_png_level(ctx.png_level)
-        self.pool = ThreadPoolExecutor(max(1, ctx.workers), thread_name_prefix="ue_fast-png")
+            (self.ctx.output_dir / d).mkdir(parents=True, exist_ok=True)
+        self.level = check_png_level(self.ctx.png_level)
+        self.pool = ThreadPoolExecutor(max(1, self.ctx.workers), thread_name_prefix=f"ue_fast-{self.name}")
 
     def write(self, rows: Rows) -> None:
         images, n = rows.protected.cpu(), rows.b - rows.a
