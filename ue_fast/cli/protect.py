@@ -1,6 +1,7 @@
 """``ue-fast protect``: its parser, its command, and the summary it prints (``demo`` prints it too)."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import warnings
@@ -85,6 +86,17 @@ def _unchanged_status(m: dict) -> int:
     return 0
 
 
+def _robust_settings(items: list[str]) -> dict | None:
+    """``--robust-set KEY=VALUE`` as strings, checked by ``RobustSettings.from_dict``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--robust-set takes KEY=VALUE, e.g. share=0.5; got {item!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out or None
+
+
 def _settings(args) -> dict:
     """The method's settings from its flags and ``--set KEY=VALUE`` (a key given both ways is refused)."""
     flags = dict(epochs=args.epochs, pgd_steps=args.pgd_steps, arch=args.arch, loss=args.loss,
@@ -106,7 +118,7 @@ def _cmd_protect(args) -> int:
                            resize=args.resize, skip_bad=args.skip_bad, resume=args.resume,
                            overwrite=args.overwrite, progress=not args.no_progress, profile=args.profile,
                            keep_checkpoint=args.keep_checkpoint, compile=args.compile or False, sparse=args.sparse,
-                           robust=args.robust,
+                           robust=args.robust, robust_settings=_robust_settings(args.robust_set),
                            rounding=args.rounding, preset=args.preset, delta_dtype=args.delta_dtype,
                            store=args.store, memory_budget=args.memory_budget, workers=args.workers,
                            sync_bn=args.sync_bn, float64=args.float64, order=args.order, split=args.split,
@@ -116,6 +128,9 @@ def _cmd_protect(args) -> int:
                            label_key=args.label_key, **_settings(args))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Leave the group before exiting: a process that exits inside it may abort in gloo's threads.
+        # Collect the run's objects first: one left in a reference cycle would keep the group alive
+        # until Python's final collection, where gloo's thread aborts the process.
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
@@ -191,6 +206,11 @@ def _add_method_args(pr) -> None:
                     "perturbation is optimised through their differentiable forms, drawn per image and step, and "
                     "the surrogate trains on defended inputs (surrogate methods but sep). EXPERIMENTAL: its first "
                     "measurement weakened MI-UE's protection instead of hardening it (docs/methods.md)")
+    pr.add_argument("--robust-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="how --robust draws the defences (repeatable): share=P, the probability an image is "
+                    "defended at a step (default: each defence as likely as none); surrogate=false, the "
+                    "surrogate trains on undefended inputs; jpeg_quality=A-B (default 10-90); bdr_bits=A-B "
+                    "(default 2-4)")
     pr.add_argument("--sparse", type=float, default=None, metavar="K",
                     help="SALM: perturb only the K%% most salient pixels of each image (surrogate-based methods)")
 

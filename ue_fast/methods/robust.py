@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 
-from ..generation.defended import EOT, check_robust
+from ..generation.defended import EOT, RobustSettings, check_robust
 from .base import MethodWrapper, SurrogateMethod
 from .salm import Sparse
 
@@ -45,7 +45,7 @@ class RobustExperimentalWarning(UserWarning):
 class Robust(MethodWrapper):
     """``method`` (a ``SurrogateMethod``, or one made ``Sparse``) hardened against ``defences``."""
 
-    def __init__(self, method, defences):
+    def __init__(self, method, defences, settings: dict | RobustSettings | None = None):
         inner = method.method if isinstance(method, Sparse) else method
         if not isinstance(inner, SurrogateMethod):
             raise ValueError(f"robust optimises a surrogate's perturbation through the defences; method "
@@ -58,20 +58,37 @@ class Robust(MethodWrapper):
                              "and needs the same inputs both times, not defences drawn at random "
                              "(--set ascent=sign --set whole_set=False runs its per-batch pass)")
         self.defences = check_robust(defences)
+        self.robust_settings = settings if isinstance(settings, RobustSettings) else RobustSettings.from_dict(settings)
         warnings.warn("robust is experimental: its first measurement (MI-UE, cpu-small, cnn-small victims) weakened "
                       "the protection instead of hardening it (no-defence gap 26.5 -> 7.0 points); check the "
                       "result with `ue-fast report` before relying on it (docs/methods.md)",
                       RobustExperimentalWarning, stacklevel=3)
-        self.eot = EOT(self.defences)
+        self.eot = EOT(self.defences, self.robust_settings)
         super().__init__(method)
         self.inner = inner
 
     def settings(self) -> dict:
-        return {**self.method.settings(), "robust": list(self.defences)}
+        return {**self.method.settings(), "robust": list(self.defences),
+                "robust_settings": self.robust_settings.to_dict()}
 
     def setup(self, ctx, images, labels, num_classes) -> None:
         self.method.setup(ctx, images, labels, num_classes)
         m = self.inner
-        defend = lambda x: self.eot(x, m.data.draws())  # noqa: E731  the current batch's draws
+        defend = _Defend(self.eot, m.data)
         m.pgd.input_transform = defend
-        m.surrogate.input_transform = defend
+        if self.robust_settings.surrogate:
+            m.surrogate.input_transform = defend
+
+
+class _Defend:
+    """The defences drawn for the current batch: ``eot`` with ``data``'s draws. It holds no
+    reference to the method, so method, passes and surrogate form no reference cycle: a cycle
+    would outlive the run until the interpreter's final collection, and under torchrun the
+    process group it reaches would then be destroyed while Python shuts down (gloo's thread
+    aborts the process)."""
+
+    def __init__(self, eot: EOT, data):
+        self.eot, self.data = eot, data
+
+    def __call__(self, x):
+        return self.eot(x, self.data.draws())
