@@ -227,6 +227,8 @@ METHOD_FLAGS = {  # each method's parts that differ under torchrun
     # SALM's saliency masks (--sparse), per process
     "rem": ["--method", "rem", *SMALL, "--epochs", "1", "--pgd-steps", "2", "--set", "adv_steps=1",
             "--set", "eot_samples=2", "--sparse", "30"],
+    # --robust: a defence and its parameter drawn per sample (EOT) in the PGD passes and the surrogate's training
+    "miue-robust": ["--method", "miue", *SMALL, "--epochs", "2", "--pgd-steps", "2", "--robust", "jpeg,grayscale,bdr"],
 }
 
 
@@ -248,7 +250,9 @@ def test_torchrun_in_float64_gives_one_process_result(tmp_path, src, method):
     r = _cli(["protect", str(src), str(two), *flags, "--sync-bn"], nproc=2, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((two / "manifest.json").read_text())
-    assert m["float64"] is True and m["distributed"]["world"] == 2 and m["method"] == method
+    assert m["float64"] is True and m["distributed"]["world"] == 2 and m["method"] == method.removesuffix("-robust")
+    if method.endswith("-robust"):
+        assert m["settings"]["robust"] == ["jpeg", "grayscale", "bdr"]
     h1, h2 = (json.loads((o / "manifest.json").read_text())["history"] for o in (one, two))
     keys = sorted({k for h in h1 for k in h if k.endswith(("_loss", "_acc"))})
     assert "train_loss" in keys and "poison_loss" in keys and len(h1) == len(h2)

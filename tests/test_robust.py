@@ -11,7 +11,8 @@ from _helpers import demo_sets, demo_subset, protect_killed_after_checkpoint
 import ue_fast
 from ue_fast.evaluate.defenses import get_defense
 from ue_fast.generation.batches import Draws
-from ue_fast.generation.defended import BDR_BITS, EOT, JPEG_QUALITIES, ROBUST, bdr, check_robust, grayscale, jpeg
+from ue_fast.generation.defended import (BDR_BITS, EOT, JPEG_QUALITIES, ROBUST, RobustSettings, bdr, check_robust,
+                                        grayscale, jpeg)
 
 pytest.importorskip("kornia")
 
@@ -91,6 +92,55 @@ def test_eot_draws_a_defence_per_image_reproducibly(images):
         assert torch.allclose(a[rows], expect, atol=1e-6), k
 
 
+def test_eot_share_and_ranges_set_what_is_drawn(images):
+    """share: the probability of a defence (none below 1 - share, then each defence in equal
+    parts); jpeg_quality and bdr_bits: the ranges their parameter is drawn from."""
+    x = images.float() / 255
+    eot = EOT(["jpeg", "bdr"], RobustSettings.from_dict({"share": "0.25", "jpeg_quality": "10-30", "bdr_bits": 3}))
+    a = eot(x, Draws(torch.Generator().manual_seed(4)))
+    u = torch.rand(len(x), 2, generator=torch.Generator().manual_seed(4))
+    which = torch.where(u[:, 0] < 0.75, 0, torch.where(u[:, 0] < 0.875, 1, 2))
+    assert set(which.tolist()) == {0, 1, 2}
+    assert torch.equal(a[which == 0], x[which == 0])
+    j = which == 1
+    assert torch.allclose(a[j], jpeg(x[j], u[j, 1], qualities=(10, 30)), atol=1e-6)
+    assert not torch.allclose(a[j], jpeg(x[j], u[j, 1]), atol=1e-3)  # the default 10-90 draws other qualities
+    b = which == 2
+    assert torch.equal(a[b], bdr(x[b], torch.zeros(int(b.sum())), bits=(3, 3)))
+    always = EOT(["grayscale"], RobustSettings(share=1.0))(x, Draws(torch.Generator().manual_seed(5)))
+    assert torch.allclose(always, grayscale(x))
+
+
+@pytest.mark.parametrize("values, text", [
+    ({"share": 0}, "share is a probability"), ({"share": "half"}, "share is a probability"),
+    ({"surrogate": "maybe"}, "surrogate is true or false"), ({"jpeg_quality": "30-10"}, "jpeg_quality is a range"),
+    ({"jpeg_quality": "0-50"}, "within 1-100"), ({"bdr_bits": "2-8"}, "within 1-7"), ({"shares": 1}, "no setting"),
+])
+def test_robust_settings_are_checked(values, text):
+    with pytest.raises(ValueError, match=text):
+        RobustSettings.from_dict(values)
+
+
+def test_robust_settings_reach_the_run_and_its_manifest(tmp_path):
+    """surrogate=false leaves the surrogate's training undefended (no "defences" time), the PGD
+    passes still defended (another result than the default's); the manifest keeps every setting;
+    robust settings without robust are refused."""
+    src = demo_subset(tmp_path / "in", per_class=4)
+    kw = dict(SHORT, robust="jpeg")
+    with pytest.warns(UserWarning):
+        m = ue_fast.protect(src, tmp_path / "pgd_only", robust_settings={"surrogate": "false", "jpeg_quality": "10-30"},
+                            **kw)
+        both = ue_fast.protect(src, tmp_path / "both", robust_settings={"jpeg_quality": (10, 30)}, **kw)
+    assert m["settings"]["robust_settings"] == {"share": None, "surrogate": False, "jpeg_quality": [10, 30],
+                                                "bdr_bits": list(BDR_BITS)}
+    assert "defences" not in m["timings_s"] and "defences" in both["timings_s"]
+    assert not np.array_equal(np.load(tmp_path / "pgd_only" / "perturbation_int8.npy"),
+                              np.load(tmp_path / "both" / "perturbation_int8.npy"))
+    with pytest.raises(ValueError, match="without robust"):
+        ue_fast.protect(src, tmp_path / "none", robust_settings={"share": 0.5}, **SHORT)
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.parametrize("names, text", [
     ("", "names the defences"), ("jpeg,nope", "unknown defence 'nope'"),
     ("cutout", "no differentiable form.*jpeg, grayscale, bdr"), (["jpeg", "jpeg"], "twice"),
@@ -128,3 +178,24 @@ def test_robust_is_refused_where_it_cannot_apply(tmp_path, method, text):
     with pytest.raises(ValueError, match=text):
         ue_fast.protect(src, tmp_path / "out", method=method, robust="jpeg", device="cpu", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_robust_set(tmp_path, capsys):
+    """--robust-set KEY=VALUE (repeatable) reaches the manifest; a malformed one is refused before
+    anything is written."""
+    import json
+
+    from ue_fast.cli import main
+
+    src = demo_subset(tmp_path / "in", per_class=2)
+    flags = ["--method", "miue", "--arch", "cnn-small", "--epochs", "1", "--pgd-steps", "1", "--batch-size", "8",
+             "--device", "cpu", "--no-progress", "--robust", "grayscale,bdr"]
+    assert main(["protect", str(src), str(tmp_path / "out"), *flags, "--robust-set", "share=1",
+                 "--robust-set", "bdr-bits=2-3", "--robust-set", "surrogate=no"]) == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["settings"]["robust"] == ["grayscale", "bdr"]
+    assert m["settings"]["robust_settings"] == {"share": 1.0, "surrogate": False, "jpeg_quality": list(JPEG_QUALITIES),
+                                                "bdr_bits": [2, 3]}
+    assert main(["protect", str(src), str(tmp_path / "bad"), *flags, "--robust-set", "share"]) == 2
+    assert "--robust-set takes KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -53,6 +53,7 @@ def _manifest(*, method, cls, cfg, gen, eps, compile, sparse, delta_dtype, prese
         "method": method,
         "settings": {**cfg.to_dict(), **({"seed": None} if cls.keyed else {}), "eps_255": eps, "compile": compile,
                      "sparse": sparse, "robust": list(getattr(gen, "defences", ())) or None,
+                     "robust_settings": gen.robust_settings.to_dict() if hasattr(gen, "robust_settings") else None,
                      "delta_dtype": delta_dtype, "preset": preset},
         "seed": None if cls.keyed else cfg.seed,
         "budget": budget_note,

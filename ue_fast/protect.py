@@ -89,7 +89,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             store: str = "auto", memory_budget=None, workers: int | None = None, sync_bn: bool = False,
             float64: bool = False, order=None, split: str = "train", key_file=None, output_format: str = "png",
             image_key: str | None = None, label_key: str | None = None, png_compression: int = PNG_LEVEL,
-            checkpoint_every: float = CHECKPOINT_EVERY, poison_pt: str = "auto", robust=None, **settings) -> dict:
+            checkpoint_every: float = CHECKPOINT_EVERY, poison_pt: str = "auto", robust=None, robust_settings: dict | None = None,
+            **settings) -> dict:
     """Protect an image folder (or arrays) with ``method``; write the outputs; return the manifest.
 
     Args:
@@ -141,6 +142,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
             perturbation is optimised through them and the surrogate trains on defended
             inputs (``ue_fast.methods.robust``; surrogate methods but sep; None: plain).
             Experimental: its first measurement weakened MI-UE's protection (docs/methods.md).
+        robust_settings: how robust draws the defences, e.g. ``{"share": 0.5, "surrogate": False,
+            "jpeg_quality": (10, 30)}`` (``ue_fast.generation.defended.RobustSettings``).
         sparse: SALM: perturb only this percentage (0, 100] of each image's most salient
             pixels (surrogate input-gradient magnitude), for any surrogate-based method.
         device: "cpu", "cuda" or "cuda:N"; default CUDA when available.
@@ -252,7 +255,8 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
     overrides = dict(epochs=epochs, pgd_steps=pgd_steps, arch=arch, loss=loss, batch_size=batch_size,
                      poison_batch_size=poison_batch_size, seed=seed)
     gen, cfg, eps = build_generator(cls, method, eps, overrides, settings, preset=preset, resume=resume, output_dir=output_dir,
-                            store=store, delta_dtype=delta_dtype, sparse=sparse, robust=robust)
+                            store=store, delta_dtype=delta_dtype, sparse=sparse, robust=robust,
+                                    robust_settings=robust_settings)
 
     src.check_input(input_dir, order=order, main=main)  # a bad input fails here, before an output is replaced
     work = output_dir / CHECKPOINT_DIR

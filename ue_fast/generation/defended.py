@@ -22,6 +22,8 @@ reproducible and, under torchrun, every process draws what one process would.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 
 JPEG_QUALITIES = (10, 90)  # inclusive: ISS's attack quality is 10, a photo's usual 75-90
@@ -34,26 +36,26 @@ def _levels(u: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return (lo + torch.floor(u * (hi - lo + 1))).clamp_(lo, hi)
 
 
-def jpeg(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """A differentiable JPEG round trip of each image at a quality drawn from ``u``."""
+def jpeg(x: torch.Tensor, u: torch.Tensor, qualities: tuple[int, int] = JPEG_QUALITIES) -> torch.Tensor:
+    """A differentiable JPEG round trip of each image at a quality drawn from ``u`` in ``qualities``."""
     try:
         from kornia.enhance import jpeg_codec_differentiable
     except ImportError as e:
         raise ImportError("--robust jpeg runs kornia's differentiable JPEG codec: pip install 'ue-fast[kornia]'") from e
-    q = _levels(u, *JPEG_QUALITIES).to(device=x.device, dtype=torch.float32)
+    q = _levels(u, *qualities).to(device=x.device, dtype=torch.float32)
     return jpeg_codec_differentiable(x, q).to(x.dtype)
 
 
-def grayscale(x: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+def grayscale(x: torch.Tensor, u: torch.Tensor | None = None, **_) -> torch.Tensor:
     """Each image's luma on its three channels."""
     w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True).expand_as(x)
 
 
-def bdr(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The ``bits`` most significant bits of each 8-bit value (bits drawn from ``u``), with the
-    identity's gradient."""
-    step = 2.0 ** (8 - _levels(u, *BDR_BITS)).to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+def bdr(x: torch.Tensor, u: torch.Tensor, bits: tuple[int, int] = BDR_BITS) -> torch.Tensor:
+    """The ``bits`` most significant bits of each 8-bit value (a number of bits drawn from ``u``
+    in ``bits``), with the identity's gradient."""
+    step = 2.0 ** (8 - _levels(u, *bits)).to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
     kept = torch.floor(torch.round(x.detach() * 255) / step) * step / 255
     return x + (kept - x.detach())
 
@@ -82,28 +84,115 @@ def check_robust(names) -> tuple[str, ...]:
     return tuple(n for n in ROBUST if n in names)
 
 
-class EOT:
-    """Expectation over transformation: per image, none or one of ``names`` (each with
-    probability 1 / (len(names) + 1)) with its parameter, from two uniform draws per image."""
+def _range(name: str, value, lo: int, hi: int) -> tuple[int, int]:
+    """An inclusive integer range within [lo, hi], from (a, b), [a, b], "a-b" or a single a."""
+    v = value
+    if isinstance(v, str):
+        parts = v.split("-")
+        try:
+            v = tuple(int(p) for p in parts)
+        except ValueError:
+            v = None
+    elif isinstance(v, int) and not isinstance(v, bool):
+        v = (v,)
+    elif isinstance(v, (tuple, list)) and all(isinstance(p, int) and not isinstance(p, bool) for p in v):
+        v = tuple(v)
+    else:
+        v = None
+    if v is not None and len(v) == 1:
+        v = (v[0], v[0])
+    if v is None or len(v) != 2 or not lo <= v[0] <= v[1] <= hi:
+        raise ValueError(f"robust setting {name} is a range of integers within {lo}-{hi}, as 'a-b' or one "
+                         f"integer; got {value!r}")
+    return v
 
-    def __init__(self, names):
+
+@dataclass(frozen=True)
+class RobustSettings:
+    """How ``--robust`` draws the defences (``--robust-set KEY=VALUE``; Python: ``robust_settings``).
+
+    share: the probability that an image is defended at a step (then one of the named defences,
+        each equally likely); None: len(names) / (len(names) + 1), every defence as likely as none.
+    surrogate: whether the surrogate also trains on defended inputs (else only the PGD passes
+        optimise through the defences).
+    jpeg_quality: the range JPEG's quality is drawn from (inclusive, within 1-100).
+    bdr_bits: the range the bit depth is drawn from (inclusive, within 1-7).
+    """
+
+    share: float | None = None
+    surrogate: bool = True
+    jpeg_quality: tuple[int, int] = JPEG_QUALITIES
+    bdr_bits: tuple[int, int] = BDR_BITS
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "RobustSettings":
+        """Checked settings from ``{key: value}`` (values as Python objects or the CLI's strings)."""
+        values = dict(values or {})
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"robust has no setting(s) {unknown}; its settings: {', '.join(known)}")
+        out = {}
+        if values.get("share") is not None:
+            share = values["share"]
+            try:
+                share = float(share)
+            except (TypeError, ValueError):
+                share = None
+            if share is None or not 0 < share <= 1:
+                raise ValueError(f"robust setting share is a probability in (0, 1]; got {values['share']!r}")
+            out["share"] = share
+        if "surrogate" in values:
+            v = values["surrogate"]
+            if isinstance(v, str) and v.lower() in ("true", "yes", "1", "false", "no", "0"):
+                v = v.lower() in ("true", "yes", "1")
+            if not isinstance(v, bool):
+                raise ValueError(f"robust setting surrogate is true or false; got {values['surrogate']!r}")
+            out["surrogate"] = v
+        if "jpeg_quality" in values:
+            out["jpeg_quality"] = _range("jpeg_quality", values["jpeg_quality"], 1, 100)
+        if "bdr_bits" in values:
+            out["bdr_bits"] = _range("bdr_bits", values["bdr_bits"], 1, 7)
+        return cls(**out)
+
+    def to_dict(self) -> dict:
+        return {"share": self.share, "surrogate": self.surrogate, "jpeg_quality": list(self.jpeg_quality),
+                "bdr_bits": list(self.bdr_bits)}
+
+
+class EOT:
+    """Expectation over transformation: per image, none or one of ``names`` with its parameter,
+    from two uniform draws per image. By default none and each defence are equally likely;
+    ``settings`` (:class:`RobustSettings`) sets the share of defended images and the ranges."""
+
+    def __init__(self, names, settings: RobustSettings | None = None):
         self.names = check_robust(names)
+        self.settings = settings or RobustSettings()
+        n = len(self.names)
+        self.share = self.settings.share if self.settings.share is not None else n / (n + 1)
+        self._params = {"jpeg": {"qualities": self.settings.jpeg_quality}, "bdr": {"bits": self.settings.bdr_bits}}
 
     def __call__(self, x: torch.Tensor, draws) -> torch.Tensor:
         """x [B, 3, H, W] in [0, 1]; ``draws`` a batch's ``Draws`` (or anything with
         ``rand(rows, *shape)``). Returns the defended images, differentiable in x."""
         u = draws.rand(len(x), 2)
-        which = torch.floor(u[:, 0] * (len(self.names) + 1)).clamp_(max=len(self.names)).long()  # 0: none
+        n = len(self.names)
+        if self.settings.share is None:  # none and each defence in equal parts of [0, 1)
+            which = torch.floor(u[:, 0] * (n + 1)).clamp_(max=n).long()  # 0: none
+        else:  # u < 1 - share: none; above it, the defences in equal parts of the share
+            k = (torch.floor((u[:, 0] - (1 - self.share)) / self.share * n) + 1).clamp_(1, n)
+            which = torch.where(u[:, 0] < 1 - self.share, torch.zeros_like(k), k).long()
         out = x
         for k, name in enumerate(self.names, 1):
             rows = (which == k).nonzero().flatten()
             if len(rows):
                 dev_rows = rows.to(x.device)
-                out = out.index_copy(0, dev_rows, ROBUST[name](x.index_select(0, dev_rows), u[rows, 1]))
+                defended = ROBUST[name](x.index_select(0, dev_rows), u[rows, 1], **self._params.get(name, {}))
+                out = out.index_copy(0, dev_rows, defended)
         return out
 
     def __repr__(self) -> str:
         return f"EOT({', '.join(self.names)})"
 
 
-__all__ = ["BDR_BITS", "EOT", "JPEG_QUALITIES", "ROBUST", "check_robust", "bdr", "grayscale", "jpeg"]
+__all__ = ["BDR_BITS", "EOT", "JPEG_QUALITIES", "ROBUST", "RobustSettings", "check_robust", "bdr", "grayscale", "jpeg"]

@@ -13,7 +13,7 @@ from .salm import Sparse
 
 
 def build_generator(cls, method: str, eps, overrides: dict, settings: dict, *, preset, resume: bool, output_dir: Path,
-            store: str, delta_dtype: str, sparse, robust=None):
+            store: str, delta_dtype: str, sparse, robust=None, robust_settings=None):
     """``protect``'s generator for ``method`` (``cls``): its config (the preset, then ``overrides``
     and ``settings``), made ``Sparse`` and ``Robust`` when asked, and the budget in 1/255, every
     setting checked before anything is read or written. On ``resume`` a keyed method takes the
@@ -46,6 +46,9 @@ def build_generator(cls, method: str, eps, overrides: dict, settings: dict, *, p
     if sparse is not None:
         gen = Sparse(gen, sparse)
     if robust is not None:
-        gen = Robust(gen, robust)
+        gen = Robust(gen, robust, robust_settings)
+    elif robust_settings:
+        raise ValueError("robust settings are given without robust: name the defences to survive, e.g. "
+                         "robust='jpeg,grayscale' (--robust jpeg,grayscale)")
     eps = round(cfg.eps * 255, 6)
     return gen, cfg, eps
