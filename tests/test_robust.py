@@ -53,8 +53,9 @@ def test_jpeg_at_the_registry_s_quality_is_within_what_jpeg_itself_changes(image
     of what the JPEG round trip changes (the rounding of DCT coefficients near a quantisation
     boundary, and the chroma filters, differ), and at quality 90 they nearly agree."""
     x = images.float() / 255
-    for quality, share in ((JPEG_QUALITIES[0], 0.35), (JPEG_QUALITIES[1], 0.8)):
-        ours = jpeg(x, _u_for(quality, *JPEG_QUALITIES, len(x)))
+    assert JPEG_QUALITIES[0] == 10
+    for quality, share in ((10, 0.35), (90, 0.8)):
+        ours = jpeg(x, _u_for(quality, 10, 90, len(x)), qualities=(10, 90))
         theirs = get_defense("jpeg", quality=quality).prepare(images, torch.Generator()).float() / 255
         changed = (theirs - x).abs().mean()
         assert (ours - theirs).abs().mean() <= share * changed, quality
@@ -78,7 +79,8 @@ def test_every_form_has_a_useful_gradient(images, name):
 
 def test_eot_draws_a_defence_per_image_reproducibly(images):
     x = images.float() / 255
-    eot = EOT(["grayscale", "jpeg", "bdr"])  # kept in the registry's order
+    eot = EOT(["grayscale", "jpeg", "bdr"], RobustSettings(share=None))  # none as likely as each defence
+    assert eot.names == ("jpeg", "grayscale", "bdr")  # kept in the registry's order
     assert eot.names == ("jpeg", "grayscale", "bdr")
     a = eot(x, Draws(torch.Generator().manual_seed(3)))
     b = eot(x, Draws(torch.Generator().manual_seed(3)))
@@ -104,7 +106,7 @@ def test_eot_share_and_ranges_set_what_is_drawn(images):
     assert torch.equal(a[which == 0], x[which == 0])
     j = which == 1
     assert torch.allclose(a[j], jpeg(x[j], u[j, 1], qualities=(10, 30)), atol=1e-6)
-    assert not torch.allclose(a[j], jpeg(x[j], u[j, 1]), atol=1e-3)  # the default 10-90 draws other qualities
+    assert not torch.allclose(a[j], jpeg(x[j], u[j, 1], qualities=(40, 90)), atol=1e-3)  # other qualities
     b = which == 2
     assert torch.equal(a[b], bdr(x[b], torch.zeros(int(b.sum())), bits=(3, 3)))
     always = EOT(["grayscale"], RobustSettings(share=1.0))(x, Draws(torch.Generator().manual_seed(5)))
@@ -122,17 +124,18 @@ def test_robust_settings_are_checked(values, text):
 
 
 def test_robust_settings_reach_the_run_and_its_manifest(tmp_path):
-    """surrogate=false leaves the surrogate's training undefended (no "defences" time), the PGD
-    passes still defended (another result than the default's); the manifest keeps every setting;
-    robust settings without robust are refused."""
+    """surrogate=true trains the surrogate on defended inputs too ("defences" time), another
+    result than the default's (PGD passes only); the manifest keeps every setting; robust
+    settings without robust are refused."""
     src = demo_subset(tmp_path / "in", per_class=4)
     kw = dict(SHORT, robust="jpeg")
     with pytest.warns(UserWarning):
-        m = ue_fast.protect(src, tmp_path / "pgd_only", robust_settings={"surrogate": "false", "jpeg_quality": "10-30"},
-                            **kw)
-        both = ue_fast.protect(src, tmp_path / "both", robust_settings={"jpeg_quality": (10, 30)}, **kw)
-    assert m["settings"]["robust_settings"] == {"share": None, "surrogate": False, "jpeg_quality": [10, 30],
+        m = ue_fast.protect(src, tmp_path / "pgd_only", robust_settings={"jpeg_quality": "10-90", "share": 1}, **kw)
+        both = ue_fast.protect(src, tmp_path / "both", robust_settings={"jpeg_quality": (10, 90), "share": 1,
+                                                                        "surrogate": "true"}, **kw)
+    assert m["settings"]["robust_settings"] == {"share": 1.0, "surrogate": False, "jpeg_quality": [10, 90],
                                                 "bdr_bits": list(BDR_BITS)}
+    assert both["settings"]["robust_settings"]["surrogate"] is True
     assert "defences" not in m["timings_s"] and "defences" in both["timings_s"]
     assert not np.array_equal(np.load(tmp_path / "pgd_only" / "perturbation_int8.npy"),
                               np.load(tmp_path / "both" / "perturbation_int8.npy"))
@@ -155,10 +158,12 @@ def test_robust_runs_through_protect_and_resumes_to_the_same_result(tmp_path, mo
     kw = dict(SHORT, robust="jpeg,grayscale", checkpoint_every=0)
     from ue_fast.methods.robust import RobustExperimentalWarning
 
-    with pytest.warns(RobustExperimentalWarning, match="weakened the protection"):  # until a configuration works
+    with pytest.warns(RobustExperimentalWarning, match="not against JPEG-10"):  # until a configuration works
         m = ue_fast.protect(src, tmp_path / "whole", **kw)
     assert m["settings"]["robust"] == ["jpeg", "grayscale"] and m["budget"]["holds"]
-    assert "defences" in m["timings_s"]  # the surrogate's training inputs were defended
+    assert m["settings"]["robust_settings"] == {"share": 0.5, "surrogate": False, "jpeg_quality": [10, 30],
+                                                "bdr_bits": [2, 4]}
+    assert "defences" not in m["timings_s"]  # by default the surrogate trains on undefended inputs
     plain = ue_fast.protect(src, tmp_path / "plain", **SHORT)
     assert plain["settings"]["robust"] is None
     whole = np.load(tmp_path / "whole" / "perturbation_int8.npy")
@@ -191,10 +196,10 @@ def test_cli_robust_set(tmp_path, capsys):
     flags = ["--method", "miue", "--arch", "cnn-small", "--epochs", "1", "--pgd-steps", "1", "--batch-size", "8",
              "--device", "cpu", "--no-progress", "--robust", "grayscale,bdr"]
     assert main(["protect", str(src), str(tmp_path / "out"), *flags, "--robust-set", "share=1",
-                 "--robust-set", "bdr-bits=2-3", "--robust-set", "surrogate=no"]) == 0
+                 "--robust-set", "bdr-bits=2-3", "--robust-set", "surrogate=no", "--robust-set", "jpeg_quality=10-90"]) == 0
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["settings"]["robust"] == ["grayscale", "bdr"]
-    assert m["settings"]["robust_settings"] == {"share": 1.0, "surrogate": False, "jpeg_quality": list(JPEG_QUALITIES),
+    assert m["settings"]["robust_settings"] == {"share": 1.0, "surrogate": False, "jpeg_quality": [10, 90],
                                                 "bdr_bits": [2, 3]}
     assert main(["protect", str(src), str(tmp_path / "bad"), *flags, "--robust-set", "share"]) == 2
     assert "--robust-set takes KEY=VALUE" in capsys.readouterr().err

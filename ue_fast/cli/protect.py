@@ -203,14 +203,13 @@ def _add_method_args(pr) -> None:
     pr.add_argument("--seed", type=int, default=None, help="random seed (default 7)")
     pr.add_argument("--robust", default=None, metavar="DEFENCES",
                     help="harden the protection against these defences, comma-separated (jpeg, grayscale, bdr): the "
-                    "perturbation is optimised through their differentiable forms, drawn per image and step, and "
-                    "the surrogate trains on defended inputs (surrogate methods but sep). EXPERIMENTAL: its first "
-                    "measurement weakened MI-UE's protection instead of hardening it (docs/methods.md)")
+                    "perturbation is optimised through their differentiable forms, drawn per image and step "
+                    "(surrogate methods but sep). EXPERIMENTAL: measured at CPU scale it hardens against grayscale "
+                    "at a cost to the undefended protection, and not against JPEG-10 (docs/methods.md)")
     pr.add_argument("--robust-set", action="append", default=[], metavar="KEY=VALUE",
                     help="how --robust draws the defences (repeatable): share=P, the probability an image is "
-                    "defended at a step (default: each defence as likely as none); surrogate=false, the "
-                    "surrogate trains on undefended inputs; jpeg_quality=A-B (default 10-90); bdr_bits=A-B "
-                    "(default 2-4)")
+                    "defended at a PGD step (default 0.5); surrogate=true, the surrogate also trains on defended "
+                    "inputs (default false); jpeg_quality=A-B (default 10-30); bdr_bits=A-B (default 2-4)")
     pr.add_argument("--sparse", type=float, default=None, metavar="K",
                     help="SALM: perturb only the K%% most salient pixels of each image (surrogate-based methods)")
 

@@ -7,7 +7,7 @@ the same name in ``ue_fast.evaluate.defenses`` up to the quantisation that defen
 
 ==========  ======================================================================
 jpeg        kornia's differentiable JPEG codec (``kornia.enhance.jpeg_codec_differentiable``,
-            Reich et al. 2024), quality drawn per image in ``JPEG_QUALITIES`` (10-90);
+            Reich et al. 2024), quality drawn per image in ``JPEG_QUALITIES`` (10-30);
             the defence: Pillow's JPEG at quality 10 (ISS)
 grayscale   ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B) on all 3 channels; the defence
             rounds it to 8 bits as Pillow does
@@ -26,7 +26,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-JPEG_QUALITIES = (10, 90)  # inclusive: ISS's attack quality is 10, a photo's usual 75-90
+JPEG_QUALITIES = (10, 30)  # inclusive: ISS's attack quality is 10 (10-90 measured no better)
+SHARE = 0.5  # the probability an image is defended at a step (2/3 and 0.34 measured worse)
 BDR_BITS = (2, 4)  # inclusive: APBench's 2 bits; 5 and more barely change an 8-bit perturbation
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert("L") (19595, 38470, 7471) / 65536
 
@@ -113,14 +114,15 @@ class RobustSettings:
 
     share: the probability that an image is defended at a step (then one of the named defences,
         each equally likely); None: len(names) / (len(names) + 1), every defence as likely as none.
-    surrogate: whether the surrogate also trains on defended inputs (else only the PGD passes
-        optimise through the defences).
+    surrogate: whether the surrogate also trains on defended inputs; by default only the PGD
+        passes optimise through the defences (a defended surrogate weakened the protection in
+        every pair measured: ``benchmarks/results/robust-cnn-small-cpu-2026-12-07.md``).
     jpeg_quality: the range JPEG's quality is drawn from (inclusive, within 1-100).
     bdr_bits: the range the bit depth is drawn from (inclusive, within 1-7).
     """
 
-    share: float | None = None
-    surrogate: bool = True
+    share: float | None = SHARE
+    surrogate: bool = False
     jpeg_quality: tuple[int, int] = JPEG_QUALITIES
     bdr_bits: tuple[int, int] = BDR_BITS
 

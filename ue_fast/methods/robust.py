@@ -1,29 +1,35 @@
 """``--robust``: any surrogate method optimised through differentiable forms of the defences
 its protection must survive (expectation over transformation).
 
-``Robust(method, ["jpeg", "grayscale"])`` runs ``method`` unchanged except that every input
-the surrogate sees is first passed through :class:`ue_fast.generation.defended.EOT`: per image
-and per step, none or one of the named defences with a drawn parameter (JPEG quality 10-90,
-bit depth 2-4), differentiable in the perturbation (kornia's JPEG codec; a straight-through
-estimator for bit-depth reduction). Both levels of the bi-level problem see it:
-
-- the PGD passes (per batch and class-wise) optimise the perturbation through it, so it must
-  move the surrogate's loss after a JPEG re-encode or a grayscale conversion as well as
-  without (EOT, Athalye et al. 2018);
-- the surrogate trains on defended inputs (clean pre-training and the rounds on perturbed
-  data), as a victim that applies the defence would, so the perturbation is optimised
-  against a model that has learnt to see through it (ARMOR's augmentation-aware surrogate,
-  2025; REM's robust min-min-max against adversarial training, Fu et al. 2022, is the same
-  idea with an adversary as the transformation).
+``Robust(method, ["jpeg", "grayscale"])`` runs ``method`` unchanged except that the inputs
+of its PGD passes are first passed through :class:`ue_fast.generation.defended.EOT`: per image
+and per step, with probability ``share`` (0.5) one of the named defences with a drawn parameter
+(JPEG quality 10-30, bit depth 2-4), else none; differentiable in the perturbation (kornia's
+JPEG codec; a straight-through estimator for bit-depth reduction). So the perturbation must
+move the surrogate's loss after a JPEG re-encode or a grayscale conversion as well as without
+(EOT, Athalye et al. 2018). ``RobustSettings`` (``--robust-set``) sets the share, the ranges,
+and whether the surrogate also trains on defended inputs (``surrogate=true``: both levels of
+the bi-level problem see the defences, as in ARMOR's augmentation-aware surrogate, 2025, and
+REM's min-min-max against adversarial training, Fu et al. 2022, with an adversary as the
+transformation). That is off by default because it weakened the protection in each pair
+measured (``benchmarks/results/robust-cnn-small-cpu-2026-12-07.md``): a surrogate that has
+learnt to see through the defences is a poor target for an error-minimising perturbation.
 
 The budget stays the method's L-inf ball, and the output is checked against it as always.
 Why JPEG and grayscale: ISS (Liu et al. 2023) shows that grayscale removes perturbations that
 live in colour (low-frequency, class-wise colour shifts as in EM, REM) and JPEG-10 removes
 high-frequency ones (sample-wise PGD noise), which is why one defence alone leaves some
-protections standing and the two together remove most (our report: MI-UE keeps -1.5 of its
-26.5-point gap under JPEG-10 and 6.0 under grayscale). AUE/AAP (Wang et al. 2024) harden
-against augmentations by a stronger augmentation in the surrogate's training; this wrapper
-does that for the defences themselves, for any surrogate method.
+protections standing and the two together remove most. AUE/AAP (Wang et al. 2024) harden
+against augmentations by a stronger augmentation in the surrogate's training. Semantic Deep
+Hiding (Meng et al. 2024, arXiv 2406.17349) and DUNE (Wang et al. 2026, arXiv 2605.01718)
+report robustness to JPEG and grayscale together by leaving the pixel-wise L-inf form:
+hidden semantic images, and separate spatial and colour-domain branches. What we measured
+agrees with that: under one L-inf ball, a perturbation that survives grayscale must put its
+budget in luma, which is taken from the colour that protects best without a defence; and
+JPEG-10 keeps only each 8x8 block's lowest frequencies, quantised in steps larger than a
+change of 8/255 can move them (the mean's step is 10 grey levels). So EOT trades the
+no-defence protection for the defences', and finds no JPEG-10-robust perturbation when JPEG
+is mixed with other defences.
 
 Not supported: SEP (its attack runs an ensemble of snapshots, not the surrogate's passes),
 a whole-set pass (Bayes's: its two passes over the data must see the same inputs), and the
@@ -39,7 +45,7 @@ from .salm import Sparse
 
 
 class RobustExperimentalWarning(UserWarning):
-    """robust is not yet shown to harden anything (its first measurement weakened MI-UE's protection)."""
+    """robust is not yet shown to keep a protection's gaps under the defences it names."""
 
 
 class Robust(MethodWrapper):
@@ -59,10 +65,9 @@ class Robust(MethodWrapper):
                              "(--set ascent=sign --set whole_set=False runs its per-batch pass)")
         self.defences = check_robust(defences)
         self.robust_settings = settings if isinstance(settings, RobustSettings) else RobustSettings.from_dict(settings)
-        warnings.warn("robust is experimental: its first measurement (MI-UE, cpu-small, cnn-small victims) weakened "
-                      "the protection instead of hardening it (no-defence gap 26.5 -> 7.0 points); check the "
-                      "result with `ue-fast report` before relying on it (docs/methods.md)",
-                      RobustExperimentalWarning, stacklevel=3)
+        warnings.warn("robust is experimental: measured at CPU scale it hardens against grayscale at a cost to the "
+                      "protection without a defence, and not against JPEG-10; check the result with `ue-fast "
+                      "report` before relying on it (docs/methods.md)", RobustExperimentalWarning, stacklevel=3)
         self.eot = EOT(self.defences, self.robust_settings)
         super().__init__(method)
         self.inner = inner
