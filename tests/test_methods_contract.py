@@ -16,6 +16,7 @@ from _helpers import demo_subset, protect_killed_after_checkpoint
 from ue_fast.data import read_image_folder
 from ue_fast.data.exports import load_delta_npy
 from ue_fast.methods import METHODS
+from ue_fast.methods.base import SurrogateMethod
 
 FAST = dict(arch="cnn-small", batch_size=16, poison_batch_size=32)
 # Tiny schedules: (settings, checkpoints the run writes).
@@ -190,3 +191,32 @@ def test_a_new_method_is_a_file_and_a_registry_line(src, tmp_path, monkeypatch):
                               resume=True, **QUIET)
     assert resumed["resumed_from_epoch"] == 1
     assert (tmp_path / "split" / "poison.pt").read_bytes() == (tmp_path / "o" / "poison.pt").read_bytes()
+
+
+ROBUST_NAMES = [n for n in NAMES if issubclass(METHODS[n], SurrogateMethod) and n != "sep"]
+
+
+@pytest.mark.parametrize("name", ROBUST_NAMES)
+def test_robust_wraps_every_surrogate_method(runs, src, tmp_path, monkeypatch, name):
+    """--robust on every surrogate method it applies to (all but sep; bayes per batch): within
+    the budget, another perturbation than the plain run's, and killed after its first
+    checkpoint and resumed, the bytes of the uninterrupted run."""
+    from ue_fast.methods.robust import RobustExperimentalWarning
+
+    extra = dict(robust="jpeg,grayscale,bdr", robust_settings={"share": 1, "surrogate": True})
+    if name == "bayes":  # its whole-set pass is refused; the per-batch pass takes the defences
+        extra.update(ascent="sign", whole_set=False)
+    if METHODS[name].keyed:
+        extra["seed"] = 7
+    with pytest.warns(RobustExperimentalWarning):
+        m = _protect(src, tmp_path / "whole", name, **extra)
+    assert m["budget"]["holds"] and m["settings"]["robust"] == ["jpeg", "grayscale", "bdr"]
+    assert "defences" in m["timings_s"]  # surrogate=true: its training inputs were defended
+    npy = m["perturbation_npy"]
+    assert (tmp_path / "whole" / npy).read_bytes() != (runs[name][0] / npy).read_bytes()
+    with pytest.warns(RobustExperimentalWarning):
+        protect_killed_after_checkpoint(monkeypatch, src, tmp_path / "split", die_at=1, method=name, **QUIET,
+                                        **TINY[name][0], **extra)
+        resumed = _protect(src, tmp_path / "split", name, resume=True, **extra)
+    assert resumed["resumed_from_epoch"] == sum("epoch" in h for h in m["history"][:1])
+    assert (tmp_path / "split" / npy).read_bytes() == (tmp_path / "whole" / npy).read_bytes()
