@@ -140,8 +140,9 @@ def protect(source, output_dir, *, method: str = "miue", eps: float | None = Non
         robust: defences the protection must survive (``["jpeg", "grayscale"]`` or
             ``"jpeg,grayscale"``; those with a differentiable form: jpeg, grayscale, bdr): the
             perturbation is optimised through them (``ue_fast.methods.robust``; surrogate
-            methods but sep; None: plain). Experimental: at CPU scale it hardens against
-            grayscale at a cost to the undefended protection, not against JPEG-10 (docs/methods.md).
+            methods but sep; None: plain). Experimental: at CPU scale it kept less than half of a
+            protection's gap under JPEG-10 and grayscale, at a cost to the gap without a
+            defence (docs/methods.md).
         robust_settings: how robust draws the defences, e.g. ``{"share": 0.5, "surrogate": False,
             "jpeg_quality": (10, 30)}`` (``ue_fast.generation.defended.RobustSettings``).
         sparse: SALM: perturb only this percentage (0, 100] of each image's most salient

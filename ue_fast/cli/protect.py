@@ -204,8 +204,9 @@ def _add_method_args(pr) -> None:
     pr.add_argument("--robust", default=None, metavar="DEFENCES",
                     help="harden the protection against these defences, comma-separated (jpeg, grayscale, bdr): the "
                     "perturbation is optimised through their differentiable forms, drawn per image and step "
-                    "(surrogate methods but sep). EXPERIMENTAL: measured at CPU scale it hardens against grayscale "
-                    "at a cost to the undefended protection, and not against JPEG-10 (docs/methods.md)")
+                    "(surrogate methods but sep). EXPERIMENTAL: measured at CPU scale it kept less than half of a "
+                    "protection's gap under JPEG-10 and grayscale, at a cost to the gap without a defence "
+                    "(docs/methods.md)")
     pr.add_argument("--robust-set", action="append", default=[], metavar="KEY=VALUE",
                     help="how --robust draws the defences (repeatable): share=P, the probability an image is "
                     "defended at a PGD step (default 0.5); surrogate=true, the surrogate also trains on defended "

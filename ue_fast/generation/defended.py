@@ -164,8 +164,8 @@ class RobustSettings:
 
 class EOT:
     """Expectation over transformation: per image, none or one of ``names`` with its parameter,
-    from two uniform draws per image. By default none and each defence are equally likely;
-    ``settings`` (:class:`RobustSettings`) sets the share of defended images and the ranges."""
+    from two uniform draws per image: a defence with probability ``settings.share`` (by default
+    0.5), each of them equally likely, with its parameter drawn in ``settings``' range."""
 
     def __init__(self, names, settings: RobustSettings | None = None):
         self.names = check_robust(names)

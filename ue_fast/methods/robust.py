@@ -28,8 +28,9 @@ agrees with that: under one L-inf ball, a perturbation that survives grayscale m
 budget in luma, which is taken from the colour that protects best without a defence; and
 JPEG-10 keeps only each 8x8 block's lowest frequencies, quantised in steps larger than a
 change of 8/255 can move them (the mean's step is 10 grey levels). So EOT trades the
-no-defence protection for the defences', and finds no JPEG-10-robust perturbation when JPEG
-is mixed with other defences.
+no-defence protection for the defences': at CPU scale EM kept 0.47 of its gap under JPEG-10
+and under grayscale with jpeg,grayscale,bdr, MI-UE none under JPEG-10 in any mix
+(``benchmarks/results/robust-cnn-small-cpu-2026-12-07.md``).
 
 Not supported: SEP (its attack runs an ensemble of snapshots, not the surrogate's passes),
 a whole-set pass (Bayes's: its two passes over the data must see the same inputs), and the
@@ -65,9 +66,9 @@ class Robust(MethodWrapper):
                              "(--set ascent=sign --set whole_set=False runs its per-batch pass)")
         self.defences = check_robust(defences)
         self.robust_settings = settings if isinstance(settings, RobustSettings) else RobustSettings.from_dict(settings)
-        warnings.warn("robust is experimental: measured at CPU scale it hardens against grayscale at a cost to the "
-                      "protection without a defence, and not against JPEG-10; check the result with `ue-fast "
-                      "report` before relying on it (docs/methods.md)", RobustExperimentalWarning, stacklevel=3)
+        warnings.warn("robust is experimental: measured at CPU scale it kept less than half of a protection's gap "
+                      "under JPEG-10 and grayscale, at a cost to the gap without a defence (docs/methods.md); check "
+                      "the result with `ue-fast report` before relying on it", RobustExperimentalWarning, stacklevel=3)
         self.eot = EOT(self.defences, self.robust_settings)
         super().__init__(method)
         self.inner = inner
