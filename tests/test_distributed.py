@@ -228,7 +228,8 @@ METHOD_FLAGS = {  # each method's parts that differ under torchrun
     "rem": ["--method", "rem", *SMALL, "--epochs", "1", "--pgd-steps", "2", "--set", "adv_steps=1",
             "--set", "eot_samples=2", "--sparse", "30"],
     # --robust: a defence and its parameter drawn per sample (EOT) in the PGD passes and the surrogate's training
-    "miue-robust": ["--method", "miue", *SMALL, "--epochs", "2", "--pgd-steps", "2", "--robust", "jpeg,grayscale,bdr"],
+    "miue-robust": ["--method", "miue", *SMALL, "--epochs", "2", "--pgd-steps", "2", "--robust", "jpeg,grayscale,bdr",
+                    "--robust-set", "surrogate=true"],
 }
 
 
