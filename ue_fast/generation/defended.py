@@ -47,7 +47,7 @@ def jpeg(x: torch.Tensor, u: torch.Tensor, qualities: tuple[int, int] = JPEG_QUA
     return jpeg_codec_differentiable(x, q).to(x.dtype)
 
 
-def grayscale(x: torch.Tensor, u: torch.Tensor | None = None, **_) -> torch.Tensor:
+def grayscale(x: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
     """Each image's luma on its three channels."""
     w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True).expand_as(x)
@@ -113,7 +113,7 @@ class RobustSettings:
     """How ``--robust`` draws the defences (``--robust-set KEY=VALUE``; Python: ``robust_settings``).
 
     share: the probability that an image is defended at a step (then one of the named defences,
-        each equally likely); None: len(names) / (len(names) + 1), every defence as likely as none.
+        each equally likely; len(names) / (len(names) + 1) makes every defence as likely as none).
     surrogate: whether the surrogate also trains on defended inputs; by default only the PGD
         passes optimise through the defences (a defended surrogate weakened the protection in
         every pair measured: ``benchmarks/results/robust-cnn-small-cpu-2026-12-07.md``).
@@ -121,7 +121,7 @@ class RobustSettings:
     bdr_bits: the range the bit depth is drawn from (inclusive, within 1-7).
     """
 
-    share: float | None = SHARE
+    share: float = SHARE
     surrogate: bool = False
     jpeg_quality: tuple[int, int] = JPEG_QUALITIES
     bdr_bits: tuple[int, int] = BDR_BITS
@@ -170,20 +170,16 @@ class EOT:
     def __init__(self, names, settings: RobustSettings | None = None):
         self.names = check_robust(names)
         self.settings = settings or RobustSettings()
-        n = len(self.names)
-        self.share = self.settings.share if self.settings.share is not None else n / (n + 1)
         self._params = {"jpeg": {"qualities": self.settings.jpeg_quality}, "bdr": {"bits": self.settings.bdr_bits}}
 
     def __call__(self, x: torch.Tensor, draws) -> torch.Tensor:
         """x [B, 3, H, W] in [0, 1]; ``draws`` a batch's ``Draws`` (or anything with
         ``rand(rows, *shape)``). Returns the defended images, differentiable in x."""
         u = draws.rand(len(x), 2)
-        n = len(self.names)
-        if self.settings.share is None:  # none and each defence in equal parts of [0, 1)
-            which = torch.floor(u[:, 0] * (n + 1)).clamp_(max=n).long()  # 0: none
-        else:  # u < 1 - share: none; above it, the defences in equal parts of the share
-            k = (torch.floor((u[:, 0] - (1 - self.share)) / self.share * n) + 1).clamp_(1, n)
-            which = torch.where(u[:, 0] < 1 - self.share, torch.zeros_like(k), k).long()
+        n, share = len(self.names), self.settings.share
+        # u < 1 - share: none (0); above it, the defences in equal parts of the share
+        k = (torch.floor((u[:, 0] - (1 - share)) / share * n) + 1).clamp_(1, n)
+        which = torch.where(u[:, 0] < 1 - share, torch.zeros_like(k), k).long()
         out = x
         for k, name in enumerate(self.names, 1):
             rows = (which == k).nonzero().flatten()
